@@ -1,0 +1,107 @@
+"""SciStream error codes and the one exception tree both sides of the wire use.
+
+On the gateway, a function raises a :class:`SciStreamError` subclass and the wire layer
+returns it as ``{"error": {"code": ..., "message": ...}}``; on the client,
+:func:`error_from_wire` turns that back into the same class, so callers catch by
+meaning::
+
+    SciStreamError            any expected failure, with .code
+    ├── AuthError             AUTH_ERROR      wrong hello key, wrong peer certificate
+    ├── InvalidUid            INVALID_UID     no stream with that uid (or not in that state)
+    ├── NoResource            NO_RESOURCE     ports, connections or rate capacity ran out
+    ├── ConnError             CONN_ERROR      a proxy or peer could not be reached or started
+    ├── BadFormat             BAD_FORMAT      malformed or conflicting request
+    ├── ServerError           SERVER_ERR      a bug or broken gateway state
+    ├── Timeout               TIMEOUT         waited long enough (hello, a remote call)
+    ├── NotImplementedHere    NOT_IMPLEMENTED the gateway does not offer this
+    └── Unavailable           UNAVAILABLE     the gateway or its backend cannot serve now
+
+The codes are those of SciStream's draft protocol spec.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthError",
+    "BadFormat",
+    "ConnError",
+    "ERROR_CODES",
+    "InvalidUid",
+    "NoResource",
+    "NotImplementedHere",
+    "SciStreamError",
+    "ServerError",
+    "Timeout",
+    "Unavailable",
+    "error_from_wire",
+]
+
+
+class SciStreamError(Exception):
+    """An expected failure with a SciStream error code."""
+
+    code = "SERVER_ERR"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+    def to_wire(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+class AuthError(SciStreamError):
+    code = "AUTH_ERROR"
+
+
+class InvalidUid(SciStreamError):
+    code = "INVALID_UID"
+
+
+class NoResource(SciStreamError):
+    code = "NO_RESOURCE"
+
+
+class ConnError(SciStreamError):
+    code = "CONN_ERROR"
+
+
+class BadFormat(SciStreamError):
+    code = "BAD_FORMAT"
+
+
+class ServerError(SciStreamError):
+    code = "SERVER_ERR"
+
+
+class Timeout(SciStreamError):
+    code = "TIMEOUT"
+
+
+class NotImplementedHere(SciStreamError):
+    code = "NOT_IMPLEMENTED"
+
+
+class Unavailable(SciStreamError):
+    code = "UNAVAILABLE"
+
+
+ERROR_CODES: dict[str, type[SciStreamError]] = {
+    cls.code: cls
+    for cls in (AuthError, InvalidUid, NoResource, ConnError, BadFormat, ServerError,
+                Timeout, NotImplementedHere, Unavailable)
+}
+
+
+def error_from_wire(reply: object) -> SciStreamError | None:
+    """The exception a gateway reply stands for, or None if it is not an error reply."""
+    if not isinstance(reply, dict) or "error" not in reply:
+        return None
+    error = reply["error"]
+    if not isinstance(error, dict):
+        return ServerError(f"malformed error reply: {error!r}")
+    cls = ERROR_CODES.get(error.get("code"), ServerError)
+    return cls(str(error.get("message", "")))

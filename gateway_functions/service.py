@@ -1,0 +1,356 @@
+"""The S2CS logic behind every gateway function: one :class:`Gateway` per call.
+
+Each method takes the request dict of the wire contract, returns the reply dict, and
+raises a :class:`~scistream_gateway.errors.SciStreamError` for an expected failure.
+State changes happen inside one SQLite write transaction, and every call first reaps
+streams whose lease ran out, so a client that vanished leaks nothing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from scistream_gateway import __version__
+from scistream_gateway.errors import (
+    AuthError,
+    BadFormat,
+    ConnError,
+    InvalidUid,
+    NoResource,
+    Unavailable,
+)
+from scistream_gateway.settings import GatewaySettings
+from scistream_gateway.store import Store, StreamRow
+from scistream_gateway.validation import Request, format_address
+from scistream_proxy.backends import BACKENDS, ProxyError, ProxySpec, get_backend
+from scistream_proxy.tls import fingerprint_of_pem, generate_certificate
+
+__all__ = ["Gateway"]
+
+MAX_WAIT_HELLO_S = 20.0  # one long-poll; the client loops until its own timeout
+MAX_RATE_KBPS = 10**9  # 1 Tbit/s: anything above is a typo, not a request
+MAX_CERT_PEM = 8192
+CERT_FILE, KEY_FILE, PEER_CERT_FILE = "cert.pem", "key.pem", "peer.pem"
+
+
+class Gateway:
+    """One gateway's state and proxies, opened for the length of one function call."""
+
+    def __init__(self, settings: GatewaySettings):
+        self.settings = settings
+        settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.streams_dir = settings.state_dir / "streams"
+        self.streams_dir.mkdir(mode=0o700, exist_ok=True)
+        self.store = Store(settings.state_dir / "state.sqlite3")
+
+    def __enter__(self) -> Gateway:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.store.close()
+
+    # -- helpers ----------------------------------------------------------------
+    def stream_dir(self, uid: str) -> Path:
+        return self.streams_dir / uid
+
+    def _lookup(self, uid: str) -> StreamRow:
+        stream = self.store.get(uid)
+        if stream is None:
+            raise InvalidUid(f"no stream {uid} on gateway {self.settings.name}")
+        return stream
+
+    def _cleanup(self, stream: StreamRow, state: str, detail: str = "") -> None:
+        """Stop the proxy, delete key material, free ports; inside a transaction."""
+        if stream.proxy is not None:
+            get_backend(stream.backend).stop(stream.proxy, self.stream_dir(stream.uid))
+        shutil.rmtree(self.stream_dir(stream.uid), ignore_errors=True)
+        self.store.free_ports(stream.uid)
+        self.store.update(stream.uid, state=state, proxy=None, key_sha256=None,
+                          detail=detail or stream.detail)
+
+    def reap(self) -> list[str]:
+        """Release every stream whose lease has expired; returns their uids."""
+        now = time.time()
+        if not self.store.expired(now):  # the common case: a read, no write lock
+            return []
+        with self.store.transaction():
+            uids = self.store.expired(now)
+            for uid in uids:
+                self._cleanup(self._lookup(uid), "EXPIRED", "lease expired")
+        return uids
+
+    def _lease(self, request: Request) -> int:
+        return request.integer("lease_s", 1, self.settings.max_lease_s,
+                               default=self.settings.default_lease_s)
+
+    def _bind_listeners(self, host: str, count: int) -> list[socket.socket]:
+        """Bind ``count`` ports of the range on ``host``. The kernel decides: a port
+        another process (or another user's gateway state) holds fails to bind."""
+        used = self.store.used_ports()
+        try:
+            family = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][0]
+        except OSError as exc:
+            raise Unavailable(f"gateway address {host!r} does not resolve: {exc}") from None
+        bound: list[socket.socket] = []
+        for port in range(self.settings.port_min, self.settings.port_max + 1):
+            if port in used:
+                continue
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+                sock.listen(512)
+            except OSError:
+                sock.close()
+                continue
+            bound.append(sock)
+            if len(bound) == count:
+                return bound
+        for sock in bound:
+            sock.close()
+        raise NoResource(
+            f"port range {self.settings.port_min}-{self.settings.port_max} on {host} exhausted:"
+            f" {len(bound)} free, num_conn={count} needed"
+        )
+
+    @staticmethod
+    def _reserve_reply(stream: StreamRow) -> dict:
+        return {
+            "uid": stream.uid,
+            "role": stream.role,
+            "listeners": stream.listeners,
+            "cert_fingerprint": stream.cert_fingerprint,
+            "certificate": stream.certificate,
+            "lease_expires": stream.lease_expires,
+        }
+
+    # -- gateway functions --------------------------------------------------------
+    def gateway_info(self, raw: object) -> dict:
+        Request(raw, ())
+        self.reap()
+        s = self.settings
+        active = self.store.active_streams()
+        size = s.port_max - s.port_min + 1
+        return {
+            "name": s.name,
+            "version": __version__,
+            "backend": s.backend,
+            "backends": {name: {"available": b.unavailable_reason() is None,
+                                "reason": b.unavailable_reason()}
+                         for name, b in BACKENDS.items()},
+            "lan_address": s.lan_address,
+            "wan_address": s.wan_address,
+            "port_range": [s.port_min, s.port_max],
+            "free_ports": size - len(self.store.used_ports()),
+            "max_num_conn": s.max_num_conn,
+            "rate_capacity": s.rate_capacity,
+            "rate_in_use": sum(st.rate for st in active),
+            "active_streams": len(active),
+        }
+
+    def reserve(self, raw: object) -> dict:
+        req = Request(raw, ("uid", "role", "num_conn", "key_sha256"), ("rate", "lease_s"))
+        uid, role = req.uid(), req.role()
+        num_conn = req.integer("num_conn", 1, self.settings.max_num_conn)
+        rate = req.integer("rate", 0, MAX_RATE_KBPS, default=0)
+        key_sha256 = req.hex64("key_sha256")
+        lease_s = self._lease(req)
+        self.reap()
+        s = self.settings
+        backend = get_backend(s.backend)
+        reason = backend.unavailable_reason()
+        if reason:
+            raise Unavailable(f"backend {s.backend} is not usable on {s.name}: {reason}")
+
+        with self.store.transaction():
+            existing = self.store.get(uid)
+            if existing is not None:
+                same = (existing.role, existing.num_conn, existing.rate, existing.key_sha256) == (
+                    role, num_conn, rate, key_sha256)
+                if same and existing.active:
+                    return self._reserve_reply(existing)
+                raise BadFormat(f"uid {uid} is already used on {s.name} "
+                                f"({existing.state}) with other parameters")
+            if s.rate_capacity and rate == 0:
+                raise NoResource(f"gateway {s.name} has a rate capacity of {s.rate_capacity}"
+                                 " kbit/s; ask for a rate (0 = unlimited is not available)")
+            in_use = sum(st.rate for st in self.store.active_streams())
+            if s.rate_capacity and in_use + rate > s.rate_capacity:
+                raise NoResource(f"rate capacity of {s.name} exhausted: {in_use} of "
+                                 f"{s.rate_capacity} kbit/s in use, {rate} asked")
+
+            host = s.wan_address if role == "PROD" else s.lan_address
+            sockets = self._bind_listeners(host, num_conn)
+            directory = self.stream_dir(uid)
+            handle = None
+            try:
+                shutil.rmtree(directory, ignore_errors=True)  # leftovers of a crashed call
+                directory.mkdir(mode=0o700)
+                certificate, fingerprint = generate_certificate(
+                    f"scistream {role} {uid}", directory / KEY_FILE, directory / CERT_FILE,
+                    datetime.timedelta(seconds=s.max_lease_s + 86400),
+                )
+                handle = backend.start(ProxySpec(
+                    uid=uid, role=role, stream_dir=directory, sockets=sockets, rate=rate,
+                    cert_file=CERT_FILE, key_file=KEY_FILE,
+                ))
+                stream = StreamRow(
+                    uid=uid, role=role, state="RESERVED", num_conn=num_conn, rate=rate,
+                    key_sha256=key_sha256, lease_expires=time.time() + lease_s,
+                    listeners=[format_address(host, sock.getsockname()[1]) for sock in sockets],
+                    app_listeners=[], remote_listeners=[], tls=True,
+                    cert_fingerprint=fingerprint, certificate=certificate,
+                    backend=backend.name, proxy=handle,
+                    ports=[sock.getsockname()[1] for sock in sockets],
+                )
+                self.store.insert(stream)
+            except BaseException as exc:
+                if handle is not None:
+                    backend.stop(handle, directory)
+                shutil.rmtree(directory, ignore_errors=True)
+                if isinstance(exc, ProxyError):
+                    raise ConnError(f"could not start the {backend.name} proxy: {exc}") from None
+                raise
+            finally:
+                for sock in sockets:  # the proxy holds its own copies now
+                    sock.close()
+        return self._reserve_reply(stream)
+
+    def hello(self, raw: object) -> dict:
+        req = Request(raw, ("uid", "key", "role"), ("app_listeners",))
+        uid, role = req.uid(), req.role()
+        key = req.text("key", 512)
+        self.reap()
+        with self.store.transaction():
+            stream = self._lookup(uid)
+            if not stream.active or stream.key_sha256 is None:
+                raise InvalidUid(f"stream {uid} is {stream.state}")
+            digest = hashlib.sha256(key.encode()).hexdigest()
+            if not hmac.compare_digest(digest, stream.key_sha256):
+                raise AuthError(f"wrong hello key for stream {uid}")
+            if role != stream.role:
+                raise BadFormat(f"stream {uid} is {stream.role} on this gateway, hello says {role}")
+            if role == "PROD":
+                if not req.has("app_listeners"):
+                    raise BadFormat("a PROD hello must give app_listeners")
+                app_listeners = req.addresses("app_listeners", stream.num_conn)
+                if stream.state == "RESERVED":
+                    self.store.update(uid, state="HELLO", app_listeners=app_listeners)
+                elif stream.app_listeners != app_listeners:
+                    raise BadFormat(f"stream {uid} already has app_listeners "
+                                    f"{stream.app_listeners} ({stream.state})")
+            elif req.has("app_listeners"):
+                raise BadFormat("a CONS hello takes no app_listeners")
+        return {"uid": uid, "role": role, "listeners": stream.listeners}
+
+    def wait_hello(self, raw: object) -> dict:
+        req = Request(raw, ("uid",), ("timeout_s",))
+        uid = req.uid()
+        timeout_s = req.number("timeout_s", 0, MAX_WAIT_HELLO_S, default=10.0)
+        self.reap()
+        deadline = time.monotonic() + timeout_s
+        delay = 0.005
+        while True:
+            stream = self._lookup(uid)
+            if stream.state != "RESERVED" or time.monotonic() >= deadline:
+                return {"uid": uid, "state": stream.state, "app_listeners": stream.app_listeners}
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 0.05)
+
+    def connect(self, raw: object) -> dict:
+        req = Request(raw, ("uid", "remote_listeners"),
+                      ("peer_fingerprint", "peer_certificate", "tls"))
+        uid = req.uid()
+        tls = req.boolean("tls", True)
+        remote = req.addresses("remote_listeners", self.settings.max_num_conn)
+        peer_fp = peer_cert = None
+        if tls:
+            if not (req.has("peer_fingerprint") and req.has("peer_certificate")):
+                raise BadFormat("TLS needs peer_fingerprint and peer_certificate"
+                                " (or tls: false, asked for by name)")
+            peer_fp = req.hex64("peer_fingerprint")
+            peer_cert = req.text("peer_certificate", MAX_CERT_PEM)
+            try:
+                actual = fingerprint_of_pem(peer_cert)
+            except ValueError as exc:
+                raise BadFormat(f"peer_certificate: {exc}") from None
+            if not hmac.compare_digest(actual, peer_fp):
+                raise AuthError("peer_certificate does not match peer_fingerprint")
+        self.reap()
+        with self.store.transaction():
+            stream = self._lookup(uid)
+            backend = get_backend(stream.backend)
+            reply = {"uid": uid, "state": "CONNECTED", "listeners": stream.listeners,
+                     "backend": stream.backend}
+            if stream.state == "CONNECTED":
+                if (stream.remote_listeners, stream.tls) == (remote, tls):
+                    return reply
+                raise BadFormat(f"stream {uid} is already connected with other parameters")
+            if stream.role == "PROD" and stream.state != "HELLO":
+                raise InvalidUid(f"stream {uid} is {stream.state}: the producer's hello "
+                                 "(its app_listeners) must come before connect")
+            if stream.state not in ("RESERVED", "HELLO"):
+                raise InvalidUid(f"stream {uid} is {stream.state}")
+            directory = self.stream_dir(uid)
+            status = backend.status(stream.proxy, directory)
+            if not status["alive"]:
+                self.store.update(uid, state="FAILED", detail="proxy died before connect")
+                raise ConnError(f"the proxy of stream {uid} is not running")
+            if peer_cert is not None:
+                (directory / PEER_CERT_FILE).write_text(peer_cert)
+            targets = stream.app_listeners if stream.role == "PROD" else remote
+            try:
+                backend.connect(stream.proxy, directory, targets=targets, tls=tls,
+                                peer_cert_file=PEER_CERT_FILE if tls else None,
+                                peer_fingerprint=peer_fp)
+            except ProxyError as exc:
+                raise ConnError(str(exc)) from None
+            self.store.update(uid, state="CONNECTED", remote_listeners=remote, tls=int(tls))
+        return reply
+
+    def status(self, raw: object) -> dict:
+        uid = Request(raw, ("uid",)).uid()
+        self.reap()
+        stream = self._lookup(uid)
+        reply = {"uid": uid, "role": stream.role, "state": stream.state, "alive": False,
+                 "bytes": None, "lease_expires": stream.lease_expires,
+                 "listeners": stream.listeners, "detail": stream.detail}
+        if stream.proxy is None:
+            return reply
+        proxy = get_backend(stream.backend).status(stream.proxy, self.stream_dir(uid))
+        reply.update(alive=proxy["alive"], bytes=proxy.get("bytes"),
+                     connections=proxy.get("connections"), pid=proxy.get("pid"))
+        if not proxy["alive"] and stream.state != "FAILED":
+            with self.store.transaction():
+                if self.store.get(uid).state == stream.state:
+                    self.store.update(uid, state="FAILED", detail="proxy process is gone")
+            reply.update(state="FAILED", detail="proxy process is gone")
+        return reply
+
+    def renew(self, raw: object) -> dict:
+        req = Request(raw, ("uid",), ("lease_s",))
+        uid, lease_s = req.uid(), self._lease(req)
+        self.reap()
+        with self.store.transaction():
+            stream = self._lookup(uid)
+            if not stream.active:
+                raise InvalidUid(f"stream {uid} is {stream.state}")
+            expires = time.time() + lease_s
+            self.store.update(uid, lease_expires=expires)
+        return {"uid": uid, "lease_expires": expires}
+
+    def release(self, raw: object) -> dict:
+        uid = Request(raw, ("uid",)).uid()
+        self.reap()
+        with self.store.transaction():
+            stream = self.store.get(uid)
+            if stream is not None and stream.active:
+                self._cleanup(stream, "RELEASED")
+        return {"uid": uid, "released": True}
+

@@ -1,0 +1,48 @@
+"""The wire layer: JSON in, JSON out, expected failures returned as ``{"error": ...}``.
+
+Gateway functions must never raise into Globus Compute: an exception there becomes an
+opaque remote traceback. Expected failures carry their SciStream code; anything else
+is logged with its traceback in the gateway's state directory and returned as
+``SERVER_ERR`` with a reference the operator can find in that log.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import traceback
+
+from scistream_gateway.errors import NotImplementedHere, SciStreamError, ServerError
+from scistream_gateway.service import Gateway
+from scistream_gateway.settings import load_settings
+
+__all__ = ["FUNCTIONS", "handle"]
+
+FUNCTIONS = ("gateway_info", "reserve", "hello", "wait_hello", "connect", "status", "renew",
+             "release")
+
+log = logging.getLogger("scistream_gateway")
+
+
+def handle(function: str, request: object) -> dict:
+    """Run gateway function ``function`` on ``request`` with this gateway's settings."""
+    settings = None
+    try:
+        if function not in FUNCTIONS:
+            raise NotImplementedHere(f"no gateway function {function!r}; known: {list(FUNCTIONS)}")
+        settings = load_settings()
+        with Gateway(settings) as gateway:
+            return getattr(gateway, function)(request)
+    except SciStreamError as exc:
+        return exc.to_wire()
+    except Exception:  # noqa: BLE001 - the wire never carries a raw traceback
+        ref = secrets.token_hex(4)
+        detail = traceback.format_exc()
+        if settings is not None:
+            try:
+                with open(settings.state_dir / "gateway.log", "a") as fh:
+                    fh.write(f"[{ref}] {function}\n{detail}\n")
+            except OSError:
+                pass
+        log.error("gateway function %s failed [%s]\n%s", function, ref, detail)
+        return ServerError(f"internal error in {function} (gateway log reference {ref})").to_wire()

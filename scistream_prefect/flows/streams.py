@@ -1,0 +1,183 @@
+"""Open and release a stream between a producer gateway and a consumer gateway.
+
+The protocol's sequential remote round trips are as few as it allows:
+``reserve ‖ reserve`` -> ``hello`` (or ``wait_hello``) -> ``connect ‖ connect``.
+:func:`setup_stream` runs those tasks inside whatever flow calls it (no subflow, so
+no flow-run overhead); :func:`open_stream` is the same as a flow of its own.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+
+from prefect import flow, get_run_logger
+from prefect.futures import wait
+from pydantic import BaseModel, Field, SecretStr
+
+from scistream_gateway.errors import BadFormat
+from scistream_prefect.gateways import Gateway, LocalGateway
+from scistream_prefect.tasks.streams import (
+    connect_gateway_proxy,
+    release_gateway_stream,
+    reserve_gateway_ports,
+    send_app_hello,
+    wait_for_app_hello,
+)
+
+__all__ = ["StreamHandle", "open_stream", "release_stream", "setup_stream", "teardown_stream"]
+
+
+class StreamHandle(BaseModel):
+    """An open stream: where the consumer app connects, and what identifies it."""
+
+    uid: str = Field(description="The stream's id on both gateways.")
+    producer: str = Field(description="Label of the producer-side gateway.")
+    consumer: str = Field(description="Label of the consumer-side gateway.")
+    num_conn: int = Field(description="Parallel connections.")
+    listeners: list[str] = Field(
+        description="The consumer gateway's listeners: where the consumer app connects."
+    )
+    producer_listeners: list[str] = Field(description="The producer gateway's WAN listeners.")
+    app_listeners: list[str] = Field(description="Where the producer app listens.")
+    tls: bool = Field(description="Whether the gateway-to-gateway hop is encrypted.")
+    producer_fingerprint: str = Field(description="SHA-256 of the producer proxy's certificate.")
+    consumer_fingerprint: str = Field(description="SHA-256 of the consumer proxy's certificate.")
+    setup_s: float = Field(description="Seconds from the first reserve to both proxies accepting.")
+    hello_key: SecretStr = Field(description="The key app controllers prove in their hello.")
+
+
+def _key_and_uid(uid: str | None, hello_key: SecretStr | str | None,
+                 app_listeners: list[str] | None) -> tuple[str, str]:
+    if app_listeners is None and (uid is None or hello_key is None):
+        raise BadFormat("give app_listeners (the flow sends the producer's hello), or the uid "
+                        "and hello_key the producer's controller will use for its own hello")
+    if isinstance(hello_key, SecretStr):
+        hello_key = hello_key.get_secret_value()
+    return uid or str(uuid.uuid4()), hello_key or secrets.token_urlsafe(32)
+
+
+def setup_stream(
+    producer: Gateway,
+    consumer: Gateway,
+    *,
+    num_conn: int = 4,
+    rate: int = 0,
+    app_listeners: list[str] | None = None,
+    uid: str | None = None,
+    hello_key: SecretStr | str | None = None,
+    tls: bool = True,
+    lease_s: int | None = None,
+    hello_timeout_s: float = 300.0,
+) -> StreamHandle:
+    """Open a stream with tasks of the calling flow; on any failure, release both ends.
+
+    Args:
+        producer: the gateway in front of the producer app.
+        consumer: the gateway in front of the consumer app.
+        num_conn: parallel connections; connection *i* goes to ``app_listeners[i % n]``.
+        rate: stream rate limit in kbit/s (0 = unlimited).
+        app_listeners: where the producer app listens; given, the flow sends the
+            producer's hello itself. Otherwise it waits for the producer's controller,
+            which must know ``uid`` and ``hello_key``.
+        uid: the stream id (a UUID); generated when not given.
+        hello_key: the key app controllers prove; generated when not given.
+        tls: encrypt and mutually authenticate the gateway-to-gateway hop (default).
+            ``tls=False`` turns it off and must be asked for by name.
+        lease_s: lease on both gateways (their default when not given).
+        hello_timeout_s: how long to wait for the producer's hello.
+    """
+    uid, key = _key_and_uid(uid, hello_key, app_listeners)
+    started = time.perf_counter()
+    reserve = {"uid": uid, "num_conn": num_conn, "hello_key": key, "rate": rate,
+               "lease_s": lease_s}
+    futures = [reserve_gateway_ports.submit(producer, role="PROD", **reserve),
+               reserve_gateway_ports.submit(consumer, role="CONS", **reserve)]
+    wait(futures)
+    try:
+        prod, cons = (f.result() for f in futures)
+        if app_listeners is not None:
+            send_app_hello(producer, uid, key, "PROD", app_listeners)
+            app = [str(a) for a in app_listeners]
+        else:
+            app = wait_for_app_hello(producer, uid, max_wait_seconds=hello_timeout_s)
+        futures = [
+            connect_gateway_proxy.submit(producer, uid, cons["listeners"],
+                                         cons["cert_fingerprint"], cons["certificate"], tls=tls),
+            connect_gateway_proxy.submit(consumer, uid, prod["listeners"],
+                                         prod["cert_fingerprint"], prod["certificate"], tls=tls),
+        ]
+        wait(futures)
+        for future in futures:
+            future.result()
+    except BaseException:
+        try:
+            teardown_stream(producer, consumer, uid)
+        except Exception:  # noqa: BLE001 - the original failure is the one to raise
+            get_run_logger().exception("releasing stream %s after a failed setup failed", uid)
+        raise
+    return StreamHandle(
+        uid=uid, producer=producer.label, consumer=consumer.label, num_conn=num_conn,
+        listeners=cons["listeners"], producer_listeners=prod["listeners"], app_listeners=app,
+        tls=tls, producer_fingerprint=prod["cert_fingerprint"],
+        consumer_fingerprint=cons["cert_fingerprint"],
+        setup_s=time.perf_counter() - started, hello_key=SecretStr(key),
+    )
+
+
+def teardown_stream(producer: Gateway, consumer: Gateway, uid: str) -> None:
+    """Release both ends concurrently (idempotent); raise the first failure after both ran."""
+    futures = [release_gateway_stream.submit(producer, uid),
+               release_gateway_stream.submit(consumer, uid)]
+    wait(futures)
+    for future in futures:
+        future.result()
+
+
+@flow(name="open-stream")
+def open_stream(
+    producer: LocalGateway,
+    consumer: LocalGateway,
+    num_conn: int = 4,
+    rate: int = 0,
+    app_listeners: list[str] | None = None,
+    uid: str | None = None,
+    hello_key: SecretStr | None = None,
+    tls: bool = True,
+    lease_s: int | None = None,
+    hello_timeout_s: float = 300.0,
+) -> StreamHandle:
+    """Open a SciStream stream: reserve both ends, hello, connect both ends.
+
+    See :func:`setup_stream` for the parameters. The hello key travels as a secret
+    and is never logged.
+
+    Example:
+        ```python
+        from prefect import flow, get_run_logger
+        from scistream_prefect import LocalGateway, open_stream, release_stream
+
+        @flow
+        def pipeline():
+            prod = LocalGateway.create("facility-p", "/tmp/facility-p", port_range=(51000, 51099))
+            cons = LocalGateway.create("facility-c", "/tmp/facility-c", port_range=(51100, 51199))
+            handle = open_stream(prod, cons, num_conn=2, app_listeners=["127.0.0.1:5074"])
+            ...  # the consumer app connects to handle.listeners
+            release_stream(prod, cons, handle.uid)
+        ```
+    """
+    return setup_stream(
+        producer, consumer, num_conn=num_conn, rate=rate, app_listeners=app_listeners, uid=uid,
+        hello_key=hello_key, tls=tls, lease_s=lease_s, hello_timeout_s=hello_timeout_s,
+    )
+
+
+@flow(name="release-stream")
+def release_stream(producer: LocalGateway, consumer: LocalGateway, uid: str) -> bool:
+    """Release both ends of stream ``uid``: proxies stopped, ports freed, keys deleted.
+
+    Safe to run again, and for a stream that is already gone.
+    """
+    teardown_stream(producer, consumer, uid)
+    return True

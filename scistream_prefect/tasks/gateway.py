@@ -1,0 +1,30 @@
+"""Tasks about a gateway as a whole."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from scistream_prefect.gateways import Gateway
+
+__all__ = ["get_gateway_info"]
+
+
+@task(name="get-gateway-info", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def get_gateway_info(gateway: Gateway) -> dict:
+    """Name, version, backends, addresses, free ports and active streams of a gateway.
+
+    Read-only, so retried on failure.
+
+    Example:
+        ```python
+        from prefect import flow
+        from scistream_prefect import LocalGateway, get_gateway_info
+
+        @flow
+        def inspect_gateway():
+            gw = LocalGateway.create("facility-p", "/tmp/facility-p")
+            return get_gateway_info(gw)["free_ports"]
+        ```
+    """
+    return gateway.call("gateway_info", {})
