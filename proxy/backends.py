@@ -11,6 +11,7 @@ that the gateway stores in its state database:
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 from abc import ABC, abstractmethod
@@ -75,7 +76,14 @@ def control_request(stream_dir: Path, request: dict, timeout_s: float = 5.0) -> 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout_s)
         try:
-            sock.connect(str(stream_dir / native.CONTROL_SOCKET))
+            # Reach the socket through a descriptor of its directory: the path stays
+            # short however deep the state directory is, and the directory's 0700
+            # mode still decides who may connect.
+            dir_fd = os.open(stream_dir, os.O_PATH | os.O_DIRECTORY)
+            try:
+                sock.connect(f"/proc/self/fd/{dir_fd}/{native.CONTROL_SOCKET}")
+            finally:
+                os.close(dir_fd)
             sock.sendall(json.dumps(request).encode() + b"\n")
             line = sock.makefile("rb").readline()
         except OSError as exc:

@@ -400,12 +400,15 @@ def main(argv: list[str] | None = None) -> int:
             os.close(args.ready_fd)
 
     try:
-        config = json.loads((args.stream_dir / CONFIG_FILE).read_text())
-        proxy = NativeProxy(args.stream_dir, config)
+        # Work inside the stream directory: the control socket is bound by a short
+        # relative name (AF_UNIX paths are limited to 108 bytes).
+        os.chdir(args.stream_dir)
+        config = json.loads(Path(CONFIG_FILE).read_text())
+        proxy = NativeProxy(args.stream_dir.resolve(), config)
         control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        control_path = args.stream_dir / CONTROL_SOCKET
+        control_path = Path(CONTROL_SOCKET)
         control_path.unlink(missing_ok=True)
-        control.bind(str(control_path))
+        control.bind(CONTROL_SOCKET)
         control.listen(16)
     except Exception as exc:  # noqa: BLE001 - the starter gets the reason
         report({"error": f"{type(exc).__name__}: {exc}"})

@@ -1,0 +1,127 @@
+"""Shared fixtures: Prefect's test harness, local gateways on loopback, leak checks.
+
+Everything here is real: gateway functions run in worker processes after the Globus
+Compute serializer round trip, proxies are real detached processes, state is SQLite.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from scistream_prefect import LocalGateway  # noqa: E402
+
+# Each gateway a test creates gets its own 40-port slice of this range.
+_PORT_SLICES = itertools.count(52000, 40)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def proxy_pids_under(root: Path) -> list[int]:
+    """Pids of native proxy daemons whose stream directory lies under ``root``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"scistream_proxy.native_daemon" in cmdline and any(
+            arg.startswith(str(root).encode()) for arg in cmdline
+        ):
+            pids.append(int(proc.name))
+    return pids
+
+
+def make_gateway(root: Path, name: str, size: int = 40, **settings) -> LocalGateway:
+    base = next(_PORT_SLICES)
+    assert size <= 40
+    return LocalGateway.create(name, root / name, port_range=(base, base + size - 1), **settings)
+
+
+@pytest.fixture
+def gateway_root(tmp_path: Path):
+    """A directory for a test's gateways; afterwards no proxy of theirs may still run."""
+    yield tmp_path
+    leaked = proxy_pids_under(tmp_path)
+    for pid in leaked:
+        os.kill(pid, 9)
+    assert not leaked, f"proxy processes left running: {leaked}"
+
+
+@pytest.fixture
+def gateways(gateway_root: Path) -> tuple[LocalGateway, LocalGateway]:
+    """A producer-side and a consumer-side local gateway on loopback."""
+    return make_gateway(gateway_root, "prod-gw"), make_gateway(gateway_root, "cons-gw")
+
+
+def port_is_free(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, int(port)))
+        except OSError:
+            return False
+    return True
+
+
+APPS = [sys.executable, "-m", "scistream_proxy.apps"]
+
+
+class ProducerApp:
+    """The stand-in producer app as a real process; ``listeners`` is where it listens."""
+
+    def __init__(self, connections: int, total_bytes: int):
+        self.proc = subprocess.Popen(
+            [*APPS, "producer", "--connections", str(connections), "--bytes", str(total_bytes)],
+            stdout=subprocess.PIPE, text=True,
+        )
+        self.listeners = json.loads(self.proc.stdout.readline())["listening"]
+
+    def result(self, timeout: float = 120) -> list[dict]:
+        out, _ = self.proc.communicate(timeout=timeout)
+        return json.loads(out.strip().splitlines()[-1])["connections"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run_consumer(listeners: list[str], timeout: float = 120) -> tuple[int, list[dict]]:
+    proc = subprocess.run([*APPS, "consumer", *listeners, "--timeout", "30"],
+                          capture_output=True, text=True, timeout=timeout)
+    lines = proc.stdout.strip().splitlines()
+    return proc.returncode, json.loads(lines[-1])["connections"] if lines else []
+
+
+@pytest.fixture
+def producer_app():
+    apps: list[ProducerApp] = []
+
+    def start(connections: int, total_bytes: int) -> ProducerApp:
+        app = ProducerApp(connections, total_bytes)
+        apps.append(app)
+        return app
+
+    yield start
+    for app in apps:
+        app.close()

@@ -1,0 +1,304 @@
+"""Gateway functions through the LocalGateway seam (Globus Compute serializer, worker
+processes, SQLite state, real proxies): the wire contract and its error codes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import stat
+import time
+import uuid
+
+import pytest
+
+from scistream_prefect import (
+    AuthError,
+    BadFormat,
+    InvalidUid,
+    NoResource,
+    NotImplementedHere,
+    ServerError,
+)
+from scistream_proxy.process import ProcessIdentity
+
+from conftest import make_gateway, port_is_free
+
+
+def reserve(gw, role="PROD", num_conn=2, key="k" * 43, uid=None, **extra):
+    uid = uid or str(uuid.uuid4())
+    request = {"uid": uid, "role": role, "num_conn": num_conn,
+               "key_sha256": hashlib.sha256(key.encode()).hexdigest(), **extra}
+    return uid, key, gw.call("reserve", request)
+
+
+def test_gateway_info_describes_the_gateway(gateways):
+    producer, _ = gateways
+    info = producer.call("gateway_info", {})
+    assert info["name"] == "prod-gw"
+    assert info["backends"]["native"]["available"] is True
+    assert info["free_ports"] == 40 and info["active_streams"] == 0
+
+
+def test_reserve_binds_ports_and_stores_only_the_key_hash(gateways):
+    producer, _ = gateways
+    uid, key, reply = reserve(producer, num_conn=3)
+    try:
+        assert len(reply["listeners"]) == 3
+        assert len(reply["cert_fingerprint"]) == 64
+        # The kernel holds the ports from reserve on, before any connect.
+        assert not any(port_is_free(a) for a in reply["listeners"])
+        state_dir = producer.settings.state_dir
+        db = (state_dir / "state.sqlite3").read_bytes()
+        assert key.encode() not in db
+        stream_dir = state_dir / "streams" / uid
+        assert stat.S_IMODE(stream_dir.stat().st_mode) == 0o700
+        assert stat.S_IMODE((stream_dir / "key.pem").stat().st_mode) == 0o600
+        assert producer.call("gateway_info", {})["free_ports"] == 37
+    finally:
+        producer.call("release", {"uid": uid})
+
+
+def test_reserve_is_idempotent_and_refuses_a_conflicting_repeat(gateways):
+    producer, _ = gateways
+    uid, key, first = reserve(producer)
+    try:
+        _, _, again = reserve(producer, uid=uid, key=key)
+        assert again == first
+        with pytest.raises(BadFormat, match="other parameters"):
+            reserve(producer, uid=uid, key=key, num_conn=3)
+        assert producer.call("gateway_info", {})["active_streams"] == 1
+    finally:
+        producer.call("release", {"uid": uid})
+
+
+def test_wrong_hello_key_is_auth_error_and_changes_nothing(gateways):
+    producer, _ = gateways
+    uid, key, _ = reserve(producer)
+    try:
+        with pytest.raises(AuthError):
+            producer.call("hello", {"uid": uid, "key": "not-the-key", "role": "PROD",
+                                    "app_listeners": ["127.0.0.1:9"]})
+        status = producer.call("status", {"uid": uid})
+        assert status["state"] == "RESERVED" and status["alive"] is True
+        waited = producer.call("wait_hello", {"uid": uid, "timeout_s": 0})
+        assert waited == {"uid": uid, "state": "RESERVED", "app_listeners": []}
+        # The right key still works afterwards.
+        reply = producer.call("hello", {"uid": uid, "key": key, "role": "PROD",
+                                        "app_listeners": ["127.0.0.1:9"]})
+        assert reply["uid"] == uid
+        assert producer.call("wait_hello", {"uid": uid})["app_listeners"] == ["127.0.0.1:9"]
+    finally:
+        producer.call("release", {"uid": uid})
+
+
+def test_wait_hello_is_a_bounded_long_poll(gateways):
+    producer, _ = gateways
+    uid, _, _ = reserve(producer)
+    try:
+        started = time.monotonic()
+        reply = producer.call("wait_hello", {"uid": uid, "timeout_s": 0.5})
+        assert reply["state"] == "RESERVED"
+        assert time.monotonic() - started >= 0.5
+        with pytest.raises(BadFormat):
+            producer.call("wait_hello", {"uid": uid, "timeout_s": 3600})
+    finally:
+        producer.call("release", {"uid": uid})
+
+
+def test_release_stops_proxy_frees_ports_deletes_keys_and_is_idempotent(gateways):
+    producer, _ = gateways
+    uid, _, reply = reserve(producer, num_conn=2)
+    pid = producer.call("status", {"uid": uid})["pid"]
+    identity = ProcessIdentity.of(pid)
+    assert identity is not None and identity.alive()
+    stream_dir = producer.settings.state_dir / "streams" / uid
+
+    assert producer.call("release", {"uid": uid}) == {"uid": uid, "released": True}
+    assert not identity.alive()
+    assert all(port_is_free(a) for a in reply["listeners"])
+    assert not stream_dir.exists()
+    status = producer.call("status", {"uid": uid})
+    assert status["state"] == "RELEASED" and status["alive"] is False
+    assert producer.call("gateway_info", {})["free_ports"] == 40
+    # Twice, and for a uid the gateway never saw.
+    assert producer.call("release", {"uid": uid})["released"] is True
+    assert producer.call("release", {"uid": str(uuid.uuid4())})["released"] is True
+    # Released ports are handed out again.
+    uid2, _, again = reserve(producer, num_conn=2)
+    assert set(again["listeners"]) == set(reply["listeners"])
+    producer.call("release", {"uid": uid2})
+
+
+def test_port_range_exhaustion_is_no_resource_and_leaks_nothing(gateway_root):
+    small = make_gateway(gateway_root, "small-gw", size=3)
+    uid, _, _ = reserve(small, num_conn=2)
+    try:
+        with pytest.raises(NoResource, match="exhausted: 1 free, num_conn=2"):
+            reserve(small, num_conn=2)
+        info = small.call("gateway_info", {})
+        assert info["active_streams"] == 1 and info["free_ports"] == 1
+    finally:
+        small.call("release", {"uid": uid})
+
+
+def test_a_port_held_by_another_process_is_skipped(gateway_root):
+    import socket
+
+    small = make_gateway(gateway_root, "busy-gw", size=3)
+    low = small.settings.port_min
+    with socket.create_server(("127.0.0.1", low)):
+        uid, _, reply = reserve(small, num_conn=2)
+        small.call("release", {"uid": uid})
+    assert f"127.0.0.1:{low}" not in reply["listeners"]
+
+
+def test_rate_capacity_is_enforced(gateway_root):
+    gw = make_gateway(gateway_root, "rated-gw", rate_capacity=10_000)
+    uid, _, _ = reserve(gw, rate=8_000)
+    try:
+        with pytest.raises(NoResource, match="rate capacity"):
+            reserve(gw, rate=4_000)
+        with pytest.raises(NoResource, match="ask for a rate"):
+            reserve(gw, rate=0)
+    finally:
+        gw.call("release", {"uid": uid})
+
+
+def test_connect_checks_order_and_pinning_input(gateways):
+    producer, consumer = gateways
+    uid, key, prod = reserve(producer)
+    _, _, cons = reserve(consumer, role="CONS", uid=uid, key=key)
+    try:
+        request = {"uid": uid, "remote_listeners": cons["listeners"],
+                   "peer_fingerprint": cons["cert_fingerprint"],
+                   "peer_certificate": cons["certificate"]}
+        with pytest.raises(InvalidUid, match="hello"):
+            producer.call("connect", request)
+        # A certificate that is not the pinned one is refused before any proxy sees it.
+        wrong = dict(request, peer_certificate=prod["certificate"])
+        with pytest.raises(AuthError, match="does not match"):
+            consumer.call("connect", dict(wrong, remote_listeners=prod["listeners"]))
+        with pytest.raises(BadFormat, match="tls: false"):
+            consumer.call("connect", {"uid": uid, "remote_listeners": prod["listeners"]})
+        assert consumer.call("status", {"uid": uid})["state"] == "RESERVED"
+    finally:
+        producer.call("release", {"uid": uid})
+        consumer.call("release", {"uid": uid})
+
+
+def test_renew_extends_the_lease(gateways):
+    producer, _ = gateways
+    uid, _, reply = reserve(producer, lease_s=60)
+    try:
+        renewed = producer.call("renew", {"uid": uid, "lease_s": 600})
+        assert renewed["lease_expires"] > reply["lease_expires"] + 500
+    finally:
+        producer.call("release", {"uid": uid})
+    with pytest.raises(InvalidUid):
+        producer.call("renew", {"uid": uid})
+
+
+def test_expired_lease_is_reaped_by_the_next_call(gateways):
+    producer, _ = gateways
+    uid, _, reply = reserve(producer, lease_s=1)
+    identity = ProcessIdentity.of(producer.call("status", {"uid": uid})["pid"])
+    time.sleep(1.2)
+    assert producer.call("gateway_info", {})["active_streams"] == 0
+    assert producer.call("status", {"uid": uid})["state"] == "EXPIRED"
+    assert not identity.alive()
+    assert all(port_is_free(a) for a in reply["listeners"])
+    assert not (producer.settings.state_dir / "streams" / uid).exists()
+
+
+def test_a_dead_proxy_is_reported_and_release_cleans_up(gateways):
+    producer, _ = gateways
+    uid, _, reply = reserve(producer)
+    pid = producer.call("status", {"uid": uid})["pid"]
+    os.kill(pid, 9)
+    deadline = time.monotonic() + 5
+    while ProcessIdentity.of(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    status = producer.call("status", {"uid": uid})
+    assert status["state"] == "FAILED" and status["alive"] is False
+    assert producer.call("release", {"uid": uid})["released"] is True
+    assert all(port_is_free(a) for a in reply["listeners"])
+
+
+@pytest.mark.parametrize("request_, error", [
+    ({"uid": "not-a-uuid", "role": "PROD", "num_conn": 1, "key_sha256": "0" * 64}, BadFormat),
+    ({"uid": str(uuid.uuid4()).upper(), "role": "PROD", "num_conn": 1, "key_sha256": "0" * 64},
+     BadFormat),
+    ({"uid": str(uuid.uuid4()), "role": "BOTH", "num_conn": 1, "key_sha256": "0" * 64}, BadFormat),
+    ({"uid": str(uuid.uuid4()), "role": "PROD", "num_conn": 0, "key_sha256": "0" * 64}, BadFormat),
+    ({"uid": str(uuid.uuid4()), "role": "PROD", "num_conn": 65, "key_sha256": "0" * 64},
+     BadFormat),
+    ({"uid": str(uuid.uuid4()), "role": "PROD", "num_conn": True, "key_sha256": "0" * 64},
+     BadFormat),
+    ({"uid": str(uuid.uuid4()), "role": "PROD", "num_conn": 1, "key_sha256": "xyz"}, BadFormat),
+    ({"uid": str(uuid.uuid4()), "role": "PROD", "num_conn": 1, "key_sha256": "0" * 64,
+      "listen_on": "0.0.0.0"}, BadFormat),
+    ({"uid": str(uuid.uuid4()), "role": "PROD", "num_conn": 1}, BadFormat),
+    (["not", "an", "object"], BadFormat),
+])
+def test_malformed_reserve_is_bad_format_and_changes_nothing(gateways, request_, error):
+    producer, _ = gateways
+    with pytest.raises(error):
+        producer.call("reserve", request_)
+    info = producer.call("gateway_info", {})
+    assert info["active_streams"] == 0 and info["free_ports"] == 40
+    assert list((producer.settings.state_dir / "streams").iterdir()) == []
+
+
+@pytest.mark.parametrize("listener", [
+    "127.0.0.1:0", "127.0.0.1:65536", "127.0.0.1", "evil\nhost:80", "host name:80",
+    "[127.0.0.1]:80", "::1:80", "a" * 300 + ":80", 42,
+])
+def test_hello_refuses_addresses_that_could_reach_a_config(gateways, listener):
+    producer, _ = gateways
+    uid, key, _ = reserve(producer)
+    try:
+        with pytest.raises(BadFormat):
+            producer.call("hello", {"uid": uid, "key": key, "role": "PROD",
+                                    "app_listeners": [listener]})
+        assert producer.call("status", {"uid": uid})["state"] == "RESERVED"
+    finally:
+        producer.call("release", {"uid": uid})
+
+
+def test_unknown_uid_and_unknown_function(gateways):
+    producer, _ = gateways
+    with pytest.raises(InvalidUid):
+        producer.call("status", {"uid": str(uuid.uuid4())})
+    from scistream_gateway.wire import handle
+
+    assert handle("format_disk", {})["error"]["code"] == NotImplementedHere.code
+
+
+def test_broken_settings_are_a_server_error_naming_the_file(tmp_path, monkeypatch):
+    from scistream_gateway.functions import gateway_info
+
+    path = tmp_path / "gateway.toml"
+    path.write_text('[gateway]\nname = "x"\nstate_dir = "/tmp/x"\nport_range = [80, 70]\n')
+    monkeypatch.setenv("SCISTREAM_GATEWAY_CONFIG", str(path))
+    reply = gateway_info({})
+    assert reply["error"]["code"] == ServerError.code
+    assert str(path) in reply["error"]["message"] and "port_range" in reply["error"]["message"]
+
+
+def test_hello_key_never_appears_in_gateway_files(gateways, producer_app):
+    """The key reaches the gateway only in hello; it must not be written anywhere."""
+    from scistream_prefect import open_stream, release_stream
+
+    producer, consumer = gateways
+    app = producer_app(1, 1024)
+    key = secrets.token_urlsafe(32)
+    handle = open_stream(producer, consumer, num_conn=1, app_listeners=app.listeners,
+                         uid=str(uuid.uuid4()), hello_key=key)
+    try:
+        for gw in (producer, consumer):
+            for path in gw.settings.state_dir.rglob("*"):
+                if path.is_file():
+                    assert key.encode() not in path.read_bytes(), path
+    finally:
+        release_stream(producer, consumer, handle.uid)

@@ -1,0 +1,76 @@
+"""A whole stream through two local gateways, driven by the Prefect flows."""
+
+from __future__ import annotations
+
+import pytest
+
+from scistream_prefect import open_stream, release_stream
+from scistream_prefect.tasks.streams import get_stream_status
+from scistream_proxy.process import ProcessIdentity
+
+from conftest import port_is_free, run_consumer
+
+MIB = 1 << 20
+
+
+def _digests(results: list[dict]) -> list[tuple[int, str]]:
+    return sorted((r["bytes"], r["sha256"]) for r in results)
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain-asked-by-name"])
+def test_stream_carries_checksummed_data(gateways, producer_app, tls):
+    producer, consumer = gateways
+    num_conn = 3
+    total = 256 * MIB if tls else 64 * MIB
+    app = producer_app(num_conn, total)
+
+    handle = open_stream(producer, consumer, num_conn=num_conn, app_listeners=app.listeners,
+                         tls=tls)
+    assert handle.tls is tls
+    assert len(handle.listeners) == num_conn == len(handle.producer_listeners)
+    try:
+        code, received = run_consumer(handle.listeners)
+        sent = app.result()
+        ends = [get_stream_status.fn(gw, handle.uid) for gw in (producer, consumer)]
+    finally:
+        release_stream(producer, consumer, handle.uid)
+
+    assert code == 0, received
+    assert len(received) == num_conn and all(r["bytes"] > 0 for r in received)
+    assert _digests(received) == _digests(sent)
+    assert sum(r["bytes"] for r in received) == total
+    # Both proxies moved every byte, in the right direction, over all connections.
+    prod_status, cons_status = ends
+    assert prod_status["state"] == cons_status["state"] == "CONNECTED"
+    assert prod_status["bytes"] == {"from_app": total, "to_app": 0}
+    assert cons_status["bytes"] == {"from_app": 0, "to_app": total}
+    assert cons_status["connections"]["total"] == num_conn
+    assert cons_status["connections"]["failed"] == 0
+    # Released: processes gone, ports bindable.
+    for status in ends:
+        assert ProcessIdentity.of(status["pid"]) is None or not _is_proxy(status["pid"])
+    for address in handle.listeners + handle.producer_listeners:
+        assert port_is_free(address), address
+
+
+def test_connections_round_robin_over_app_listeners(gateways, producer_app):
+    """Connection i goes to app_listeners[i % n]: two producer apps, four connections."""
+    producer, consumer = gateways
+    apps = [producer_app(2, 4 * MIB), producer_app(2, 4 * MIB)]
+    listeners = [a.listeners[0] for a in apps]
+    handle = open_stream(producer, consumer, num_conn=4, app_listeners=listeners)
+    try:
+        code, received = run_consumer(handle.listeners)
+    finally:
+        release_stream(producer, consumer, handle.uid)
+    assert code == 0
+    assert _digests(received) == _digests(apps[0].result() + apps[1].result())
+
+
+def _is_proxy(pid: int) -> bool:
+    from pathlib import Path
+
+    try:
+        return b"scistream_proxy" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False

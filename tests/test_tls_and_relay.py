@@ -1,0 +1,183 @@
+"""The gateway-to-gateway hop: pinning refuses impostors on either side, and the relay
+keeps its promises (both directions, truncation reported, rate limit)."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import socket
+import ssl
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from scistream_prefect import open_stream, release_stream
+from scistream_proxy.tls import generate_certificate
+
+from conftest import run_consumer
+
+
+def _reserve(gw, role, uid, key="secret-key"):
+    return gw.call("reserve", {"uid": uid, "role": role, "num_conn": 1,
+                               "key_sha256": hashlib.sha256(key.encode()).hexdigest()})
+
+
+def _impostor_material(tmp_path: Path) -> tuple[Path, Path, str, str]:
+    key, cert = tmp_path / "impostor.key", tmp_path / "impostor.pem"
+    pem, fingerprint = generate_certificate("impostor", key, cert, datetime.timedelta(days=1))
+    return key, cert, pem, fingerprint
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+def test_consumer_proxy_refuses_a_server_that_is_not_the_pinned_peer(gateways, tmp_path):
+    _, consumer = gateways
+    uid = str(uuid.uuid4())
+    cons = _reserve(consumer, "CONS", uid)
+    # The peer the consumer gateway was told about (it pins this certificate) ...
+    (tmp_path / "real").mkdir()
+    _, _, real_pem, real_fp = _impostor_material(tmp_path / "real")
+    # ... and an impostor listening where the stream points, with its own certificate.
+    key, cert, _, _ = _impostor_material(tmp_path)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    impostor = socket.create_server(("127.0.0.1", 0))
+    seen: list[str] = []
+
+    def serve() -> None:
+        conn, _ = impostor.accept()
+        try:
+            with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                seen.append(tls.recv(100).decode(errors="replace"))
+        except (ssl.SSLError, OSError) as exc:
+            seen.append(f"handshake failed: {type(exc).__name__}")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        consumer.call("connect", {
+            "uid": uid, "remote_listeners": [f"127.0.0.1:{impostor.getsockname()[1]}"],
+            "peer_fingerprint": real_fp, "peer_certificate": real_pem,
+        })
+        code, received = run_consumer(cons["listeners"])
+        thread.join(timeout=30)
+        status = consumer.call("status", {"uid": uid})
+    finally:
+        consumer.call("release", {"uid": uid})
+        impostor.close()
+    assert code != 0 and "error" in received[0]  # the consumer app is reset, not fed
+    assert seen and seen[0].startswith("handshake failed"), seen
+    assert status["connections"]["failed"] == 1
+
+
+@pytest.mark.parametrize("present_cert", [True, False], ids=["own-cert", "no-cert"])
+def test_producer_proxy_refuses_a_client_that_is_not_the_pinned_peer(
+        gateways, producer_app, tmp_path, present_cert):
+    producer, consumer = gateways
+    uid, key = str(uuid.uuid4()), "secret-key"
+    prod = _reserve(producer, "PROD", uid, key)
+    cons = _reserve(consumer, "CONS", uid, key)
+    app = producer_app(1, 1024)
+    producer.call("hello", {"uid": uid, "key": key, "role": "PROD",
+                            "app_listeners": app.listeners})
+    producer.call("connect", {"uid": uid, "remote_listeners": cons["listeners"],
+                              "peer_fingerprint": cons["cert_fingerprint"],
+                              "peer_certificate": cons["certificate"]})
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if present_cert:
+        ikey, icert, _, _ = _impostor_material(tmp_path)
+        ctx.load_cert_chain(icert, ikey)
+    try:
+        with socket.create_connection(_host_port(prod["listeners"][0]), timeout=10) as raw:
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                with ctx.wrap_socket(raw) as tls:
+                    # TLS 1.3: the server's verdict on our certificate arrives with the
+                    # first read after the client finished its side of the handshake.
+                    assert tls.recv(1) == b""
+        status = producer.call("status", {"uid": uid})
+    finally:
+        producer.call("release", {"uid": uid})
+        consumer.call("release", {"uid": uid})
+    assert status["connections"]["failed"] == 1
+    assert status["bytes"] == {"from_app": 0, "to_app": 0}
+    # The producer app never got a connection: it is still waiting in accept().
+    assert app.proc.poll() is None
+
+
+def test_traffic_flows_both_ways_through_the_tls_hop(gateways):
+    """An echo server behind the producer gateway: every byte the consumer side sends
+    comes back, over one TLS connection used in both directions at once."""
+    producer, consumer = gateways
+    echo = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = echo.accept()
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    threading.Thread(target=serve, daemon=True).start()
+    handle = open_stream(producer, consumer, num_conn=1,
+                         app_listeners=[f"127.0.0.1:{echo.getsockname()[1]}"])
+    payload = os.urandom(8 << 20)
+    back = bytearray()
+    try:
+        with socket.create_connection(_host_port(handle.listeners[0]), timeout=30) as sock:
+            sender = threading.Thread(target=sock.sendall, args=(payload,))
+            sender.start()
+            while len(back) < len(payload):
+                chunk = sock.recv(1 << 20)
+                if not chunk:
+                    break
+                back += chunk
+            sender.join()
+    finally:
+        release_stream(producer, consumer, handle.uid)
+        echo.close()
+    assert hashlib.sha256(back).digest() == hashlib.sha256(payload).digest()
+
+
+def test_a_killed_producer_proxy_is_a_reset_not_a_clean_end(gateways, producer_app):
+    """Truncation must never look like the end of the data to the consumer app."""
+    producer, consumer = gateways
+    app = producer_app(1, 1 << 34)  # far more than will ever be read
+    handle = open_stream(producer, consumer, num_conn=1, app_listeners=app.listeners)
+    try:
+        pid = producer.call("status", {"uid": handle.uid})["pid"]
+        with socket.create_connection(_host_port(handle.listeners[0]), timeout=30) as sock:
+            assert len(sock.recv(65536)) > 0
+            os.kill(pid, 9)
+            with pytest.raises(ConnectionResetError):
+                while sock.recv(1 << 20):
+                    pass
+        assert producer.call("status", {"uid": handle.uid})["alive"] is False
+    finally:
+        release_stream(producer, consumer, handle.uid)
+
+
+def test_rate_limit_is_enforced(gateways, producer_app):
+    producer, consumer = gateways
+    total = 4 << 20
+    app = producer_app(1, total)
+    rate_kbps = 16_000  # 2 MB/s
+    handle = open_stream(producer, consumer, num_conn=1, rate=rate_kbps,
+                         app_listeners=app.listeners)
+    try:
+        started = time.monotonic()
+        code, received = run_consumer(handle.listeners)
+        elapsed = time.monotonic() - started
+    finally:
+        release_stream(producer, consumer, handle.uid)
+    assert code == 0 and received[0]["bytes"] == total
+    # Limits are lower bounds on time whatever the machine's load: 4 MiB at 2 MB/s
+    # takes 2.1 s, less the 0.2 s burst each proxy may start with.
+    assert elapsed >= 1.5, elapsed
