@@ -1,16 +1,20 @@
-"""What a Globus Compute worker does with a task, for gateways run locally.
+"""A local worker: what a Globus Compute worker does with a task, for local gateways.
 
 The client packs ``(function, args, kwargs)`` with the Globus Compute SDK's own
-serializer; a worker process unpacks it, runs it, and packs the result: the same
-round trip a real endpoint makes, so what runs here runs there. Workers are plain
-processes named by their gateway's settings file; they import no Prefect.
+serializer; a worker unpacks it, runs it and packs the result: the same round trip a
+real endpoint makes, so what runs here runs there. A worker is its own program
+(``python -m scistream_gateway.local_worker``), started with its gateway's settings in
+``SCISTREAM_GATEWAY_CONFIG``; it imports no Prefect and nothing of the caller's
+``__main__``. Frames on stdin/stdout: 8-byte big-endian length, then UTF-8 text. It
+writes one empty frame when ready, then one reply frame per task.
 """
 
 from __future__ import annotations
 
-import os
+import sys
+from typing import BinaryIO
 
-__all__ = ["init_worker", "make_serializer", "run_packed"]
+__all__ = ["make_serializer", "read_frame", "run_packed", "write_frame"]
 
 
 def make_serializer():
@@ -21,15 +25,47 @@ def make_serializer():
     return ComputeSerializer(strategy_code=DillCodeSource())
 
 
-def init_worker(settings_path: str) -> None:
-    """Process-pool initializer: this worker serves the gateway of ``settings_path``."""
-    from scistream_gateway.settings import CONFIG_ENV
-
-    os.environ[CONFIG_ENV] = settings_path
-
-
 def run_packed(payload: str) -> str:
-    """Unpack a task, run it, pack its result (an exception travels back packed too)."""
+    """Unpack a task, run it, pack its result."""
     serializer = make_serializer()
-    function, args, kwargs = serializer.unpack_and_deserialize(payload)
+    try:
+        function, args, kwargs = serializer.unpack_and_deserialize(payload)
+    except Exception as exc:  # noqa: BLE001 - a bad task is an error reply, not a crash
+        from scistream_gateway.errors import BadFormat
+
+        return serializer.serialize(BadFormat(f"task does not deserialize: {exc}").to_wire())
     return serializer.serialize(function(*args, **kwargs))
+
+
+def write_frame(stream: BinaryIO, text: str) -> None:
+    data = text.encode()
+    stream.write(len(data).to_bytes(8, "big") + data)
+    stream.flush()
+
+
+def read_frame(stream: BinaryIO) -> str | None:
+    """One frame, or None at end of input."""
+    header = stream.read(8)
+    if len(header) < 8:
+        return None
+    size = int.from_bytes(header, "big")
+    data = stream.read(size)
+    if len(data) < size:
+        return None
+    return data.decode()
+
+
+def main() -> int:
+    import scistream_gateway.service  # noqa: F401 - pay for imports before "ready"
+
+    make_serializer()
+    channel_in, channel_out = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # a function's prints must not corrupt the frames
+    write_frame(channel_out, "")
+    while (payload := read_frame(channel_in)) is not None:
+        write_frame(channel_out, run_packed(payload))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

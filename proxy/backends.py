@@ -111,7 +111,7 @@ class NativeBackend(ProxyBackend):
         (spec.stream_dir / native.CONFIG_FILE).write_text(json.dumps(config))
         try:
             identity = spawn_detached(
-                [sys.executable, "-I", "-m", "scistream_proxy.native_daemon",
+                [sys.executable, "-P", "-m", "scistream_proxy.native_daemon",
                  "--stream-dir", str(spec.stream_dir)],
                 cwd=spec.stream_dir,
                 log_path=spec.stream_dir / "proxy.log",

@@ -11,12 +11,13 @@ seam.
 from __future__ import annotations
 
 import atexit
-import multiprocessing
 import os
+import select
+import subprocess
+import sys
 import threading
-from concurrent.futures import ProcessPoolExecutor
+import time
 from concurrent.futures import TimeoutError as FutureTimeout
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -24,7 +25,7 @@ from prefect.blocks.core import Block
 from pydantic import Field
 
 from scistream_gateway.errors import Timeout, Unavailable, error_from_wire
-from scistream_gateway.settings import GatewaySettings
+from scistream_gateway.settings import CONFIG_ENV, GatewaySettings
 
 __all__ = ["Gateway", "LocalGateway"]
 
@@ -39,20 +40,116 @@ class Gateway(Protocol):
     def label(self) -> str: ...
 
 
-# Worker pools are per process and per gateway; they are created in the process that
-# uses them (never pickled into a task parameter) and shut down at exit.
-_POOLS: dict[tuple[int, str], ProcessPoolExecutor] = {}
+class _Worker:
+    """One local worker process (``python -m scistream_gateway.local_worker``)."""
+
+    def __init__(self, settings: GatewaySettings, settings_path: Path):
+        log_fd = os.open(settings.state_dir / "workers.log",
+                         os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            self.proc = subprocess.Popen(
+                # -P: never import from the working directory.
+                [sys.executable, "-P", "-m", "scistream_gateway.local_worker"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_fd,
+                env={**os.environ, CONFIG_ENV: str(settings_path)},
+                start_new_session=True,  # a Ctrl-C in a notebook must not kill a call halfway
+            )
+        finally:
+            os.close(log_fd)
+        self.ready = False
+
+    def call(self, payload: str | None, deadline: float) -> str:
+        """Send one frame (None: only wait for the ready frame) and read the reply."""
+        if payload is not None:
+            data = payload.encode()
+            self.proc.stdin.write(len(data).to_bytes(8, "big") + data)
+            self.proc.stdin.flush()
+        size = int.from_bytes(self._read(8, deadline), "big")
+        return self._read(size, deadline).decode()
+
+    def _read(self, size: int, deadline: float) -> bytes:
+        fd = self.proc.stdout.fileno()
+        chunks, left = [], size
+        while left:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                raise FutureTimeout()
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                raise BrokenPipeError("local worker exited")
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            pipe.close()
+
+
+class _WorkerPool:
+    """Up to ``size`` workers for one gateway, each running one call at a time."""
+
+    def __init__(self, settings_path: Path, size: int):
+        self.settings_path = settings_path
+        self.settings = GatewaySettings.from_toml(settings_path)
+        self.size = size
+        self.idle: list[_Worker] = []
+        self.count = 0
+        self.cond = threading.Condition()
+
+    def acquire(self, deadline: float) -> _Worker:
+        with self.cond:
+            while not self.idle and self.count >= self.size:
+                if not self.cond.wait(max(0.0, deadline - time.monotonic())):
+                    raise FutureTimeout()
+            if self.idle:
+                return self.idle.pop()
+            self.count += 1
+        try:
+            worker = _Worker(self.settings, self.settings_path)
+            worker.call(None, deadline)  # the ready frame: imports are done
+            worker.ready = True
+            return worker
+        except BaseException:
+            with self.cond:
+                self.count -= 1
+                self.cond.notify()
+            raise
+
+    def release(self, worker: _Worker, healthy: bool) -> None:
+        if not healthy:
+            worker.close()
+        with self.cond:
+            if healthy:
+                self.idle.append(worker)
+            else:
+                self.count -= 1
+            self.cond.notify()
+
+    def close(self) -> None:
+        with self.cond:
+            idle, self.idle = self.idle, []
+            self.count -= len(idle)
+        for worker in idle:
+            worker.close()
+
+
+# Pools are per client process and per gateway, created where they are used (never
+# pickled into a task parameter) and closed at exit.
+_POOLS: dict[tuple[int, str], _WorkerPool] = {}
 _POOLS_LOCK = threading.Lock()
 
 
-def _shutdown_pools() -> None:
+@atexit.register
+def _close_pools() -> None:
     with _POOLS_LOCK:
-        for pool in _POOLS.values():
-            pool.shutdown(wait=True, cancel_futures=True)
+        pools = list(_POOLS.values())
         _POOLS.clear()
-
-
-atexit.register(_shutdown_pools)
+    for pool in pools:
+        pool.close()
 
 
 class LocalGateway(Block):
@@ -120,33 +217,18 @@ class LocalGateway(Block):
     def label(self) -> str:
         return f"local:{self.settings.name}"
 
-    def _pool(self) -> ProcessPoolExecutor:
-        from scistream_gateway.local_worker import init_worker
-
+    def _pool(self) -> _WorkerPool:
         key = (os.getpid(), str(self.settings_path))
         with _POOLS_LOCK:
             pool = _POOLS.get(key)
             if pool is None:
-                pool = ProcessPoolExecutor(
-                    max_workers=self.workers,
-                    # spawn, not fork: the client process runs threads (Prefect's).
-                    mp_context=multiprocessing.get_context("spawn"),
-                    initializer=init_worker,
-                    initargs=(str(self.settings_path),),
-                )
-                _POOLS[key] = pool
+                pool = _POOLS[key] = _WorkerPool(self.settings_path, self.workers)
             return pool
-
-    def _drop_pool(self) -> None:
-        with _POOLS_LOCK:
-            pool = _POOLS.pop((os.getpid(), str(self.settings_path)), None)
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
 
     def call(self, function: str, request: dict, timeout_s: float | None = None) -> dict:
         """Run gateway function ``function`` on ``request``; raise its error, if any."""
         from scistream_gateway.functions import ALL
-        from scistream_gateway.local_worker import make_serializer, run_packed
+        from scistream_gateway.local_worker import make_serializer
 
         serializer = make_serializer()
         payload = serializer.pack_buffers([
@@ -155,21 +237,30 @@ class LocalGateway(Block):
             serializer.serialize({}),
         ])
         timeout = self.call_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout
+        pool = self._pool()
+        worker = pool.acquire(deadline)
+        healthy = False
         try:
-            packed = self._pool().submit(run_packed, payload).result(timeout=timeout)
+            packed = worker.call(payload, deadline)
+            healthy = True
         except FutureTimeout:
             raise Timeout(f"{function} on {self.label} did not finish in {timeout} s") from None
-        except BrokenProcessPool:
-            self._drop_pool()
-            raise Unavailable(f"a worker of {self.label} died during {function}") from None
+        except OSError as exc:
+            raise Unavailable(f"a worker of {self.label} died during {function}: {exc}") from None
+        finally:
+            # A worker that timed out is killed: its call is abandoned, not left running.
+            pool.release(worker, healthy)
         reply = serializer.deserialize(packed)
         error = error_from_wire(reply)
         if error is not None:
             raise error
         return reply
 
-    def warm_up(self) -> None:
-        """Start the worker processes now (their first call otherwise pays for it)."""
+    def warm_up(self, timeout_s: float = 60.0) -> None:
+        """Start all worker processes now (a first call otherwise pays for its worker)."""
         pool = self._pool()
-        for future in [pool.submit(os.getpid) for _ in range(self.workers)]:
-            future.result()
+        deadline = time.monotonic() + timeout_s
+        workers = [pool.acquire(deadline) for _ in range(self.workers)]
+        for worker in workers:
+            pool.release(worker, healthy=True)

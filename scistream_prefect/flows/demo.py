@@ -85,7 +85,8 @@ def stream_demo(
                                   daemon=True)
         started = time.perf_counter()
         reader.start()
-        out, _ = consumer_app.communicate()
+        out = consumer_app.stdout.read()  # stderr belongs to the progress reader
+        consumer_app.wait()
         seconds = time.perf_counter() - started
         reader.join(timeout=5)
         result = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}

@@ -1,0 +1,55 @@
+"""The ``scistream`` command as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from scistream_prefect.cli import build_parser, parse_size
+
+
+def test_demo_json_streams_for_real_and_leaves_nothing(tmp_path):
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"))
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "scistream_prefect.cli", "demo", "--json", "--bytes", "96MiB",
+         "--num-conn", "3", "--port-base", "53600"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)  # stdout holds exactly one JSON object
+    assert summary["checksum_ok"] is True and summary["clean"] is True
+    assert summary["bytes"] == 96 * 2**20 and summary["num_conn"] == 3 and summary["tls"] is True
+    assert summary["leaked_processes"] == summary["held_ports"] == 0
+    assert summary["active_streams"] == summary["leftover_stream_dirs"] == 0
+    assert 0 < summary["setup_s"] < 60 and summary["throughput_gbit_s"] > 0
+    # Both proxies counted every byte.
+    assert [b["from_app"] + b["to_app"] for b in summary["proxy_bytes"]] == [96 * 2**20] * 2
+
+
+def test_help_describes_the_demo():
+    text = build_parser().format_help()
+    assert "demo" in text
+    proc = subprocess.run([sys.executable, "-m", "scistream_prefect.cli", "demo", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "--no-tls" in proc.stdout and "--json" in proc.stdout
+
+
+@pytest.mark.parametrize("text, value", [
+    ("1GiB", 2**30), ("256MiB", 256 * 2**20), ("500MB", 500 * 10**6), ("123", 123),
+    ("1.5GiB", int(1.5 * 2**30)),
+])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "1 parsec", "-5", "1e9"])
+def test_parse_size_refuses_nonsense(text):
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_size(text)
