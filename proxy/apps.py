@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         done = threading.Event()
         if args.progress:
             def report() -> None:
-                while not done.wait(1.0):
+                while not done.wait(0.5):
                     print(json.dumps({"progress": sum(progress),
                                       "seconds": time.perf_counter() - started}),
                           file=sys.stderr, flush=True)

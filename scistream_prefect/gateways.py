@@ -24,7 +24,9 @@ from typing import Protocol, runtime_checkable
 from prefect.blocks.core import Block
 from pydantic import Field
 
-from scistream_gateway.errors import Timeout, Unavailable, error_from_wire
+from globus_compute_sdk.errors import SerializationError
+
+from scistream_gateway.errors import BadFormat, Timeout, Unavailable, error_from_wire
 from scistream_gateway.settings import CONFIG_ENV, GatewaySettings
 
 __all__ = ["Gateway", "LocalGateway"]
@@ -86,7 +88,10 @@ class _Worker:
             self.proc.kill()
         self.proc.wait()
         for pipe in (self.proc.stdin, self.proc.stdout):
-            pipe.close()
+            try:
+                pipe.close()
+            except OSError:  # unflushed bytes to a dead worker
+                pass
 
 
 class _WorkerPool:
@@ -231,11 +236,14 @@ class LocalGateway(Block):
         from scistream_gateway.local_worker import make_serializer
 
         serializer = make_serializer()
-        payload = serializer.pack_buffers([
-            serializer.serialize(ALL[function]),
-            serializer.serialize((request,)),
-            serializer.serialize({}),
-        ])
+        try:
+            payload = serializer.pack_buffers([
+                serializer.serialize(ALL[function]),
+                serializer.serialize((request,)),
+                serializer.serialize({}),
+            ])
+        except SerializationError as exc:
+            raise BadFormat(f"{function} request does not serialize: {exc}") from None
         timeout = self.call_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
         pool = self._pool()

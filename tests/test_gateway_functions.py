@@ -286,15 +286,20 @@ def test_broken_settings_are_a_server_error_naming_the_file(tmp_path, monkeypatc
     assert str(path) in reply["error"]["message"] and "port_range" in reply["error"]["message"]
 
 
-def test_hello_key_never_appears_in_gateway_files(gateways, producer_app):
-    """The key reaches the gateway only in hello; it must not be written anywhere."""
+def test_hello_key_is_never_written_or_recorded(gateways, producer_app):
+    """The key reaches a gateway only in hello: not in gateway files, not in Prefect's
+    records of the runs, not in logs."""
+    from prefect.blocks.system import Secret
+
     from scistream_prefect import open_stream, release_stream
 
     producer, consumer = gateways
     app = producer_app(1, 1024)
     key = secrets.token_urlsafe(32)
+    Secret(value=key).save("test-hello-key", overwrite=True)
     handle = open_stream(producer, consumer, num_conn=1, app_listeners=app.listeners,
-                         uid=str(uuid.uuid4()), hello_key=key)
+                         uid=str(uuid.uuid4()), hello_key_block="test-hello-key")
+    assert handle.hello_key.get_secret_value() == key
     try:
         for gw in (producer, consumer):
             for path in gw.settings.state_dir.rglob("*"):
@@ -302,3 +307,17 @@ def test_hello_key_never_appears_in_gateway_files(gateways, producer_app):
                     assert key.encode() not in path.read_bytes(), path
     finally:
         release_stream(producer, consumer, handle.uid)
+    assert key not in repr(handle) and key not in handle.model_dump_json()
+    # Nor in what Prefect recorded: the flow run's parameters, task runs, logs.
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        runs = [r for r in client.read_flow_runs() if r.parameters.get("uid") == handle.uid]
+        leaked = [r.model_dump_json() for r in runs if key in r.model_dump_json()]
+        assert runs and not leaked, leaked[0][:3000] if leaked else ""
+        opened = [r for r in runs if "hello_key_block" in r.parameters]  # not release-stream
+        assert [r.parameters["hello_key_block"] for r in opened] == ["test-hello-key"]
+        tasks = client.read_task_runs()
+        logs = client.read_logs()
+    assert tasks and all(key not in t.model_dump_json() for t in tasks)
+    assert all(key not in log.message for log in logs)

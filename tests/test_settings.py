@@ -50,3 +50,9 @@ def test_addresses_accepted(text, parsed):
 def test_addresses_refused(text):
     with pytest.raises(BadFormat):
         parse_address(text, "x")
+
+
+def test_the_shipped_example_is_valid():
+    example = Path(__file__).parent.parent / "endpoint_configs" / "gateway.example.toml"
+    settings = GatewaySettings.from_toml(example)
+    assert settings.backend == "native" and settings.port_min == 50000

@@ -13,6 +13,7 @@ import time
 import uuid
 
 from prefect import flow, get_run_logger
+from prefect.blocks.system import Secret
 from prefect.futures import wait
 from pydantic import BaseModel, Field, SecretStr
 
@@ -49,13 +50,15 @@ class StreamHandle(BaseModel):
 
 
 def _key_and_uid(uid: str | None, hello_key: SecretStr | str | None,
-                 app_listeners: list[str] | None) -> tuple[str, str]:
+                 app_listeners: list[str] | None) -> tuple[str, SecretStr]:
     if app_listeners is None and (uid is None or hello_key is None):
         raise BadFormat("give app_listeners (the flow sends the producer's hello), or the uid "
-                        "and hello_key the producer's controller will use for its own hello")
-    if isinstance(hello_key, SecretStr):
-        hello_key = hello_key.get_secret_value()
-    return uid or str(uuid.uuid4()), hello_key or secrets.token_urlsafe(32)
+                        "and hello key the producer's controller will use for its own hello")
+    if hello_key is None:
+        hello_key = SecretStr(secrets.token_urlsafe(32))
+    elif isinstance(hello_key, str):
+        hello_key = SecretStr(hello_key)
+    return uid or str(uuid.uuid4()), hello_key
 
 
 def setup_stream(
@@ -122,7 +125,7 @@ def setup_stream(
         listeners=cons["listeners"], producer_listeners=prod["listeners"], app_listeners=app,
         tls=tls, producer_fingerprint=prod["cert_fingerprint"],
         consumer_fingerprint=cons["cert_fingerprint"],
-        setup_s=time.perf_counter() - started, hello_key=SecretStr(key),
+        setup_s=time.perf_counter() - started, hello_key=key,
     )
 
 
@@ -143,19 +146,22 @@ def open_stream(
     rate: int = 0,
     app_listeners: list[str] | None = None,
     uid: str | None = None,
-    hello_key: SecretStr | None = None,
+    hello_key_block: str | None = None,
     tls: bool = True,
     lease_s: int | None = None,
     hello_timeout_s: float = 300.0,
 ) -> StreamHandle:
     """Open a SciStream stream: reserve both ends, hello, connect both ends.
 
-    See :func:`setup_stream` for the parameters. The hello key travels as a secret
-    and is never logged.
+    See :func:`setup_stream` for the parameters. A flow's parameters are recorded as
+    given, so the hello key is never one: ``hello_key_block`` names a Prefect
+    ``Secret`` block that holds it (for a producer controller that sends its own
+    hello); without it the flow generates a key, returned only inside the handle.
 
     Example:
         ```python
         from prefect import flow, get_run_logger
+from prefect.blocks.system import Secret
         from scistream_prefect import LocalGateway, open_stream, release_stream
 
         @flow
@@ -167,6 +173,9 @@ def open_stream(
             release_stream(prod, cons, handle.uid)
         ```
     """
+    hello_key = None
+    if hello_key_block is not None:
+        hello_key = SecretStr(Secret.load(hello_key_block).get())
     return setup_stream(
         producer, consumer, num_conn=num_conn, rate=rate, app_listeners=app_listeners, uid=uid,
         hello_key=hello_key, tls=tls, lease_s=lease_s, hello_timeout_s=hello_timeout_s,

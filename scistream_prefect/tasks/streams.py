@@ -12,6 +12,7 @@ import time
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from pydantic import SecretStr
 
 from scistream_gateway.errors import Timeout
 from scistream_prefect.gateways import Gateway
@@ -27,9 +28,14 @@ __all__ = [
 ]
 
 
+def _reveal(key: SecretStr | str) -> str:
+    # Keys travel between tasks as SecretStr, so no record of a task run can show them.
+    return key.get_secret_value() if isinstance(key, SecretStr) else key
+
+
 @task(name="reserve-gateway-ports", cache_policy=NO_CACHE)
 def reserve_gateway_ports(
-    gateway: Gateway, uid: str, role: str, num_conn: int, hello_key: str,
+    gateway: Gateway, uid: str, role: str, num_conn: int, hello_key: SecretStr | str,
     rate: int = 0, lease_s: int | None = None,
 ) -> dict:
     """Reserve ``num_conn`` ports on one gateway and start its proxy for stream ``uid``.
@@ -53,7 +59,7 @@ def reserve_gateway_ports(
         ```
     """
     request = {"uid": uid, "role": role, "num_conn": num_conn, "rate": rate,
-               "key_sha256": hashlib.sha256(hello_key.encode()).hexdigest()}
+               "key_sha256": hashlib.sha256(_reveal(hello_key).encode()).hexdigest()}
     if lease_s is not None:
         request["lease_s"] = lease_s
     return gateway.call("reserve", request)
@@ -61,14 +67,14 @@ def reserve_gateway_ports(
 
 @task(name="send-app-hello", cache_policy=NO_CACHE)
 def send_app_hello(
-    gateway: Gateway, uid: str, hello_key: str, role: str,
+    gateway: Gateway, uid: str, hello_key: SecretStr | str, role: str,
     app_listeners: list[str] | None = None,
 ) -> dict:
     """Send an app controller's hello: the producer gives where its app listens.
 
     Returns the gateway's ``listeners`` (for a consumer: where its app connects).
     """
-    request = {"uid": uid, "key": hello_key, "role": role}
+    request = {"uid": uid, "key": _reveal(hello_key), "role": role}
     if app_listeners is not None:
         request["app_listeners"] = list(app_listeners)
     return gateway.call("hello", request)
