@@ -170,8 +170,13 @@ def _abort(*socks: socket.socket) -> None:
             pass
 
 
-def _finish(src: socket.socket, dst: socket.socket) -> None:
-    """src said end-of-data and all of it reached dst: end dst, drain, close both."""
+def _finish(src: socket.socket, dst: socket.socket, delivered: bool) -> None:
+    """src said end-of-data and all of it reached dst: end dst, drain, close both.
+
+    Draining dst (reading until it closes) keeps a reset from destroying bytes we
+    delivered that it has not read yet; if we delivered nothing, a plain dst is cut
+    at once, so a sender learns promptly that its receiver went away.
+    """
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     if isinstance(src, ssl.SSLSocket):
         try:  # answer the peer's close_notify
@@ -184,6 +189,8 @@ def _finish(src: socket.socket, dst: socket.socket) -> None:
             # Sends close_notify, then reads (discarding) until the peer's arrives.
             dst.settimeout(DRAIN_TIMEOUT_S)
             dst.unwrap()
+        elif not delivered:
+            _abort(dst)
         else:
             dst.shutdown(socket.SHUT_WR)
             dst.settimeout(DRAIN_TIMEOUT_S)
@@ -217,7 +224,7 @@ def relay(a: socket.socket, b: socket.socket, bucket: TokenBucket | None) -> tup
                 if half.finished:
                     a.setblocking(True)
                     b.setblocking(True)
-                    _finish(half.src, half.dst)
+                    _finish(half.src, half.dst, delivered=half.moved > 0)
                     return ab.moved, ba.moved
             wanted: dict[socket.socket, int] = {a: 0, b: 0}
             for half in (ab, ba):

@@ -181,3 +181,27 @@ def test_rate_limit_is_enforced(gateways, producer_app):
     # Limits are lower bounds on time whatever the machine's load: 4 MiB at 2 MB/s
     # takes 2.1 s, less the 0.2 s burst each proxy may start with.
     assert elapsed >= 1.5, elapsed
+
+
+def test_a_consumer_that_hangs_up_stops_the_producer_promptly(gateways, producer_app):
+    """The consumer's end travels back to a producer that is still sending, well
+    before the drain timeout that protects delivered bytes: over a TLS hop with data in
+    flight it arrives as a reset, and the producer app sees it as one."""
+    from scistream_proxy.native import DRAIN_TIMEOUT_S
+
+    producer, consumer = gateways
+    app = producer_app(1, 1 << 34)
+    handle = open_stream(producer, consumer, num_conn=1, app_listeners=app.listeners)
+    try:
+        with socket.create_connection(_host_port(handle.listeners[0]), timeout=30) as sock:
+            assert len(sock.recv(65536)) > 0
+            # A clean end from the consumer (a close with unread data would be a reset,
+            # which the proxies pass on at once anyway).
+            sock.shutdown(socket.SHUT_WR)
+            hung_up = time.monotonic()
+            sent = app.result(timeout=DRAIN_TIMEOUT_S * 3)
+            stopped_after = time.monotonic() - hung_up
+    finally:
+        release_stream(producer, consumer, handle.uid)
+    assert "error" in sent[0]  # the producer app saw its receiver go, not a clean finish
+    assert stopped_after < DRAIN_TIMEOUT_S - 2, stopped_after
