@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from scistream_prefect import LocalGateway  # noqa: E402
+from scistream_proxy.leaks import proxy_pids  # noqa: E402
 
 # Each gateway a test creates gets its own 40-port slice of this range.
 _PORT_SLICES = itertools.count(52000, 40)
@@ -31,23 +31,6 @@ _PORT_SLICES = itertools.count(52000, 40)
 def prefect_harness():
     with prefect_test_harness(server_startup_timeout=120):
         yield
-
-
-def proxy_pids_under(root: Path) -> list[int]:
-    """Pids of native proxy daemons whose stream directory lies under ``root``."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"scistream_proxy.native_daemon" in cmdline and any(
-            arg.startswith(str(root).encode()) for arg in cmdline
-        ):
-            pids.append(int(proc.name))
-    return pids
 
 
 def make_gateway(root: Path, name: str, size: int = 40, **settings) -> LocalGateway:
@@ -60,7 +43,7 @@ def make_gateway(root: Path, name: str, size: int = 40, **settings) -> LocalGate
 def gateway_root(tmp_path: Path):
     """A directory for a test's gateways; afterwards no proxy of theirs may still run."""
     yield tmp_path
-    leaked = proxy_pids_under(tmp_path)
+    leaked = proxy_pids(under=tmp_path)
     for pid in leaked:
         os.kill(pid, 9)
     assert not leaked, f"proxy processes left running: {leaked}"
@@ -70,17 +53,6 @@ def gateway_root(tmp_path: Path):
 def gateways(gateway_root: Path) -> tuple[LocalGateway, LocalGateway]:
     """A producer-side and a consumer-side local gateway on loopback."""
     return make_gateway(gateway_root, "prod-gw"), make_gateway(gateway_root, "cons-gw")
-
-
-def port_is_free(address: str) -> bool:
-    host, _, port = address.rpartition(":")
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, int(port)))
-        except OSError:
-            return False
-    return True
 
 
 APPS = [sys.executable, "-m", "scistream_proxy.apps"]

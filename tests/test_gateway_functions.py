@@ -22,7 +22,8 @@ from scistream_prefect import (
 )
 from scistream_proxy.process import ProcessIdentity
 
-from conftest import make_gateway, port_is_free
+from conftest import make_gateway
+from scistream_proxy.leaks import port_is_free
 
 
 def reserve(gw, role="PROD", num_conn=2, key="k" * 43, uid=None, **extra):

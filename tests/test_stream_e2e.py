@@ -6,9 +6,9 @@ import pytest
 
 from scistream_prefect import open_stream, release_stream
 from scistream_prefect.tasks.streams import get_stream_status
-from scistream_proxy.process import ProcessIdentity
 
-from conftest import port_is_free, run_consumer
+from conftest import run_consumer
+from scistream_proxy.leaks import port_is_free, runs_a_proxy
 
 MIB = 1 << 20
 
@@ -48,7 +48,7 @@ def test_stream_carries_checksummed_data(gateways, producer_app, tls):
     assert cons_status["connections"]["failed"] == 0
     # Released: processes gone, ports bindable.
     for status in ends:
-        assert ProcessIdentity.of(status["pid"]) is None or not _is_proxy(status["pid"])
+        assert not runs_a_proxy(status["pid"])
     for address in handle.listeners + handle.producer_listeners:
         assert port_is_free(address), address
 
@@ -66,11 +66,3 @@ def test_connections_round_robin_over_app_listeners(gateways, producer_app):
     assert code == 0
     assert _digests(received) == _digests(apps[0].result() + apps[1].result())
 
-
-def _is_proxy(pid: int) -> bool:
-    from pathlib import Path
-
-    try:
-        return b"scistream_proxy" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,22 +23,11 @@ from prefect import flow
 from scistream_prefect.flows.streams import setup_stream, teardown_stream
 from scistream_prefect.gateways import LocalGateway
 from scistream_prefect.tasks.streams import get_stream_status
-from scistream_proxy.process import ProcessIdentity
+from scistream_proxy.leaks import port_is_free, runs_a_proxy
 
 __all__ = ["run_demo", "stream_demo"]
 
 APPS = [sys.executable, "-m", "scistream_proxy.apps"]
-
-
-def _port_is_free(address: str) -> bool:
-    host, _, port = address.rpartition(":")
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, int(port)))
-        except OSError:
-            return False
-    return True
 
 
 def _read_progress(stream, on_progress: Callable[[int, float], None]) -> None:
@@ -150,10 +138,8 @@ def run_demo(
     total_received = sum(r.get("bytes", 0) for r in received)
     # Leak check: the proxies that ran are gone, their ports bind again, no stream is
     # active and no per-stream directory (keys, configs) is left on either gateway.
-    leaked_processes = [p["pid"] for p in run["proxies"]
-                        if p["pid"] and ProcessIdentity.of(p["pid"]) is not None
-                        and _cmdline_is_proxy(p["pid"])]
-    held_ports = [a for a in run["listeners"] if not _port_is_free(a)]
+    leaked_processes = [p["pid"] for p in run["proxies"] if p["pid"] and runs_a_proxy(p["pid"])]
+    held_ports = [a for a in run["listeners"] if not port_is_free(a)]
     infos = [gw.call("gateway_info", {}) for gw in (producer, consumer)]
     leftover_dirs = [str(p) for gw in (producer, consumer)
                      for p in (gw.settings.state_dir / "streams").iterdir()]
@@ -179,10 +165,3 @@ def run_demo(
         shutil.rmtree(root, ignore_errors=True)
     return summary
 
-
-def _cmdline_is_proxy(pid: int) -> bool:
-    """Whether ``pid`` still runs a SciStream proxy (and is not an unrelated reuse)."""
-    try:
-        return b"scistream_proxy" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False

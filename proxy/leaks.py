@@ -1,0 +1,45 @@
+"""Checks that a released stream left nothing behind on this host: ports, proxies."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+__all__ = ["port_is_free", "proxy_pids", "runs_a_proxy"]
+
+
+def port_is_free(address: str) -> bool:
+    """Whether ``host:port`` can be bound again (as a server would, with SO_REUSEADDR)."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, int(port)))
+        except OSError:
+            return False
+    return True
+
+
+def _cmdline(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+def runs_a_proxy(pid: int) -> bool:
+    """Whether ``pid`` is (still) a native proxy daemon."""
+    return b"scistream_proxy.native_daemon" in _cmdline(pid)
+
+
+def proxy_pids(under: Path | None = None) -> list[int]:
+    """Pids of native proxy daemons, optionally only those whose stream directory is
+    below ``under``."""
+    prefix = str(under).encode() if under is not None else b""
+    return [
+        int(proc.name) for proc in Path("/proc").iterdir()
+        if proc.name.isdigit() and runs_a_proxy(int(proc.name))
+        and any(arg.startswith(prefix) for arg in _cmdline(int(proc.name))[1:])
+    ]
