@@ -18,6 +18,7 @@ from typing import Iterator
 __all__ = ["ACTIVE_STATES", "Store", "StreamRow"]
 
 ACTIVE_STATES = ("RESERVED", "HELLO", "CONNECTED", "FAILED")
+SCHEMA_VERSION = 1  # PRAGMA user_version; the schema is written once per database
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS streams (
@@ -94,10 +95,12 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
-        with self.transaction():  # executescript() would commit on its own
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    self.db.execute(statement)
+        if self.db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+            with self.transaction():  # executescript() would commit on its own
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self.db.execute(statement)
+                self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
         self.db.close()

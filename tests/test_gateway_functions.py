@@ -322,3 +322,22 @@ def test_hello_key_is_never_written_or_recorded(gateways, producer_app):
         logs = client.read_logs()
     assert tasks and all(key not in t.model_dump_json() for t in tasks)
     assert all(key not in log.message for log in logs)
+
+
+def test_concurrent_reserves_never_share_a_port(gateway_root):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from scistream_prefect import LocalGateway
+
+    gw = make_gateway(gateway_root, "busy-gw")
+    busy = LocalGateway(settings_path=gw.settings_path, workers=4)
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda _: reserve(busy, num_conn=4), range(8)))
+    try:
+        ports = [a for _, _, r in replies for a in r["listeners"]]
+        assert len(ports) == len(set(ports)) == 32
+        info = busy.call("gateway_info", {})
+        assert info["active_streams"] == 8 and info["free_ports"] == 8
+    finally:
+        for uid, _, _ in replies:
+            busy.call("release", {"uid": uid})
