@@ -58,7 +58,6 @@ class _Worker:
             )
         finally:
             os.close(log_fd)
-        self.ready = False
 
     def call(self, payload: str | None, deadline: float) -> str:
         """Send one frame (None: only wait for the ready frame) and read the reply."""
@@ -116,7 +115,6 @@ class _WorkerPool:
         try:
             worker = _Worker(self.settings, self.settings_path)
             worker.call(None, deadline)  # the ready frame: imports are done
-            worker.ready = True
             return worker
         except BaseException:
             with self.cond:
@@ -144,7 +142,7 @@ class _WorkerPool:
 
 # Pools are per client process and per gateway, created where they are used (never
 # pickled into a task parameter) and closed at exit.
-_POOLS: dict[tuple[int, str], _WorkerPool] = {}
+_POOLS: dict[tuple[int, str, int], _WorkerPool] = {}
 _POOLS_LOCK = threading.Lock()
 
 
@@ -223,7 +221,7 @@ class LocalGateway(Block):
         return f"local:{self.settings.name}"
 
     def _pool(self) -> _WorkerPool:
-        key = (os.getpid(), str(self.settings_path))
+        key = (os.getpid(), str(self.settings_path), self.workers)
         with _POOLS_LOCK:
             pool = _POOLS.get(key)
             if pool is None:
@@ -247,18 +245,21 @@ class LocalGateway(Block):
         timeout = self.call_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
         pool = self._pool()
-        worker = pool.acquire(deadline)
-        healthy = False
+        worker, healthy = None, False
         try:
+            worker = pool.acquire(deadline)
             packed = worker.call(payload, deadline)
             healthy = True
         except FutureTimeout:
             raise Timeout(f"{function} on {self.label} did not finish in {timeout} s") from None
         except OSError as exc:
-            raise Unavailable(f"a worker of {self.label} died during {function}: {exc}") from None
+            log = pool.settings.state_dir / "workers.log"
+            raise Unavailable(f"a worker of {self.label} died during {function}: {exc}"
+                              f" (see {log})") from None
         finally:
             # A worker that timed out is killed: its call is abandoned, not left running.
-            pool.release(worker, healthy)
+            if worker is not None:
+                pool.release(worker, healthy)
         reply = serializer.deserialize(packed)
         error = error_from_wire(reply)
         if error is not None:

@@ -16,7 +16,7 @@ from conftest import make_gateway
 
 
 def _workers(gw) -> list:
-    pool = _POOLS[(os.getpid(), str(gw.settings_path))]
+    pool = _POOLS[(os.getpid(), str(gw.settings_path), gw.workers)]
     return list(pool.idle)
 
 
