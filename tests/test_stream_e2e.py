@@ -66,3 +66,19 @@ def test_connections_round_robin_over_app_listeners(gateways, producer_app):
     assert code == 0
     assert _digests(received) == _digests(apps[0].result() + apps[1].result())
 
+
+
+def test_a_failed_setup_releases_the_end_that_succeeded(gateway_root, producer_app):
+    from conftest import make_gateway
+    from scistream_prefect import NoResource
+
+    producer = make_gateway(gateway_root, "roomy-gw")
+    consumer = make_gateway(gateway_root, "tiny-gw", size=1)
+    app = producer_app(2, 1024)
+    with pytest.raises(NoResource, match="exhausted"):
+        open_stream(producer, consumer, num_conn=2, app_listeners=app.listeners)
+    for gw in (producer, consumer):
+        info = gw.call("gateway_info", {})
+        assert info["active_streams"] == 0
+        assert list((gw.settings.state_dir / "streams").iterdir()) == []
+    # gateway_root's check: no proxy process of either gateway is left.

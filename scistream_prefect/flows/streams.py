@@ -97,8 +97,8 @@ def setup_stream(
                "lease_s": lease_s}
     futures = [reserve_gateway_ports.submit(producer, role="PROD", **reserve),
                reserve_gateway_ports.submit(consumer, role="CONS", **reserve)]
-    wait(futures)
     try:
+        wait(futures)
         prod, cons = (f.result() for f in futures)
         if app_listeners is not None:
             send_app_hello(producer, uid, key, "PROD", app_listeners)
