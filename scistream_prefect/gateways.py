@@ -101,31 +101,50 @@ class _WorkerPool:
         self.settings = GatewaySettings.from_toml(settings_path)
         self.size = size
         self.idle: list[_Worker] = []
-        self.count = 0
+        self.busy: set[_Worker] = set()
+        self.count = 0  # idle + busy + starting
         self.cond = threading.Condition()
 
     def acquire(self, deadline: float) -> _Worker:
+        dead: list[_Worker] = []
         with self.cond:
-            while not self.idle and self.count >= self.size:
+            while True:
+                # A worker that died while idle (OOM killer, an operator) is replaced,
+                # not handed out to fail the next call.
+                while self.idle and self.idle[-1].proc.poll() is not None:
+                    dead.append(self.idle.pop())
+                    self.count -= 1
+                if self.idle:
+                    worker = self.idle.pop()
+                    self.busy.add(worker)
+                    break
+                if self.count < self.size:
+                    self.count += 1
+                    worker = None
+                    break
                 if not self.cond.wait(max(0.0, deadline - time.monotonic())):
                     raise FutureTimeout()
-            if self.idle:
-                return self.idle.pop()
-            self.count += 1
+        for corpse in dead:
+            corpse.close()
+        if worker is not None:
+            return worker
         try:
             worker = _Worker(self.settings, self.settings_path)
             worker.call(None, deadline)  # the ready frame: imports are done
-            return worker
         except BaseException:
             with self.cond:
                 self.count -= 1
                 self.cond.notify()
             raise
+        with self.cond:
+            self.busy.add(worker)
+        return worker
 
     def release(self, worker: _Worker, healthy: bool) -> None:
         if not healthy:
             worker.close()
         with self.cond:
+            self.busy.discard(worker)
             if healthy:
                 self.idle.append(worker)
             else:

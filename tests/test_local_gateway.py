@@ -15,9 +15,8 @@ from scistream_prefect.gateways import _POOLS
 from conftest import make_gateway
 
 
-def _workers(gw) -> list:
-    pool = _POOLS[(os.getpid(), str(gw.settings_path), gw.workers)]
-    return list(pool.idle)
+def _pool(gw):
+    return _POOLS[(os.getpid(), str(gw.settings_path), gw.workers)]
 
 
 def test_a_call_that_outlives_its_timeout_is_killed_and_the_gateway_recovers(gateway_root):
@@ -35,21 +34,46 @@ def test_a_call_that_outlives_its_timeout_is_killed_and_the_gateway_recovers(gat
     assert gw.call("gateway_info", {})["active_streams"] == 0
 
 
-def test_a_worker_that_dies_is_unavailable_then_replaced(gateway_root):
+def test_a_worker_that_dies_idle_is_replaced_transparently(gateway_root):
     gw = make_gateway(gateway_root, "fragile-gw", size=4)
     gw.warm_up()
-    for worker in _workers(gw):
+    old = [w.proc.pid for w in _pool(gw).idle]
+    for worker in _pool(gw).idle:
         worker.proc.kill()
         worker.proc.wait()
-    with pytest.raises(Unavailable, match="died"):
-        gw.call("gateway_info", {})
-    # The dead workers are dropped as they are found; fresh ones take over.
-    for _ in range(gw.workers):
-        try:
-            gw.call("gateway_info", {})
-        except Unavailable:
-            pass
     assert gw.call("gateway_info", {})["name"] == "fragile-gw"
+    assert not set(old) & {w.proc.pid for w in _pool(gw).idle}
+
+
+def test_a_worker_that_dies_during_a_call_is_unavailable(gateway_root):
+    import threading
+    import time
+
+    from test_gateway_functions import reserve
+
+    gw = make_gateway(gateway_root, "fragile-gw", size=4)
+    uid, _, _ = reserve(gw)
+    outcome: list[BaseException] = []
+
+    def long_poll() -> None:
+        try:
+            gw.call("wait_hello", {"uid": uid, "timeout_s": 10})
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            outcome.append(exc)
+
+    poller = threading.Thread(target=long_poll)
+    poller.start()
+    deadline = time.monotonic() + 10
+    while not _pool(gw).busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for worker in list(_pool(gw).busy):
+        worker.proc.kill()
+    poller.join(timeout=30)
+    assert len(outcome) == 1 and isinstance(outcome[0], Unavailable), outcome
+    assert "workers.log" in str(outcome[0])
+    # The gateway carries on with a fresh worker; its state was never touched.
+    assert gw.call("status", {"uid": uid})["state"] == "RESERVED"
+    gw.call("release", {"uid": uid})
 
 
 def test_works_from_a_script_without_a_main_guard(gateway_root, tmp_path):
@@ -77,3 +101,27 @@ def test_requests_really_cross_the_globus_compute_serializer(gateway_root):
     # Data the serializer carries but JSON would not is still refused by the gateway.
     with pytest.raises(BadFormat, match="uid"):
         gw.call("status", {"uid": {"not", "a", "string"}})
+
+
+def test_a_stream_outlives_the_workers_that_started_it(gateways, producer_app):
+    """Proxies are detached (own session, reparented): killing every worker process of
+    both gateways, as an endpoint restart would, does not touch a running stream."""
+    import signal
+
+    from scistream_prefect import open_stream, release_stream
+
+    from conftest import run_consumer
+
+    producer, consumer = gateways
+    app = producer_app(2, 32 << 20)
+    handle = open_stream(producer, consumer, num_conn=2, app_listeners=app.listeners)
+    try:
+        for gw in (producer, consumer):
+            for worker in _pool(gw).idle:
+                os.killpg(worker.proc.pid, signal.SIGKILL)
+                worker.proc.wait()
+        code, received = run_consumer(handle.listeners)
+        assert code == 0 and sum(r["bytes"] for r in received) == 32 << 20
+        assert sorted(r["sha256"] for r in received) == sorted(r["sha256"] for r in app.result())
+    finally:
+        release_stream(producer, consumer, handle.uid)
