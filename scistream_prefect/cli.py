@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-conn", type=int, default=4, help="parallel connections (default 4)")
     demo.add_argument("--no-tls", dest="tls", action="store_false",
                       help="turn OFF encryption between the gateways")
-    demo.add_argument("--port-base", type=int, default=51000,
+    demo.add_argument("--port-base", type=int, default=31000,
                       help="gateway ports: producer base..base+99, consumer base+100..base+199")
     demo.add_argument("--json", action="store_true",
                       help="print the summary as one JSON object (no progress)")

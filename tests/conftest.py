@@ -23,8 +23,9 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from scistream_prefect import LocalGateway  # noqa: E402
 from scistream_proxy.leaks import proxy_pids  # noqa: E402
 
-# Each gateway a test creates gets its own 40-port slice of this range.
-_PORT_SLICES = itertools.count(52000, 40)
+# Each gateway a test creates gets its own 40-port slice, below the kernel's ephemeral
+# range (32768-60999), so no outgoing connection can take a port a test expects free.
+_PORT_SLICES = itertools.count(22000, 40)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -17,7 +17,7 @@ def test_demo_json_streams_for_real_and_leaves_nothing(tmp_path):
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.run(
         [sys.executable, "-m", "scistream_prefect.cli", "demo", "--json", "--bytes", "96MiB",
-         "--num-conn", "3", "--port-base", "53600"],
+         "--num-conn", "3", "--port-base", "30600"],
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

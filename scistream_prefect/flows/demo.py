@@ -99,7 +99,7 @@ def run_demo(
     total_bytes: int = 1 << 30,
     num_conn: int = 4,
     tls: bool = True,
-    port_base: int = 51000,
+    port_base: int = 31000,
     show_progress: bool = True,
     keep: bool = False,
 ) -> dict:
