@@ -30,6 +30,7 @@ demo: $(DEMO_STAMP)
 	$(BIN)/scistream demo
 
 test: $(TEST_STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

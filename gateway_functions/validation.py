@@ -99,7 +99,8 @@ class Request:
 
     def number(self, field: str, low: float, high: float, default: float) -> float:
         value = self.raw.get(field, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not is_number or not low <= value <= high:
             raise BadFormat(f"{field} must be a number in [{low}, {high}]")
         return float(value)
 

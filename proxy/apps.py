@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     prod.add_argument("--connections", type=int, default=1, help="connections to accept")
     prod.add_argument("--bytes", type=int, required=True, help="total bytes over all connections")
     cons = sub.add_parser("consumer", help="connect to listeners and read to the end")
-    cons.add_argument("listeners", nargs="+", help="host:port of each listener, one connection each")
+    cons.add_argument("listeners", nargs="+",
+                      help="host:port of each listener, one connection each")
     cons.add_argument("--progress", action="store_true", help="print bytes so far to stderr")
     cons.add_argument("--timeout", type=float, default=60.0, help="seconds a read may stall")
     args = parser.parse_args(argv)
