@@ -20,6 +20,18 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
+def _int_in(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer in [{low}, {high}]")
+        return value
+    return parse
+
+
 def _prefect_defaults() -> None:
     """Settings the embedded Prefect server needs here, unless the user chose otherwise."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -65,14 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start two local gateways, a producer app and a consumer app; open a "
         "stream with a Prefect flow, move the data through both proxies (TLS between them), "
         "verify checksums, release, and check that nothing is left. Exits 1 if the "
-        "checksums differ or anything leaked.",
+        "checksums differ or anything leaked, 2 on a bad argument or a gateway error.",
     )
     demo.add_argument("--bytes", type=parse_size, default=2**30,
                       help="data to send (default 1GiB; e.g. 256MiB)")
-    demo.add_argument("--num-conn", type=int, default=4, help="parallel connections (default 4)")
+    demo.add_argument("--num-conn", type=_int_in(1, 64), default=4,
+                      help="parallel connections (default 4)")
     demo.add_argument("--no-tls", dest="tls", action="store_false",
                       help="turn OFF encryption between the gateways")
-    demo.add_argument("--port-base", type=int, default=31000,
+    demo.add_argument("--port-base", type=_int_in(1024, 65535 - 199), default=31000,
                       help="gateway ports: producer base..base+99, consumer base+100..base+199")
     demo.add_argument("--json", action="store_true",
                       help="print the summary as one JSON object (no progress)")
@@ -84,7 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _prefect_defaults()
-    return args.handler(args)
+    from scistream_gateway.errors import SciStreamError
+
+    try:
+        return args.handler(args)
+    except SciStreamError as exc:  # expected failures: a message with its code, no traceback
+        print(f"scistream {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

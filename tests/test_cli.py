@@ -53,3 +53,39 @@ def test_parse_size_refuses_nonsense(text):
 
     with pytest.raises(argparse.ArgumentTypeError):
         parse_size(text)
+
+
+@pytest.mark.parametrize("args", [["--num-conn", "0"], ["--num-conn", "many"],
+                                  ["--port-base", "65500"], ["--bytes", "lots"]])
+def test_demo_refuses_bad_arguments_without_a_traceback(args):
+    proc = subprocess.run([sys.executable, "-m", "scistream_prefect.cli", "demo", *args],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "usage:" in proc.stderr
+
+
+def test_demo_reports_a_gateway_error_with_its_code(tmp_path):
+    """Every port of the producer gateway's range is taken: NO_RESOURCE, exit 2."""
+    import socket
+
+    base = 30300
+    held = []
+    for port in range(base, base + 100):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", port))
+        sock.listen(1)
+        held.append(sock)
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "scistream_prefect.cli", "demo", "--bytes", "1MiB",
+             "--port-base", str(base)],
+            capture_output=True, text=True, timeout=300, env=env,
+        )
+    finally:
+        for sock in held:
+            sock.close()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    # Our verdict is one line (Prefect's server may still log its shutdown after it).
+    verdict = "scistream demo: NO_RESOURCE: port range 30300-30399 on 127.0.0.1 exhausted"
+    assert any(line.startswith(verdict) for line in proc.stderr.splitlines()), proc.stderr[-2000:]

@@ -105,6 +105,16 @@ def run_demo(
 ) -> dict:
     """Run the whole demo and return its summary (see ``scistream demo --help``)."""
     root = Path(tempfile.mkdtemp(prefix="scistream-demo-"))
+    try:
+        return _run_demo_in(root, total_bytes=total_bytes, num_conn=num_conn, tls=tls,
+                            port_base=port_base, show_progress=show_progress, keep=keep)
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _run_demo_in(root: Path, *, total_bytes: int, num_conn: int, tls: bool, port_base: int,
+                 show_progress: bool, keep: bool) -> dict:
     producer = LocalGateway.create("demo-producer-gw", root / "producer-gw",
                                    port_range=(port_base, port_base + 99))
     consumer = LocalGateway.create("demo-consumer-gw", root / "consumer-gw",
@@ -161,7 +171,5 @@ def run_demo(
     }
     summary["clean"] = not (leaked_processes or held_ports or summary["active_streams"]
                             or leftover_dirs)
-    if not keep:
-        shutil.rmtree(root, ignore_errors=True)
     return summary
 
