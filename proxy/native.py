@@ -80,23 +80,35 @@ class TokenBucket:
 
 
 class Counters:
-    """Per-stream totals; each connection adds under one lock when it moves bytes."""
+    """Per-stream totals, live: running connections count what they moved so far."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.bytes_to_app = 0  # towards the app side (LAN)
+        self.bytes_to_app = 0  # of ended connections; live ones are in self.live
         self.bytes_from_app = 0
-        self.active = 0
+        self.live: set[tuple[_Half, _Half]] = set()  # (app -> peer, peer -> app)
         self.total = 0
         self.failed = 0
         self.last_error = ""
 
+    def track(self, halves: tuple[_Half, _Half]) -> None:
+        with self.lock:
+            self.live.add(halves)
+
+    def settle(self, halves: tuple[_Half, _Half]) -> None:
+        """A connection ended (cleanly or not): fold what it moved into the totals."""
+        with self.lock:
+            self.live.discard(halves)
+            self.bytes_from_app += halves[0].moved
+            self.bytes_to_app += halves[1].moved
+
     def snapshot(self) -> dict:
         with self.lock:
+            # `moved` is a plain int another thread rebinds: reading it needs no lock.
             return {
-                "bytes_to_app": self.bytes_to_app,
-                "bytes_from_app": self.bytes_from_app,
-                "connections_active": self.active,
+                "bytes_to_app": self.bytes_to_app + sum(h[1].moved for h in self.live),
+                "bytes_from_app": self.bytes_from_app + sum(h[0].moved for h in self.live),
+                "connections_active": len(self.live),
                 "connections_total": self.total,
                 "connections_failed": self.failed,
                 "last_error": self.last_error,
@@ -206,14 +218,16 @@ def _finish(src: socket.socket, dst: socket.socket, delivered: bool) -> None:
             pass
 
 
-def relay(a: socket.socket, b: socket.socket, bucket: TokenBucket | None) -> tuple[int, int]:
-    """Relay between ``a`` (app side) and ``b`` until one side ends; return bytes (a->b, b->a).
+def relay(a: socket.socket, b: socket.socket, bucket: TokenBucket | None,
+          counters: Counters) -> None:
+    """Relay between ``a`` (app side) and ``b`` until one side ends, counting bytes live.
 
     Raises whatever the sockets raise (reset, TLS truncation); the caller aborts.
     """
     a.setblocking(False)
     b.setblocking(False)
     ab, ba = _Half(a, b, bucket), _Half(b, a, bucket)
+    counters.track((ab, ba))
     sel = selectors.DefaultSelector()
     registered: dict[socket.socket, int] = {}
     try:
@@ -225,7 +239,7 @@ def relay(a: socket.socket, b: socket.socket, bucket: TokenBucket | None) -> tup
                     a.setblocking(True)
                     b.setblocking(True)
                     _finish(half.src, half.dst, delivered=half.moved > 0)
-                    return ab.moved, ba.moved
+                    return
             wanted: dict[socket.socket, int] = {a: 0, b: 0}
             for half in (ab, ba):
                 if half.wait is not None:
@@ -244,6 +258,7 @@ def relay(a: socket.socket, b: socket.socket, bucket: TokenBucket | None) -> tup
             sel.select()
     finally:
         sel.close()
+        counters.settle((ab, ba))
 
 
 class NativeProxy:
@@ -316,7 +331,6 @@ class NativeProxy:
     def _serve(self, index: int, inbound: socket.socket) -> None:
         c = self.counters
         with c.lock:
-            c.active += 1
             c.total += 1
         outbound = None
         try:
@@ -333,19 +347,13 @@ class NativeProxy:
                     outbound = self._secure(outbound, server_side=False)
                 app_side, peer_side = inbound, outbound
             outbound.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            from_app, to_app = relay(app_side, peer_side, self.bucket)
-            with c.lock:
-                c.bytes_from_app += from_app
-                c.bytes_to_app += to_app
+            relay(app_side, peer_side, self.bucket, c)
         except Exception as exc:  # noqa: BLE001 - any failure ends this connection only
             with c.lock:
                 c.failed += 1
                 c.last_error = f"connection {index}: {type(exc).__name__}: {exc}"
             print(c.last_error, file=sys.stderr, flush=True)
             _abort(*(s for s in (inbound, outbound) if s is not None))
-        finally:
-            with c.lock:
-                c.active -= 1
 
     def stop(self) -> None:
         """Mark the relay stopped; the process then exits and the kernel closes every

@@ -82,3 +82,25 @@ def test_a_failed_setup_releases_the_end_that_succeeded(gateway_root, producer_a
         assert info["active_streams"] == 0
         assert list((gw.settings.state_dir / "streams").iterdir()) == []
     # gateway_root's check: no proxy process of either gateway is left.
+
+
+def test_status_counts_bytes_while_the_stream_runs(gateways, producer_app):
+    import socket
+
+    producer, consumer = gateways
+    app = producer_app(1, 1 << 34)  # more than will be read
+    handle = open_stream(producer, consumer, num_conn=1, app_listeners=app.listeners)
+    try:
+        host, _, port = handle.listeners[0].rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            read = 0
+            while read < 8 * MIB:
+                read += len(sock.recv(MIB))
+            # Mid-transfer: both proxies already count at least what the app read.
+            for gw in (consumer, producer):
+                status = get_stream_status.fn(gw, handle.uid)
+                assert status["connections"]["active"] == 1
+                moved = status["bytes"]["to_app"] + status["bytes"]["from_app"]
+                assert moved >= read, (gw.label, status["bytes"], read)
+    finally:
+        release_stream(producer, consumer, handle.uid)
