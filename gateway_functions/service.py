@@ -173,9 +173,12 @@ class Gateway:
             if existing is not None:
                 same = (existing.role, existing.num_conn, existing.rate, existing.key_sha256) == (
                     role, num_conn, rate, key_sha256)
-                if same and existing.active:
+                if not existing.active:
+                    raise BadFormat(f"uid {uid} was already used on {s.name} "
+                                    f"({existing.state}); a new stream needs a new uid")
+                if same:
                     return self._reserve_reply(existing)
-                raise BadFormat(f"uid {uid} is already used on {s.name} "
+                raise BadFormat(f"uid {uid} is already reserved on {s.name} "
                                 f"({existing.state}) with other parameters")
             if s.rate_capacity and rate == 0:
                 raise NoResource(f"gateway {s.name} has a rate capacity of {s.rate_capacity}"

@@ -71,6 +71,8 @@ def test_reserve_is_idempotent_and_refuses_a_conflicting_repeat(gateways):
         assert producer.call("gateway_info", {})["active_streams"] == 1
     finally:
         producer.call("release", {"uid": uid})
+    with pytest.raises(BadFormat, match="needs a new uid"):
+        reserve(producer, uid=uid, key=key)
 
 
 def test_wrong_hello_key_is_auth_error_and_changes_nothing(gateways):
