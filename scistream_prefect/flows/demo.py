@@ -35,8 +35,9 @@ def _read_progress(stream, on_progress: Callable[[int, float], None]) -> None:
         try:
             message = json.loads(line)
         except ValueError:
+            print(line, end="", file=sys.stderr)  # the app's own complaint: pass it on
             continue
-        if "progress" in message:
+        if isinstance(message, dict) and "progress" in message:
             on_progress(message["progress"], message["seconds"])
 
 
