@@ -90,9 +90,16 @@ def spawn_detached(
         except subprocess.TimeoutExpired:
             starter.kill()
             starter.wait()
-    if message is None:
-        raise ProxyStartError(f"proxy did not report ready within {ready_timeout_s} s")
-    if "error" in message:
+    if message is None or "error" in message:
+        # The daemon forked from the starter keeps its process group (named by the
+        # starter's pid, which Linux does not reuse while the group has members), so
+        # this reaches a daemon that hangs before reporting, and nothing else.
+        try:
+            os.killpg(starter.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if message is None:
+            raise ProxyStartError(f"proxy did not report ready within {ready_timeout_s} s")
         raise ProxyStartError(str(message["error"]))
     identity = ProcessIdentity.of(int(message["pid"]))
     if identity is None:
