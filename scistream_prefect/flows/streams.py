@@ -160,8 +160,7 @@ def open_stream(
 
     Example:
         ```python
-        from prefect import flow, get_run_logger
-from prefect.blocks.system import Secret
+        from prefect import flow
         from scistream_prefect import LocalGateway, open_stream, release_stream
 
         @flow

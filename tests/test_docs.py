@@ -1,0 +1,47 @@
+"""The examples in docstrings and the README run as written (state under a temp dir)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from prefect import Flow
+
+import scistream_prefect
+from scistream_prefect.flows import streams as stream_flows
+from scistream_prefect.tasks import gateway as gateway_tasks
+from scistream_prefect.tasks import streams as stream_tasks
+
+README = Path(__file__).parent.parent / "README.md"
+_BLOCK = re.compile(r"```python\n(.*?)```", re.S)
+
+
+def _examples() -> list[tuple[str, str]]:
+    sources = {
+        "LocalGateway": scistream_prefect.LocalGateway.__doc__,
+        "get_gateway_info": gateway_tasks.get_gateway_info.__doc__,
+        "reserve_gateway_ports": stream_tasks.reserve_gateway_ports.__doc__,
+        "open_stream": stream_flows.open_stream.__doc__,
+        "README": README.read_text(),
+    }
+    found = []
+    for name, text in sources.items():
+        for code in _BLOCK.findall(text or ""):
+            lines = code.splitlines()
+            indent = min((len(line) - len(line.lstrip()) for line in lines if line.strip()),
+                         default=0)
+            found.append((name, "\n".join(line[indent:] for line in lines)))
+    return found
+
+
+@pytest.mark.parametrize("name, code", _examples(), ids=[n for n, _ in _examples()])
+def test_example_runs(name, code, tmp_path, gateway_root):
+    code = code.replace('"/tmp/', f'"{tmp_path}/')
+    namespace: dict = {"__name__": "example"}
+    exec(compile(code, f"<example {name}>", "exec"), namespace)
+    flows = [v for v in namespace.values()
+             if isinstance(v, Flow) and v.fn.__module__ == "example"]  # not the imported ones
+    assert flows, f"the example in {name} defines no flow"
+    for example_flow in flows:
+        example_flow()
