@@ -9,6 +9,7 @@ import secrets
 import stat
 import time
 import uuid
+from contextlib import contextmanager
 
 import pytest
 
@@ -33,6 +34,16 @@ def reserve(gw, role="PROD", num_conn=2, key="k" * 43, uid=None, **extra):
     return uid, key, gw.call("reserve", request)
 
 
+@contextmanager
+def reserved(gw, **kwargs):
+    """A reservation released afterwards, whatever the test did."""
+    uid, key, reply = reserve(gw, **kwargs)
+    try:
+        yield uid, key, reply
+    finally:
+        gw.call("release", {"uid": uid})
+
+
 def test_gateway_info_describes_the_gateway(gateways):
     producer, _ = gateways
     info = producer.call("gateway_info", {})
@@ -43,8 +54,7 @@ def test_gateway_info_describes_the_gateway(gateways):
 
 def test_reserve_binds_ports_and_stores_only_the_key_hash(gateways):
     producer, _ = gateways
-    uid, key, reply = reserve(producer, num_conn=3)
-    try:
+    with reserved(producer, num_conn=3) as (uid, key, reply):
         assert len(reply["listeners"]) == 3
         assert len(reply["cert_fingerprint"]) == 64
         # The kernel holds the ports from reserve on, before any connect.
@@ -56,29 +66,23 @@ def test_reserve_binds_ports_and_stores_only_the_key_hash(gateways):
         assert stat.S_IMODE(stream_dir.stat().st_mode) == 0o700
         assert stat.S_IMODE((stream_dir / "key.pem").stat().st_mode) == 0o600
         assert producer.call("gateway_info", {})["free_ports"] == 37
-    finally:
-        producer.call("release", {"uid": uid})
 
 
 def test_reserve_is_idempotent_and_refuses_a_conflicting_repeat(gateways):
     producer, _ = gateways
-    uid, key, first = reserve(producer)
-    try:
+    with reserved(producer) as (uid, key, first):
         _, _, again = reserve(producer, uid=uid, key=key)
         assert again == first
         with pytest.raises(BadFormat, match="other parameters"):
             reserve(producer, uid=uid, key=key, num_conn=3)
         assert producer.call("gateway_info", {})["active_streams"] == 1
-    finally:
-        producer.call("release", {"uid": uid})
     with pytest.raises(BadFormat, match="needs a new uid"):
         reserve(producer, uid=uid, key=key)
 
 
 def test_wrong_hello_key_is_auth_error_and_changes_nothing(gateways):
     producer, _ = gateways
-    uid, key, _ = reserve(producer)
-    try:
+    with reserved(producer) as (uid, key, _):
         with pytest.raises(AuthError):
             producer.call("hello", {"uid": uid, "key": "not-the-key", "role": "PROD",
                                     "app_listeners": ["127.0.0.1:9"]})
@@ -91,22 +95,17 @@ def test_wrong_hello_key_is_auth_error_and_changes_nothing(gateways):
                                         "app_listeners": ["127.0.0.1:9"]})
         assert reply["uid"] == uid
         assert producer.call("wait_hello", {"uid": uid})["app_listeners"] == ["127.0.0.1:9"]
-    finally:
-        producer.call("release", {"uid": uid})
 
 
 def test_wait_hello_is_a_bounded_long_poll(gateways):
     producer, _ = gateways
-    uid, _, _ = reserve(producer)
-    try:
+    with reserved(producer) as (uid, _, _):
         started = time.monotonic()
         reply = producer.call("wait_hello", {"uid": uid, "timeout_s": 0.5})
         assert reply["state"] == "RESERVED"
         assert time.monotonic() - started >= 0.5
         with pytest.raises(BadFormat):
             producer.call("wait_hello", {"uid": uid, "timeout_s": 3600})
-    finally:
-        producer.call("release", {"uid": uid})
 
 
 def test_release_stops_proxy_frees_ports_deletes_keys_and_is_idempotent(gateways):
@@ -135,14 +134,11 @@ def test_release_stops_proxy_frees_ports_deletes_keys_and_is_idempotent(gateways
 
 def test_port_range_exhaustion_is_no_resource_and_leaks_nothing(gateway_root):
     small = make_gateway(gateway_root, "small-gw", size=3)
-    uid, _, _ = reserve(small, num_conn=2)
-    try:
+    with reserved(small, num_conn=2) as (uid, _, _):
         with pytest.raises(NoResource, match="exhausted: 1 free, num_conn=2"):
             reserve(small, num_conn=2)
         info = small.call("gateway_info", {})
         assert info["active_streams"] == 1 and info["free_ports"] == 1
-    finally:
-        small.call("release", {"uid": uid})
 
 
 def test_a_port_held_by_another_process_is_skipped(gateway_root):
@@ -158,14 +154,11 @@ def test_a_port_held_by_another_process_is_skipped(gateway_root):
 
 def test_rate_capacity_is_enforced(gateway_root):
     gw = make_gateway(gateway_root, "rated-gw", rate_capacity=10_000)
-    uid, _, _ = reserve(gw, rate=8_000)
-    try:
+    with reserved(gw, rate=8_000) as (uid, _, _):
         with pytest.raises(NoResource, match="rate capacity"):
             reserve(gw, rate=4_000)
         with pytest.raises(NoResource, match="ask for a rate"):
             reserve(gw, rate=0)
-    finally:
-        gw.call("release", {"uid": uid})
 
 
 def test_connect_checks_order_and_pinning_input(gateways):
@@ -192,12 +185,9 @@ def test_connect_checks_order_and_pinning_input(gateways):
 
 def test_renew_extends_the_lease(gateways):
     producer, _ = gateways
-    uid, _, reply = reserve(producer, lease_s=60)
-    try:
+    with reserved(producer, lease_s=60) as (uid, _, reply):
         renewed = producer.call("renew", {"uid": uid, "lease_s": 600})
         assert renewed["lease_expires"] > reply["lease_expires"] + 500
-    finally:
-        producer.call("release", {"uid": uid})
     with pytest.raises(InvalidUid):
         producer.call("renew", {"uid": uid})
 
@@ -259,14 +249,11 @@ def test_malformed_reserve_is_bad_format_and_changes_nothing(gateways, request_,
 ])
 def test_hello_refuses_addresses_that_could_reach_a_config(gateways, listener):
     producer, _ = gateways
-    uid, key, _ = reserve(producer)
-    try:
+    with reserved(producer) as (uid, key, _):
         with pytest.raises(BadFormat):
             producer.call("hello", {"uid": uid, "key": key, "role": "PROD",
                                     "app_listeners": [listener]})
         assert producer.call("status", {"uid": uid})["state"] == "RESERVED"
-    finally:
-        producer.call("release", {"uid": uid})
 
 
 def test_unknown_uid_and_unknown_function(gateways):
