@@ -14,7 +14,8 @@ from __future__ import annotations
 import sys
 from typing import BinaryIO
 
-__all__ = ["make_serializer", "read_frame", "run_packed", "write_frame"]
+__all__ = ["HEADER_BYTES", "frame_length", "make_serializer", "read_frame", "run_packed",
+           "write_frame"]
 
 
 def make_serializer():
@@ -37,18 +38,25 @@ def run_packed(payload: str) -> str:
     return serializer.serialize(function(*args, **kwargs))
 
 
+HEADER_BYTES = 8  # a frame's length, big-endian, then that many bytes of UTF-8
+
+
+def frame_length(header: bytes) -> int:
+    return int.from_bytes(header, "big")
+
+
 def write_frame(stream: BinaryIO, text: str) -> None:
     data = text.encode()
-    stream.write(len(data).to_bytes(8, "big") + data)
+    stream.write(len(data).to_bytes(HEADER_BYTES, "big") + data)
     stream.flush()
 
 
 def read_frame(stream: BinaryIO) -> str | None:
     """One frame, or None at end of input."""
-    header = stream.read(8)
-    if len(header) < 8:
+    header = stream.read(HEADER_BYTES)
+    if len(header) < HEADER_BYTES:
         return None
-    size = int.from_bytes(header, "big")
+    size = frame_length(header)
     data = stream.read(size)
     if len(data) < size:
         return None

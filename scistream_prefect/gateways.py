@@ -27,6 +27,12 @@ from pydantic import Field
 from globus_compute_sdk.errors import SerializationError
 
 from scistream_gateway.errors import BadFormat, Timeout, Unavailable, error_from_wire
+from scistream_gateway.local_worker import (
+    HEADER_BYTES,
+    frame_length,
+    make_serializer,
+    write_frame,
+)
 from scistream_gateway.settings import CONFIG_ENV, GatewaySettings
 
 __all__ = ["Gateway", "LocalGateway"]
@@ -62,10 +68,8 @@ class _Worker:
     def call(self, payload: str | None, deadline: float) -> str:
         """Send one frame (None: only wait for the ready frame) and read the reply."""
         if payload is not None:
-            data = payload.encode()
-            self.proc.stdin.write(len(data).to_bytes(8, "big") + data)
-            self.proc.stdin.flush()
-        size = int.from_bytes(self._read(8, deadline), "big")
+            write_frame(self.proc.stdin, payload)
+        size = frame_length(self._read(HEADER_BYTES, deadline))
         return self._read(size, deadline).decode()
 
     def _read(self, size: int, deadline: float) -> bytes:
@@ -250,7 +254,6 @@ class LocalGateway(Block):
     def call(self, function: str, request: dict, timeout_s: float | None = None) -> dict:
         """Run gateway function ``function`` on ``request``; raise its error, if any."""
         from scistream_gateway.functions import ALL
-        from scistream_gateway.local_worker import make_serializer
 
         serializer = make_serializer()
         try:
