@@ -29,17 +29,23 @@ def _cmdline(pid: int) -> list[bytes]:
         return []
 
 
+_DAEMON = b"scistream_proxy.native_daemon"
+
+
 def runs_a_proxy(pid: int) -> bool:
     """Whether ``pid`` is (still) a native proxy daemon."""
-    return b"scistream_proxy.native_daemon" in _cmdline(pid)
+    return _DAEMON in _cmdline(pid)
 
 
 def proxy_pids(under: Path | None = None) -> list[int]:
     """Pids of native proxy daemons, optionally only those whose stream directory is
     below ``under``."""
     prefix = str(under).encode() if under is not None else b""
-    return [
-        int(proc.name) for proc in Path("/proc").iterdir()
-        if proc.name.isdigit() and runs_a_proxy(int(proc.name))
-        and any(arg.startswith(prefix) for arg in _cmdline(int(proc.name))[1:])
-    ]
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        argv = _cmdline(int(proc.name))
+        if _DAEMON in argv and any(arg.startswith(prefix) for arg in argv[1:]):
+            pids.append(int(proc.name))
+    return pids
