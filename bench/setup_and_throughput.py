@@ -34,23 +34,15 @@ from prefect import flow  # noqa: E402
 
 from scistream_prefect import LocalGateway, setup_stream, teardown_stream  # noqa: E402
 from scistream_prefect.cli import parse_size  # noqa: E402
-
-APPS = [sys.executable, "-m", "scistream_proxy.apps"]
-
-
-def _producer(num_conn: int, total: int) -> tuple[subprocess.Popen, list[str]]:
-    proc = subprocess.Popen([*APPS, "producer", "--connections", str(num_conn),
-                             "--bytes", str(total)], stdout=subprocess.PIPE, text=True)
-    return proc, json.loads(proc.stdout.readline())["listening"]
-
+from scistream_proxy import apps  # noqa: E402
 
 def _consume(listeners: list[str], total: int) -> float:
     """Gbit/s the consumer app saw; raises if it did not get every byte."""
     started = time.perf_counter()
-    out = subprocess.run([*APPS, "consumer", *listeners], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run([*apps.COMMAND, "consumer", *listeners], capture_output=True,
+                         text=True, check=True).stdout
     seconds = time.perf_counter() - started
-    got = sum(c["bytes"] for c in json.loads(out.strip().splitlines()[-1])["connections"])
+    got = sum(c["bytes"] for c in apps.connection_results(out))
     if got != total:
         raise RuntimeError(f"consumer got {got} of {total} bytes")
     return total * 8 / seconds / 1e9
@@ -59,7 +51,7 @@ def _consume(listeners: list[str], total: int) -> float:
 @flow(name="bench-setup-and-throughput")
 def bench(producer: LocalGateway, consumer: LocalGateway, streams: int, rounds: int,
           total: int, num_conn: int) -> dict:
-    idle, app = _producer(1, 0)  # setup needs a hello target, not data
+    idle, app = apps.start_producer(1, 0)  # setup needs a hello target, not data
     setups = []
     try:
         for _ in range(streams):
@@ -72,10 +64,10 @@ def bench(producer: LocalGateway, consumer: LocalGateway, streams: int, rounds: 
 
     direct, chain = [], []
     for _ in range(rounds):
-        proc, app = _producer(num_conn, total)  # A: consumer straight to the producer
+        proc, app = apps.start_producer(num_conn, total)  # A: consumer straight to the producer
         direct.append(_consume(app * num_conn, total))
         proc.wait()
-        proc, app = _producer(num_conn, total)  # B: through both gateways
+        proc, app = apps.start_producer(num_conn, total)  # B: through both gateways
         handle = setup_stream(producer, consumer, num_conn=num_conn, app_listeners=app)
         try:
             chain.append(_consume(handle.listeners, total))

@@ -8,7 +8,8 @@ JSON line per connection (bytes, SHA-256), so the two sides can be compared::
     python -m scistream_proxy.apps producer --connections 4 --bytes 1073741824
     python -m scistream_proxy.apps consumer 127.0.0.1:51100 127.0.0.1:51101 ...
 
-The producer first prints ``{"listening": ["host:port"]}``.
+The producer first prints ``{"listening": ["host:port"]}``. From Python,
+:func:`start_producer` and :func:`connection_results` do the parsing.
 """
 
 from __future__ import annotations
@@ -18,11 +19,28 @@ import hashlib
 import json
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
 
 BLOCK = 1 << 20
+COMMAND = [sys.executable, "-m", "scistream_proxy.apps"]
+
+
+def start_producer(connections: int, total_bytes: int) -> tuple[subprocess.Popen, list[str]]:
+    """Start the producer app; return it and the listeners it reported."""
+    proc = subprocess.Popen(
+        [*COMMAND, "producer", "--connections", str(connections), "--bytes", str(total_bytes)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    return proc, json.loads(proc.stdout.readline())["listening"]
+
+
+def connection_results(output: str) -> list[dict]:
+    """The per-connection results an app printed last; [] if it printed none."""
+    lines = output.strip().splitlines()
+    return json.loads(lines[-1]).get("connections", []) if lines else []
 
 
 def _share(total: int, parts: int, index: int) -> int:

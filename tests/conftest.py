@@ -7,10 +7,8 @@ Compute serializer round trip, proxies are real detached processes, state is SQL
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from scistream_prefect import LocalGateway  # noqa: E402
+from scistream_proxy import apps  # noqa: E402
 from scistream_proxy.leaks import proxy_pids  # noqa: E402
 
 # Each gateway a test creates gets its own 40-port slice, below the kernel's ephemeral
@@ -56,22 +55,15 @@ def gateways(gateway_root: Path) -> tuple[LocalGateway, LocalGateway]:
     return make_gateway(gateway_root, "prod-gw"), make_gateway(gateway_root, "cons-gw")
 
 
-APPS = [sys.executable, "-m", "scistream_proxy.apps"]
-
-
 class ProducerApp:
     """The stand-in producer app as a real process; ``listeners`` is where it listens."""
 
     def __init__(self, connections: int, total_bytes: int):
-        self.proc = subprocess.Popen(
-            [*APPS, "producer", "--connections", str(connections), "--bytes", str(total_bytes)],
-            stdout=subprocess.PIPE, text=True,
-        )
-        self.listeners = json.loads(self.proc.stdout.readline())["listening"]
+        self.proc, self.listeners = apps.start_producer(connections, total_bytes)
 
     def result(self, timeout: float = 120) -> list[dict]:
         out, _ = self.proc.communicate(timeout=timeout)
-        return json.loads(out.strip().splitlines()[-1])["connections"]
+        return apps.connection_results(out)
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -80,10 +72,9 @@ class ProducerApp:
 
 
 def run_consumer(listeners: list[str], timeout: float = 120) -> tuple[int, list[dict]]:
-    proc = subprocess.run([*APPS, "consumer", *listeners, "--timeout", "30"],
+    proc = subprocess.run([*apps.COMMAND, "consumer", *listeners, "--timeout", "30"],
                           capture_output=True, text=True, timeout=timeout)
-    lines = proc.stdout.strip().splitlines()
-    return proc.returncode, json.loads(lines[-1])["connections"] if lines else []
+    return proc.returncode, apps.connection_results(proc.stdout)
 
 
 @pytest.fixture

@@ -23,12 +23,10 @@ from prefect import flow
 from scistream_prefect.flows.streams import setup_stream, teardown_stream
 from scistream_prefect.gateways import LocalGateway
 from scistream_prefect.tasks.streams import get_stream_status
+from scistream_proxy import apps
 from scistream_proxy.leaks import port_is_free, runs_a_proxy
 
 __all__ = ["run_demo", "stream_demo"]
-
-APPS = [sys.executable, "-m", "scistream_proxy.apps"]
-
 
 def _read_progress(stream, on_progress: Callable[[int, float], None]) -> None:
     for line in stream:
@@ -60,7 +58,7 @@ def stream_demo(
                           tls=tls)
     try:
         consumer_app = subprocess.Popen(
-            [*APPS, "consumer", *handle.listeners, "--progress"],
+            [*apps.COMMAND, "consumer", *handle.listeners, "--progress"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
 
@@ -78,7 +76,6 @@ def stream_demo(
         consumer_app.wait()
         seconds = time.perf_counter() - started
         reader.join(timeout=5)
-        result = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
         ends = [get_stream_status.submit(gw, handle.uid) for gw in (producer, consumer)]
         statuses = [f.result() for f in ends]
     finally:
@@ -87,7 +84,7 @@ def stream_demo(
         "uid": handle.uid,
         "setup_s": handle.setup_s,
         "listeners": handle.listeners + handle.producer_listeners,
-        "consumer": result.get("connections", []),
+        "consumer": apps.connection_results(out),
         "consumer_exit": consumer_app.returncode,
         "seconds": seconds,
         "proxies": [{"pid": s.get("pid"), "bytes": s.get("bytes"), "state": s["state"],
@@ -127,16 +124,12 @@ def _run_demo_in(root: Path, *, total_bytes: int, num_conn: int, tls: bool, port
         thread.start()
     for thread in warmers:
         thread.join()
-    producer_app = subprocess.Popen(
-        [*APPS, "producer", "--connections", str(num_conn), "--bytes", str(total_bytes)],
-        stdout=subprocess.PIPE, text=True,
-    )
+    producer_app, app_listeners = apps.start_producer(num_conn, total_bytes)
     try:
-        app_listeners = json.loads(producer_app.stdout.readline())["listening"]
         run = stream_demo(producer, consumer, app_listeners, num_conn=num_conn,
                           total_bytes=total_bytes, tls=tls, show_progress=show_progress)
         out, _ = producer_app.communicate(timeout=60)
-        sent = json.loads(out.strip().splitlines()[-1])["connections"]
+        sent = apps.connection_results(out)
     finally:
         if producer_app.poll() is None:
             producer_app.kill()
