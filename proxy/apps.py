@@ -24,6 +24,8 @@ import sys
 import threading
 import time
 
+from scistream_proxy.native import parse_address
+
 BLOCK = 1 << 20
 COMMAND = [sys.executable, "-m", "scistream_proxy.apps"]
 
@@ -65,12 +67,11 @@ def produce(sock: socket.socket, nbytes: int) -> dict:
 
 def consume(address: str, progress: list[int], slot: int, timeout_s: float) -> dict:
     """Read one connection to its end; return its size and digest."""
-    host, _, port = address.rpartition(":")
     digest = hashlib.sha256()
     buf = bytearray(256 * 1024)
     view = memoryview(buf)
     received = 0
-    with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as sock:
+    with socket.create_connection(parse_address(address), timeout=timeout_s) as sock:
         while n := sock.recv_into(buf):
             digest.update(view[:n])
             received += n
@@ -108,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.app == "producer":
-        host, _, port = args.listen.rpartition(":")
-        server = socket.create_server((host, int(port)), backlog=args.connections)
+        server = socket.create_server(parse_address(args.listen), backlog=args.connections)
         bound = server.getsockname()
         print(json.dumps({"listening": [f"{bound[0]}:{bound[1]}"]}), flush=True)
         conns = [server.accept()[0] for _ in range(args.connections)]

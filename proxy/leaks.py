@@ -5,18 +5,19 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+from scistream_proxy.native import parse_address
+
 __all__ = ["port_is_free", "proxy_pids", "runs_a_proxy"]
 
 
 def port_is_free(address: str) -> bool:
     """Whether ``host:port`` can be bound again (as a server would, with SO_REUSEADDR)."""
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
+    host, port = parse_address(address)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((host, int(port)))
+            sock.bind((host, port))
         except OSError:
             return False
     return True

@@ -9,6 +9,7 @@ from scistream_prefect.tasks.streams import get_stream_status
 
 from conftest import run_consumer
 from scistream_proxy.leaks import port_is_free, runs_a_proxy
+from scistream_proxy.native import parse_address
 
 MIB = 1 << 20
 
@@ -91,8 +92,7 @@ def test_status_counts_bytes_while_the_stream_runs(gateways, producer_app):
     app = producer_app(1, 1 << 34)  # more than will be read
     handle = open_stream(producer, consumer, num_conn=1, app_listeners=app.listeners)
     try:
-        host, _, port = handle.listeners[0].rpartition(":")
-        with socket.create_connection((host, int(port)), timeout=30) as sock:
+        with socket.create_connection(parse_address(handle.listeners[0]), timeout=30) as sock:
             read = 0
             while read < 8 * MIB:
                 read += len(sock.recv(MIB))

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from scistream_prefect import open_stream, release_stream
+from scistream_proxy.native import parse_address
 from scistream_proxy.tls import generate_certificate
 
 from conftest import run_consumer
@@ -30,11 +31,6 @@ def _impostor_material(tmp_path: Path) -> tuple[Path, Path, str, str]:
     key, cert = tmp_path / "impostor.key", tmp_path / "impostor.pem"
     pem, fingerprint = generate_certificate("impostor", key, cert, datetime.timedelta(days=1))
     return key, cert, pem, fingerprint
-
-
-def _host_port(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host, int(port)
 
 
 def test_consumer_proxy_refuses_a_server_that_is_not_the_pinned_peer(gateways, tmp_path):
@@ -97,7 +93,7 @@ def test_producer_proxy_refuses_a_client_that_is_not_the_pinned_peer(
         ikey, icert, _, _ = _impostor_material(tmp_path)
         ctx.load_cert_chain(icert, ikey)
     try:
-        with socket.create_connection(_host_port(prod["listeners"][0]), timeout=10) as raw:
+        with socket.create_connection(parse_address(prod["listeners"][0]), timeout=10) as raw:
             with pytest.raises((ssl.SSLError, ConnectionError)):
                 with ctx.wrap_socket(raw) as tls:
                     # TLS 1.3: the server's verdict on our certificate arrives with the
@@ -131,7 +127,7 @@ def test_traffic_flows_both_ways_through_the_tls_hop(gateways):
     payload = os.urandom(8 << 20)
     back = bytearray()
     try:
-        with socket.create_connection(_host_port(handle.listeners[0]), timeout=30) as sock:
+        with socket.create_connection(parse_address(handle.listeners[0]), timeout=30) as sock:
             sender = threading.Thread(target=sock.sendall, args=(payload,))
             sender.start()
             while len(back) < len(payload):
@@ -153,7 +149,7 @@ def test_a_killed_producer_proxy_is_a_reset_not_a_clean_end(gateways, producer_a
     handle = open_stream(producer, consumer, num_conn=1, app_listeners=app.listeners)
     try:
         pid = producer.call("status", {"uid": handle.uid})["pid"]
-        with socket.create_connection(_host_port(handle.listeners[0]), timeout=30) as sock:
+        with socket.create_connection(parse_address(handle.listeners[0]), timeout=30) as sock:
             assert len(sock.recv(65536)) > 0
             os.kill(pid, 9)
             with pytest.raises(ConnectionResetError):
@@ -193,7 +189,7 @@ def test_a_consumer_that_hangs_up_stops_the_producer_promptly(gateways, producer
     app = producer_app(1, 1 << 34)
     handle = open_stream(producer, consumer, num_conn=1, app_listeners=app.listeners)
     try:
-        with socket.create_connection(_host_port(handle.listeners[0]), timeout=30) as sock:
+        with socket.create_connection(parse_address(handle.listeners[0]), timeout=30) as sock:
             assert len(sock.recv(65536)) > 0
             # A clean end from the consumer (a close with unread data would be a reset,
             # which the proxies pass on at once anyway).
