@@ -29,12 +29,14 @@ from scistream_gateway.settings import GatewaySettings
 from scistream_gateway.store import Store, StreamRow
 from scistream_gateway.validation import Request, format_address
 from scistream_proxy.backends import BACKENDS, ProxyError, ProxySpec, get_backend
+from scistream_proxy.process import survival_report
 from scistream_proxy.tls import fingerprint_of_pem, generate_certificate
 
 __all__ = ["Gateway"]
 
 MAX_WAIT_HELLO_S = 20.0  # one long-poll; the client loops until its own timeout
 MAX_RATE_KBPS = 10**9  # 1 Tbit/s: anything above is a typo, not a request
+MAX_NUM_CONN = 65535  # above this a num_conn is malformed; above max_num_conn, refused
 MAX_CERT_PEM = 8192
 CERT_FILE, KEY_FILE, PEER_CERT_FILE = "cert.pem", "key.pem", "peer.pem"
 
@@ -137,6 +139,7 @@ class Gateway:
         s = self.settings
         active = self.store.active_streams()
         size = s.port_max - s.port_min + 1
+        survival = survival_report()
         return {
             "name": s.name,
             "version": __version__,
@@ -152,17 +155,22 @@ class Gateway:
             "rate_capacity": s.rate_capacity,
             "rate_in_use": sum(st.rate for st in active),
             "active_streams": len(active),
+            "proxy_launch": survival,
+            "warnings": [survival["warning"]] if survival["warning"] else [],
         }
 
     def reserve(self, raw: object) -> dict:
         req = Request(raw, ("uid", "role", "num_conn", "key_sha256"), ("rate", "lease_s"))
         uid, role = req.uid(), req.role()
-        num_conn = req.integer("num_conn", 1, self.settings.max_num_conn)
+        num_conn = req.integer("num_conn", 1, MAX_NUM_CONN)
         rate = req.integer("rate", 0, MAX_RATE_KBPS, default=0)
         key_sha256 = req.hex64("key_sha256")
         lease_s = self._lease(req)
         self.reap()
         s = self.settings
+        if num_conn > s.max_num_conn:
+            raise NoResource(f"num_conn={num_conn} exceeds the {s.max_num_conn} connections "
+                             f"per stream gateway {s.name} allows (max_num_conn)")
         backend = get_backend(s.backend)
         reason = backend.unavailable_reason()
         if reason:

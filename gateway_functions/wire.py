@@ -9,10 +9,12 @@ is logged with its traceback in the gateway's state directory and returned as
 from __future__ import annotations
 
 import logging
+import os
 import secrets
+import sqlite3
 import traceback
 
-from scistream_gateway.errors import NotImplementedHere, SciStreamError, ServerError
+from scistream_gateway.errors import NotImplementedHere, SciStreamError, ServerError, Unavailable
 from scistream_gateway.service import Gateway
 from scistream_gateway.settings import load_settings
 
@@ -35,14 +37,27 @@ def handle(function: str, request: object) -> dict:
             return getattr(gateway, function)(request)
     except SciStreamError as exc:
         return exc.to_wire()
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            # Every worker of this gateway waits its turn for the write lock (60 s);
+            # past that the gateway is overloaded, which a client may retry later.
+            return Unavailable(f"gateway state is busy ({exc}); try again").to_wire()
+        return _server_error(function, settings)
     except Exception:  # noqa: BLE001 - the wire never carries a raw traceback
-        ref = secrets.token_hex(4)
-        detail = traceback.format_exc()
-        if settings is not None:
-            try:
-                with open(settings.state_dir / "gateway.log", "a") as fh:
-                    fh.write(f"[{ref}] {function}\n{detail}\n")
-            except OSError:
-                pass
-        log.error("gateway function %s failed [%s]\n%s", function, ref, detail)
-        return ServerError(f"internal error in {function} (gateway log reference {ref})").to_wire()
+        return _server_error(function, settings)
+
+
+def _server_error(function: str, settings) -> dict:
+    """Log the current exception where the operator finds it; reply with a reference."""
+    ref = secrets.token_hex(4)
+    detail = traceback.format_exc()
+    if settings is not None:
+        try:
+            fd = os.open(settings.state_dir / "gateway.log",
+                         os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with open(fd, "a") as fh:
+                fh.write(f"[{ref}] {function}\n{detail}\n")
+        except OSError:
+            pass
+    log.error("gateway function %s failed [%s]\n%s", function, ref, detail)
+    return ServerError(f"internal error in {function} (gateway log reference {ref})").to_wire()
