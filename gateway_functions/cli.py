@@ -1,0 +1,280 @@
+"""``scistream-gateway``: the gateway operator's command (register, render-config, info).
+
+Runs on the gateway node, needs no Prefect::
+
+    scistream-gateway register --output /etc/scistream/functions.json
+    scistream-gateway render-config --functions /etc/scistream/functions.json \\
+        --output-dir ~/.globus_compute/scistream-gateway
+    scistream-gateway info --settings /etc/scistream/gateway.toml
+
+``register`` uploads the shipped gateway functions to Globus Compute through the
+Globus Compute SDK (interactive login, or a confidential client from
+``GLOBUS_COMPUTE_CLIENT_ID`` / ``GLOBUS_COMPUTE_CLIENT_SECRET``) and writes a flat JSON
+object, function name -> UUID, that ``render-config`` and the client's
+``GlobusComputeGateway`` read. Exit codes: 0 ok, 1 a check failed, 2 bad usage or error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import uuid
+from importlib import resources
+from pathlib import Path
+
+__all__ = ["main", "read_function_ids", "register_functions", "render_config"]
+
+_UUID_LINE = re.compile(
+    r"^(?P<indent>\s*- )[0-9a-fA-F-]{36}(?P<comment>\s+#\s*(?P<name>[a-z_]+)\s*)$", re.M)
+
+
+def _function_names() -> list[str]:
+    from scistream_gateway.functions import ALL
+
+    return list(ALL)
+
+
+def shipped_config(relative: str) -> str:
+    """The text of a file shipped in ``endpoint_configs/``."""
+    return resources.files("scistream_gateway.endpoint_configs").joinpath(relative).read_text()
+
+
+def read_function_ids(path: Path) -> dict[str, str]:
+    """A functions file as ``register`` writes it; ValueError says what is wrong."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of function name -> UUID")
+    missing = [n for n in _function_names() if n not in data]
+    unknown = sorted(set(data) - set(_function_names()))
+    if missing or unknown:
+        raise ValueError(f"{path}: missing functions {missing}, unknown {unknown}")
+    for name, value in data.items():
+        try:
+            if not isinstance(value, str) or str(uuid.UUID(value)) != value.lower():
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{path}: {name} is not a UUID: {value!r}") from None
+    return data
+
+
+def register_functions(client, *, public: bool = False, group: str | None = None) -> dict:
+    """Register every shipped function with ``client`` (a ``globus_compute_sdk.Client``);
+    returns function name -> UUID."""
+    from scistream_gateway.functions import ALL
+
+    ids = {}
+    for name, function in ALL.items():
+        ids[name] = str(client.register_function(function, public=public, group=group))
+    return ids
+
+
+def make_client():
+    """A Globus Compute client that serializes as the shipped endpoint configs allow."""
+    from globus_compute_sdk import Client
+    from globus_compute_sdk.serialize import DillCodeSource, JSONData
+
+    return Client(code_serialization_strategy=DillCodeSource(),
+                  data_serialization_strategy=JSONData(), do_version_check=False)
+
+
+def fill_function_ids(text: str, ids: dict[str, str]) -> str:
+    """Replace each ``- <uuid>  # name`` line of a shipped config by the registered UUID."""
+    seen = set()
+
+    def put(match: re.Match) -> str:
+        name = match["name"]
+        if name not in ids:
+            return match[0]
+        seen.add(name)
+        return f"{match['indent']}{ids[name]}{match['comment']}"
+
+    out = _UUID_LINE.sub(put, text)
+    if seen != set(ids):
+        raise ValueError(f"the config lists no line for {sorted(set(ids) - seen)}")
+    return out
+
+
+def render_config(ids: dict[str, str], *, multi_user: bool = False,
+                  display_name: str | None = None, settings: Path | None = None,
+                  settings_dir: Path | None = None, endpoint_dir: Path | None = None,
+                  identity_mapping: Path | None = None) -> dict[str, str]:
+    """The files of an endpoint config directory (file name -> text), UUIDs filled in.
+
+    Single-user: ``config.yaml`` and the systemd drop-in ``scistream.conf`` (naming
+    ``settings``). Multi-user: ``config.yaml`` (pointing at the template and schema in
+    ``endpoint_dir``), ``user_config_template.yaml.j2`` (per-user settings files in
+    ``settings_dir``), ``user_config_schema.json``, ``scistream.conf``.
+    """
+    files: dict[str, str] = {}
+    dropin = shipped_config("systemd/scistream.conf")
+    if multi_user:
+        endpoint_dir = Path(endpoint_dir or "/root/.globus_compute/scistream-gateway")
+        config = fill_function_ids(shipped_config("multi_user/config.yaml"), ids)
+        config = _set_scalar(config, "user_config_template_path",
+                             endpoint_dir / "user_config_template.yaml.j2")
+        config = _set_scalar(config, "user_config_schema_path",
+                             endpoint_dir / "user_config_schema.json")
+        if identity_mapping is not None:
+            config = _set_scalar(config, "identity_mapping_config_path", identity_mapping)
+        template = fill_function_ids(shipped_config("multi_user/user_config_template.yaml.j2"),
+                                     ids)
+        if settings_dir is not None:
+            template = template.replace('{%- set settings_dir = "/etc/scistream/users" %}',
+                                        '{%- set settings_dir = ' + json.dumps(str(settings_dir))
+                                        + " %}")
+        files["user_config_template.yaml.j2"] = template
+        files["user_config_schema.json"] = shipped_config("multi_user/user_config_schema.json")
+        # Multi-user: the per-user settings come from the template, not the unit.
+        dropin = "\n".join(line for line in dropin.splitlines()
+                           if not line.startswith("Environment=SCISTREAM_GATEWAY_CONFIG")) + "\n"
+    else:
+        config = fill_function_ids(shipped_config("single_user/config.yaml"), ids)
+        if settings is not None:
+            dropin = dropin.replace("SCISTREAM_GATEWAY_CONFIG=/etc/scistream/gateway.toml",
+                                    f"SCISTREAM_GATEWAY_CONFIG={Path(settings).resolve()}")
+    if display_name is not None:
+        config = _set_scalar(config, "display_name", display_name)
+    files["config.yaml"] = config
+    files["scistream.conf"] = dropin
+    return files
+
+
+def _set_scalar(text: str, key: str, value: object) -> str:
+    """Set a top-level ``key: value`` line (value JSON-quoted: valid YAML, no injection)."""
+    line = re.compile(rf"^{re.escape(key)}:.*$", re.M)
+    if not line.search(text):
+        raise ValueError(f"the config has no {key} line")
+    return line.sub(lambda _: f"{key}: {json.dumps(str(value))}", text, count=1)
+
+
+# -- commands -------------------------------------------------------------------------
+def _cmd_register(args: argparse.Namespace) -> int:
+    try:
+        client = make_client()
+        ids = register_functions(client, public=args.public, group=args.group)
+    except Exception as exc:  # noqa: BLE001 - auth, network, service: say it plainly
+        print(f"scistream-gateway register: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    text = json.dumps(ids, indent=2) + "\n"
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"wrote {out}", file=sys.stderr)
+    for name, fid in ids.items():
+        print(f"{name:13} {fid}")
+    return 0
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    try:
+        ids = read_function_ids(args.functions)
+        files = render_config(ids, multi_user=args.multi_user, display_name=args.display_name,
+                              settings=args.settings, settings_dir=args.settings_dir,
+                              endpoint_dir=args.endpoint_dir or args.output_dir,
+                              identity_mapping=args.identity_mapping)
+    except ValueError as exc:
+        print(f"scistream-gateway render-config: {exc}", file=sys.stderr)
+        return 2
+    if args.output_dir is None:
+        sys.stdout.write(files["config.yaml"])
+        return 0
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (out / name).write_text(text)
+        print(f"wrote {out / name}", file=sys.stderr)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from scistream_gateway.settings import CONFIG_ENV
+
+    settings = args.settings or os.environ.get(CONFIG_ENV)
+    if not settings:
+        print(f"scistream-gateway info: give --settings or set {CONFIG_ENV}", file=sys.stderr)
+        return 2
+    try:
+        from scistream_gateway.engine import engine_for
+
+        with engine_for(Path(settings), max_workers=1) as engine:
+            reply = engine.call("gateway_info", {})
+    except ImportError as exc:
+        print(f"scistream-gateway info: needs the gateway extra ({exc})", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    elif "error" in reply:
+        print(f"{reply['error']['code']}: {reply['error']['message']}")
+    else:
+        launch = reply["proxy_launch"]
+        print(f"gateway {reply['name']} (scistream {reply['version']}), backend "
+              f"{reply['backend']}")
+        print(f"  addresses: LAN {reply['lan_address']}, WAN {reply['wan_address']}")
+        print(f"  ports {reply['port_range'][0]}-{reply['port_range'][1]}: "
+              f"{reply['free_ports']} free; {reply['active_streams']} active streams")
+        print(f"  proxies launched: {launch['launch']}"
+              + (f" ({launch['reason']})" if launch["reason"] else ""))
+        for warning in reply["warnings"]:
+            print(f"  WARNING: {warning}")
+    if "error" in reply:
+        return 1
+    return 1 if reply["warnings"] and args.strict else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="scistream-gateway",
+        description="Set up a SciStream gateway's Globus Compute endpoint.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("register", help="register the gateway functions with Globus Compute",
+                       description="Register the eight gateway functions with Globus Compute "
+                       "and print their UUIDs (for allowed_functions).")
+    p.add_argument("--output", type=Path, help="also write name -> UUID as JSON here")
+    p.add_argument("--public", action="store_true", help="make the functions public")
+    p.add_argument("--group", help="share the functions with this Globus group")
+    p.set_defaults(run=_cmd_register)
+
+    p = sub.add_parser("render-config", help="render an endpoint config with the UUIDs",
+                       description="Render the shipped endpoint config for this gateway, "
+                       "with the registered function UUIDs in allowed_functions.")
+    p.add_argument("--functions", type=Path, required=True,
+                   help="JSON written by `scistream-gateway register --output`")
+    p.add_argument("--multi-user", action="store_true",
+                   help="a multi-user endpoint (config, per-user template and schema)")
+    p.add_argument("--output-dir", type=Path,
+                   help="write the files here (default: print config.yaml)")
+    p.add_argument("--display-name", help="the endpoint's display name")
+    p.add_argument("--settings", type=Path,
+                   help="single-user: the gateway TOML the systemd drop-in names")
+    p.add_argument("--settings-dir", type=Path,
+                   help="multi-user: directory of per-user gateway TOML files (<user>.toml)")
+    p.add_argument("--endpoint-dir", type=Path,
+                   help="multi-user: where the template and schema will be installed "
+                   "(default: --output-dir)")
+    p.add_argument("--identity-mapping", type=Path,
+                   help="multi-user: the identity mapping JSON file")
+    p.set_defaults(run=_cmd_render)
+
+    p = sub.add_parser("info", help="run gateway_info through a local endpoint engine",
+                       description="Run gateway_info as an endpoint worker would (the "
+                       "endpoint's own ProcessPoolEngine and serializer) and print it.")
+    p.add_argument("--settings", type=Path,
+                   help="gateway TOML (default: $SCISTREAM_GATEWAY_CONFIG)")
+    p.add_argument("--json", action="store_true", help="print the reply as JSON")
+    p.add_argument("--strict", action="store_true", help="exit 1 if there are warnings")
+    p.set_defaults(run=_cmd_info)
+
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
