@@ -1,0 +1,78 @@
+"""Concurrency across processes: an endpoint's workers are separate processes sharing
+one gateway's SQLite state. 50 of them reserving at the same instant never get the
+same port, and the state stays consistent."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import sqlite3
+import uuid
+
+from scistream_gateway.settings import CONFIG_ENV, GatewaySettings
+from scistream_proxy.leaks import port_is_free, proxy_pids
+
+PROCESSES = 50
+
+
+def _reserve_at_once(settings_path: str, barrier, num_conn: int, results) -> None:
+    import os
+
+    os.environ[CONFIG_ENV] = settings_path
+    from scistream_gateway.functions import reserve
+
+    uid = str(uuid.uuid4())
+    request = {"uid": uid, "role": "PROD", "num_conn": num_conn,
+               "key_sha256": hashlib.sha256(uid.encode()).hexdigest()}
+    barrier.wait()
+    results.put((uid, reserve(request)))
+
+
+def test_fifty_processes_reserving_at_once_never_share_a_port(tmp_path, monkeypatch):
+    # 50 streams of 2 ports each want 100 ports; the range has 90, so some must be
+    # refused, cleanly, while the others share nothing.
+    settings = GatewaySettings(name="busy", state_dir=tmp_path / "state",
+                               port_min=24600, port_max=24689)
+    path = tmp_path / "gateway.toml"
+    path.write_text(settings.to_toml())
+    ctx = multiprocessing.get_context("spawn")  # fresh processes, as endpoint workers are
+    barrier, results = ctx.Barrier(PROCESSES), ctx.Queue()
+    workers = [ctx.Process(target=_reserve_at_once, args=(str(path), barrier, 2, results))
+               for _ in range(PROCESSES)]
+    for worker in workers:
+        worker.start()
+    replies = dict(results.get(timeout=300) for _ in workers)
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    try:
+        granted = {uid: r for uid, r in replies.items() if "error" not in r}
+        refused = {uid: r for uid, r in replies.items() if "error" in r}
+        assert len(granted) == 45 and len(refused) == 5
+        assert {r["error"]["code"] for r in refused.values()} == {"NO_RESOURCE"}
+        assert all("exhausted" in r["error"]["message"] for r in refused.values())
+        listeners = [a for r in granted.values() for a in r["listeners"]]
+        assert len(listeners) == len(set(listeners)) == 90
+        assert not any(port_is_free(a) for a in listeners)  # each held by its proxy
+
+        with sqlite3.connect(settings.state_dir / "state.sqlite3") as db:
+            rows = db.execute("SELECT uid, state FROM streams").fetchall()
+            ports = db.execute("SELECT port, uid FROM ports").fetchall()
+        assert {uid for uid, _ in rows} == set(granted)  # refused ones left no row
+        assert {state for _, state in rows} == {"RESERVED"}
+        assert sorted(p for p, _ in ports) == list(range(24600, 24690))
+        by_uid = {}
+        for port, uid in ports:
+            by_uid.setdefault(uid, []).append(f"127.0.0.1:{port}")
+        assert all(sorted(by_uid[u]) == sorted(r["listeners"]) for u, r in granted.items())
+        stream_dirs = {p.name for p in (settings.state_dir / "streams").iterdir()}
+        assert stream_dirs == set(granted)
+        assert len(proxy_pids(under=tmp_path)) == 45
+    finally:
+        from scistream_gateway.functions import release
+
+        monkeypatch.setenv(CONFIG_ENV, str(path))
+        for uid in replies:
+            assert release({"uid": uid})["released"]
+    assert proxy_pids(under=tmp_path) == []
+    assert all(port_is_free(f"127.0.0.1:{p}") for p in range(24600, 24690))

@@ -1,0 +1,174 @@
+"""Property-based tests of the gateway functions' inputs (hypothesis): no input makes a
+function raise (every reply is a JSON object; failures carry a known SciStream code and
+never SERVER_ERR), and no refused input changes state (the SQLite tables and the
+stream directories are compared byte for byte before and after)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import uuid
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from scistream_gateway import functions
+from scistream_gateway.errors import ERROR_CODES
+from scistream_gateway.settings import CONFIG_ENV, GatewaySettings
+from scistream_proxy.leaks import proxy_pids
+
+KEY = "the-right-hello-key"
+APP = "127.0.0.1:5074"
+
+
+def dump_state(state_dir: Path) -> dict:
+    """Everything a gateway keeps: its tables and its stream directories' files."""
+    with sqlite3.connect(state_dir / "state.sqlite3") as db:
+        tables = {name: db.execute(f"SELECT * FROM {name} ORDER BY 1").fetchall()
+                  for name in ("streams", "ports")}
+    files = {}
+    for path in sorted((state_dir / "streams").rglob("*")):
+        info = path.lstat()
+        content = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+        files[str(path.relative_to(state_dir))] = (info.st_mode, info.st_size, content)
+    return {"tables": tables, "files": files}
+
+
+class World:
+    """One gateway with one stream in HELLO state (so wait_hello never blocks)."""
+
+    def __init__(self, root: Path, port_base: int):
+        self.settings = GatewaySettings(name="prop-gw", state_dir=root / "state",
+                                        port_min=port_base, port_max=port_base + 15,
+                                        max_num_conn=8, rate_capacity=50_000)
+        self.path = root / "gateway.toml"
+        self.path.write_text(self.settings.to_toml())
+        self.uid = ""
+        self.reply: dict = {}
+
+    def ensure_stream(self) -> None:
+        status = functions.status({"uid": self.uid}) if self.uid else {"error": 1}
+        if "error" not in status and status["state"] == "HELLO":
+            return
+        if self.uid:
+            functions.release({"uid": self.uid})
+        self.uid = str(uuid.uuid4())
+        self.reply = functions.reserve({
+            "uid": self.uid, "role": "PROD", "num_conn": 2, "rate": 1000, "lease_s": 3600,
+            "key_sha256": hashlib.sha256(KEY.encode()).hexdigest()})
+        assert "error" not in self.reply, self.reply
+        hello = functions.hello({"uid": self.uid, "key": KEY, "role": "PROD",
+                                 "app_listeners": [APP]})
+        assert "error" not in hello, hello
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("properties")
+    w = World(root, 24400)
+    mp = pytest.MonkeyPatch()
+    mp.setenv(CONFIG_ENV, str(w.path))
+    w.ensure_stream()
+    yield w
+    for stream_uid in _active_uids(w.settings.state_dir):
+        functions.release({"uid": stream_uid})
+    mp.undo()
+    assert proxy_pids(under=root) == []
+
+
+def _active_uids(state_dir: Path) -> list[str]:
+    with sqlite3.connect(state_dir / "state.sqlite3") as db:
+        return [r[0] for r in db.execute(
+            "SELECT uid FROM streams WHERE state IN ('RESERVED','HELLO','CONNECTED','FAILED')")]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True)
+    | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=10,
+)
+addresses = st.sampled_from([
+    APP, "127.0.0.1:0", "127.0.0.1:65536", "evil\nhost:80", "host name:80", "::1:80",
+    "[::1]:80", "[127.0.0.1]:80", "localhost:22", "a" * 300 + ":1", "x:1;rm -rf /",
+    "127.0.0.1:80\n[global]", "", ":80",
+]) | st.text(max_size=30)
+
+
+def field_strategies(world: World) -> dict:
+    cert = world.reply.get("certificate", "")
+    fingerprint = world.reply.get("cert_fingerprint", "0" * 64)
+    return {
+        "uid": st.sampled_from([world.uid, world.uid.upper(), world.uid.replace("-", ""),
+                                "not-a-uid", " " + world.uid])
+               | st.uuids().map(str) | json_values,
+        "role": st.sampled_from(["PROD", "CONS", "prod", "BOTH", ""]) | json_values,
+        "num_conn": st.integers(-3, 70) | json_values,
+        "rate": st.integers(-10, 10**10) | json_values,
+        "key_sha256": st.sampled_from(["0" * 64, "0" * 63, "G" * 64, "A" * 64]) | json_values,
+        "key": st.sampled_from([KEY, KEY + " ", ""]) | json_values,
+        "lease_s": st.integers(-5, 10**6) | st.floats(-1, 10) | json_values,
+        "timeout_s": st.floats(-1, 0.02) | st.sampled_from([21, 3600, True]) | json_values,
+        "app_listeners": st.lists(addresses, max_size=4) | json_values,
+        "remote_listeners": st.lists(addresses, max_size=70) | json_values,
+        "peer_fingerprint": st.sampled_from([fingerprint, "0" * 64]) | json_values,
+        "peer_certificate": st.sampled_from([cert, cert.replace("A", "B", 1), "PEM"])
+                            | json_values,
+        "tls": st.booleans() | json_values,
+        "unknown": json_values,
+        "__class__": json_values,
+    }
+
+
+@st.composite
+def requests(draw, world: World):
+    fields = field_strategies(world)
+    if draw(st.integers(0, 9)) == 0:
+        return draw(json_values)  # not even an object
+    names = draw(st.lists(st.sampled_from(sorted(fields)), unique=True, max_size=8))
+    return {name: draw(fields[name]) for name in names}
+
+
+def _is_valid_reply(reply: object) -> bool:
+    try:
+        json.dumps(reply, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(reply, dict)
+
+
+@settings(max_examples=400, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_no_input_raises_and_no_refused_input_changes_state(world, data):
+    world.ensure_stream()
+    name = data.draw(st.sampled_from(sorted(functions.ALL)), label="function")
+    request = data.draw(requests(world), label="request")
+    before = dump_state(world.settings.state_dir)
+
+    reply = functions.ALL[name](request)
+
+    assert _is_valid_reply(reply), reply
+    if "error" in reply:
+        assert set(reply) == {"error"}
+        assert reply["error"]["code"] in ERROR_CODES, reply
+        assert reply["error"]["code"] != "SERVER_ERR", reply  # a bug, not bad input
+        assert dump_state(world.settings.state_dir) == before, (name, request, reply)
+    elif name == "reserve" and reply["uid"] != world.uid:
+        functions.release({"uid": reply["uid"]})  # valid by chance: clean up
+
+
+@pytest.mark.parametrize("name", sorted(functions.ALL))
+def test_a_request_that_is_not_json_data_is_bad_format(world, name):
+    """Objects no JSON document holds (sets, bytes, non-string keys) reach no logic."""
+    world.ensure_stream()
+    before = dump_state(world.settings.state_dir)
+    for request in ({"uid": {world.uid}}, {1: world.uid}, b"{}", {"uid": world.uid.encode()}):
+        reply = functions.ALL[name](request)
+        assert _is_valid_reply(reply)
+        assert "error" in reply and reply["error"]["code"] == "BAD_FORMAT", (request, reply)
+    assert dump_state(world.settings.state_dir) == before
