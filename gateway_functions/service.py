@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import hmac
+import os
 import shutil
 import socket
 import time
@@ -23,6 +24,7 @@ from scistream_gateway.errors import (
     ConnError,
     InvalidUid,
     NoResource,
+    ServerError,
     Unavailable,
 )
 from scistream_gateway.settings import GatewaySettings
@@ -41,15 +43,31 @@ MAX_CERT_PEM = 8192
 CERT_FILE, KEY_FILE, PEER_CERT_FILE = "cert.pem", "key.pem", "peer.pem"
 
 
+def _make_private(directory: Path) -> None:
+    """The state directory holds every stream's keys: it must be this user's alone.
+    On a multi-user gateway each Unix user has their own; one owned by someone else
+    is refused, a looser mode is tightened to 0700."""
+    info = directory.stat()
+    if info.st_uid != os.getuid():
+        raise ServerError(f"gateway state_dir {directory} belongs to uid {info.st_uid}, not "
+                          f"to uid {os.getuid()} that runs this gateway's functions")
+    if info.st_mode & 0o077:
+        os.chmod(directory, 0o700)
+
+
 class Gateway:
     """One gateway's state and proxies, opened for the length of one function call."""
 
     def __init__(self, settings: GatewaySettings):
         self.settings = settings
         settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _make_private(settings.state_dir)
         self.streams_dir = settings.state_dir / "streams"
         self.streams_dir.mkdir(mode=0o700, exist_ok=True)
-        self.store = Store(settings.state_dir / "state.sqlite3")
+        database = settings.state_dir / "state.sqlite3"
+        if not database.exists():  # created 0600, whatever the umask
+            os.close(os.open(database, os.O_WRONLY | os.O_CREAT, 0o600))
+        self.store = Store(database)
 
     def __enter__(self) -> Gateway:
         return self

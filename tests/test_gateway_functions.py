@@ -224,7 +224,10 @@ def test_a_dead_proxy_is_reported_and_release_cleans_up(gateways):
      BadFormat),
     ({"uid": str(uuid.uuid4()), "role": "BOTH", "num_conn": 1, "key_sha256": "0" * 64}, BadFormat),
     ({"uid": str(uuid.uuid4()), "role": "PROD", "num_conn": 0, "key_sha256": "0" * 64}, BadFormat),
+    # Over the gateway's max_num_conn is a refusal for lack of resources, not bad input.
     ({"uid": str(uuid.uuid4()), "role": "PROD", "num_conn": 65, "key_sha256": "0" * 64},
+     NoResource),
+    ({"uid": str(uuid.uuid4()), "role": "PROD", "num_conn": 70000, "key_sha256": "0" * 64},
      BadFormat),
     ({"uid": str(uuid.uuid4()), "role": "PROD", "num_conn": True, "key_sha256": "0" * 64},
      BadFormat),
