@@ -165,7 +165,11 @@ def survival_report(plan: LaunchPlan | None = None, cgroup: str | None = None) -
     report = {"launch": "systemd-scope" if plan.mode == "systemd" else "direct",
               "reason": plan.reason, "cgroup": cgroup or None,
               "survives_endpoint_restart": True, "warning": None}
-    if plan.mode == "direct" and services:
+    if plan.required and plan.mode != "systemd":
+        report["survives_endpoint_restart"] = False
+        report["warning"] = (f"{LAUNCH_ENV}=systemd but no systemd scope can be made here "
+                             f"({plan.reason}): every reserve will fail")
+    elif plan.mode == "direct" and services:
         report["survives_endpoint_restart"] = False
         report["warning"] = (
             f"proxies are started inside the cgroup of {services[-1]} ({plan.reason}): "
@@ -189,6 +193,9 @@ def spawn_detached(
     started directly instead, with a note in ``log_path``.
     """
     plan = plan or launch_plan()
+    if plan.required and plan.mode != "systemd":
+        raise ProxyStartError(f"{LAUNCH_ENV}=systemd, but no systemd scope can be made "
+                              f"here: {plan.reason}")
     if plan.mode == "systemd":
         try:
             return _spawn(argv, cwd=cwd, log_path=log_path, pass_fds=pass_fds,
