@@ -228,7 +228,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 1 if reply["warnings"] and args.strict else 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``scistream-gateway``."""
     parser = argparse.ArgumentParser(
         prog="scistream-gateway",
         description="Set up a SciStream gateway's Globus Compute endpoint.")
@@ -271,8 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the reply as JSON")
     p.add_argument("--strict", action="store_true", help="exit 1 if there are warnings")
     p.set_defaults(run=_cmd_info)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.run(args)
 
 

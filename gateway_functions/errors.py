@@ -16,7 +16,35 @@ meaning::
     ├── NotImplementedHere    NOT_IMPLEMENTED the gateway does not offer this
     └── Unavailable           UNAVAILABLE     the gateway or its backend cannot serve now
 
-The codes are those of SciStream's draft protocol spec.
+The codes are those of SciStream's draft protocol spec. Where each one comes from:
+
+- ``AUTH_ERROR``: ``hello`` with a key whose SHA-256 is not the stream's; ``connect``
+  with a ``peer_certificate`` that does not match ``peer_fingerprint``.
+- ``INVALID_UID``: a uid the gateway has no stream for (``status``, ``hello``,
+  ``wait_hello``, ``connect``, ``renew``), or a stream not in a state that allows the
+  call (``connect`` before the producer's hello, ``renew`` of a released stream).
+  ``release`` never returns it: releasing an unknown uid succeeds.
+- ``NO_RESOURCE``: the port range has fewer free ports than ``num_conn`` (the kernel
+  decides what is free), ``num_conn`` above the gateway's ``max_num_conn``, the rate
+  capacity would be exceeded, or a gateway with a capacity is asked for no rate. The
+  message says which.
+- ``CONN_ERROR``: a proxy could not be started (including no systemd scope where one
+  is required), refused ``connect``, or had died before ``connect``.
+- ``BAD_FORMAT``: any malformed request (not an object, unknown or missing fields,
+  uids, roles, addresses, numbers, lists), a repeated ``reserve`` with other
+  parameters, or a uid used again after its stream ended.
+- ``SERVER_ERR``: the gateway's own settings are missing or broken, its state
+  directory belongs to another user, or a bug (logged with a reference in the state
+  directory's ``gateway.log``).
+- ``TIMEOUT``: raised by the client, never returned by a gateway: every wait on the
+  gateway is bounded and reports where it got to (``wait_hello`` returns the stream's
+  state after ``timeout_s``), and the client raises ``TIMEOUT`` when its own deadline
+  for a call or for a loop of ``wait_hello`` passes.
+- ``NOT_IMPLEMENTED``: a function name the gateway does not have (``wire.handle``), or
+  a feature the configured proxy backend does not offer.
+- ``UNAVAILABLE``: the configured backend cannot run on this node, the gateway's own
+  address does not resolve, or its state database stayed locked by other workers for
+  longer than 60 s: the request was fine, try again later or elsewhere.
 """
 
 from __future__ import annotations

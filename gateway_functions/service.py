@@ -329,18 +329,24 @@ class Gateway:
             directory = self.stream_dir(uid)
             status = backend.status(stream.proxy, directory)
             if not status["alive"]:
+                # Recorded (committed), then reported: the stream is FAILED either way.
                 self.store.update(uid, state="FAILED", detail="proxy died before connect")
-                raise ConnError(f"the proxy of stream {uid} is not running")
-            if peer_cert is not None:
-                (directory / PEER_CERT_FILE).write_text(peer_cert)
-            targets = stream.app_listeners if stream.role == "PROD" else remote
-            try:
-                backend.connect(stream.proxy, directory, targets=targets, tls=tls,
-                                peer_cert_file=PEER_CERT_FILE if tls else None,
-                                peer_fingerprint=peer_fp)
-            except ProxyError as exc:
-                raise ConnError(str(exc)) from None
-            self.store.update(uid, state="CONNECTED", remote_listeners=remote, tls=int(tls))
+                failed = ConnError(f"the proxy of stream {uid} is not running")
+            else:
+                failed = None
+                if peer_cert is not None:
+                    (directory / PEER_CERT_FILE).write_text(peer_cert)
+                targets = stream.app_listeners if stream.role == "PROD" else remote
+                try:
+                    backend.connect(stream.proxy, directory, targets=targets, tls=tls,
+                                    peer_cert_file=PEER_CERT_FILE if tls else None,
+                                    peer_fingerprint=peer_fp)
+                except ProxyError as exc:
+                    (directory / PEER_CERT_FILE).unlink(missing_ok=True)
+                    raise ConnError(str(exc)) from None
+                self.store.update(uid, state="CONNECTED", remote_listeners=remote, tls=int(tls))
+        if failed is not None:
+            raise failed
         return reply
 
     def status(self, raw: object) -> dict:

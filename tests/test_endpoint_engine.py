@@ -5,6 +5,7 @@ what outlives the engine: proxies (worker and engine killed) and state (a restar
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import sqlite3
@@ -198,3 +199,42 @@ def test_lease_expiry_is_reaped_by_any_later_call(gateway_root):
         assert engine.call("status", {"uid": uid})["state"] == "EXPIRED"
         assert engine.call("renew", {"uid": uid})["error"]["code"] == "INVALID_UID"
         engine.call("release", {"uid": keep})
+
+
+def test_connect_to_a_dead_proxy_is_conn_error_and_the_failure_is_kept(gateway_root):
+    gw = make_gateway(gateway_root, "dead-ep")
+    with engine_for(gw.settings_path) as engine:
+        uid, _, reply = _reserve(engine, role="CONS")
+        os.kill(engine.call("status", {"uid": uid})["pid"], signal.SIGKILL)
+        with sqlite3.connect(gw.settings.state_dir / "state.sqlite3") as db:
+            proxy = db.execute("SELECT proxy FROM streams WHERE uid = ?", (uid,)).fetchone()
+        identity = ProcessIdentity(**json.loads(proxy[0]))
+        deadline = time.monotonic() + 5
+        while identity.alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        refused = engine.call("connect", {"uid": uid, "remote_listeners": ["127.0.0.1:9"],
+                                          "tls": False})
+        assert refused["error"]["code"] == "CONN_ERROR"
+        with sqlite3.connect(gw.settings.state_dir / "state.sqlite3") as db:
+            state = db.execute("SELECT state FROM streams WHERE uid = ?", (uid,)).fetchone()
+        assert state == ("FAILED",)  # recorded, not rolled back with the error
+        assert not (gw.settings.state_dir / "streams" / uid / "peer.pem").exists()
+        assert engine.call("release", {"uid": uid})["released"]
+        assert all(port_is_free(a) for a in reply["listeners"])
+
+
+def test_info_command_runs_gateway_info_on_the_engine(gateway_root, capsys):
+    from scistream_gateway.cli import main
+
+    gw = make_gateway(gateway_root, "info-ep")
+    assert main(["info", "--settings", str(gw.settings_path), "--json"]) == 0
+    reply = json.loads(capsys.readouterr().out)
+    assert reply["name"] == "info-ep" and reply["free_ports"] == 40
+    assert main(["info", "--settings", str(gw.settings_path)]) == 0
+    text = capsys.readouterr().out
+    assert "gateway info-ep" in text and "40 free; 0 active streams" in text
+    assert "proxies launched:" in text
+    broken = gateway_root / "broken.toml"
+    broken.write_text("[gateway]\nname = 'x'\n")
+    assert main(["info", "--settings", str(broken)]) == 1
+    assert "SERVER_ERR" in capsys.readouterr().out
