@@ -120,7 +120,7 @@ def test_proxies_survive_the_worker_and_the_engine_that_started_them(gateway_roo
         for worker in workers:  # the worker dies hard, as in an OOM kill
             os.kill(worker, signal.SIGKILL)
     finally:
-        engine.engine.shutdown(block=False)  # the endpoint engine goes away too
+        engine.close()  # the endpoint engine goes away too
     identity = ProcessIdentity.of(pid)
     deadline = time.monotonic() + 10
     while any(ProcessIdentity.of(w) for w in workers) and time.monotonic() < deadline:

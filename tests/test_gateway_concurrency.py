@@ -32,7 +32,7 @@ def test_fifty_processes_reserving_at_once_never_share_a_port(tmp_path, monkeypa
     # 50 streams of 2 ports each want 100 ports; the range has 90, so some must be
     # refused, cleanly, while the others share nothing.
     settings = GatewaySettings(name="busy", state_dir=tmp_path / "state",
-                               port_min=24600, port_max=24689)
+                               port_min=30100, port_max=30189)
     path = tmp_path / "gateway.toml"
     path.write_text(settings.to_toml())
     ctx = multiprocessing.get_context("spawn")  # fresh processes, as endpoint workers are
@@ -60,7 +60,7 @@ def test_fifty_processes_reserving_at_once_never_share_a_port(tmp_path, monkeypa
             ports = db.execute("SELECT port, uid FROM ports").fetchall()
         assert {uid for uid, _ in rows} == set(granted)  # refused ones left no row
         assert {state for _, state in rows} == {"RESERVED"}
-        assert sorted(p for p, _ in ports) == list(range(24600, 24690))
+        assert sorted(p for p, _ in ports) == list(range(30100, 30190))
         by_uid = {}
         for port, uid in ports:
             by_uid.setdefault(uid, []).append(f"127.0.0.1:{port}")
@@ -75,4 +75,4 @@ def test_fifty_processes_reserving_at_once_never_share_a_port(tmp_path, monkeypa
         for uid in replies:
             assert release({"uid": uid})["released"]
     assert proxy_pids(under=tmp_path) == []
-    assert all(port_is_free(f"127.0.0.1:{p}") for p in range(24600, 24690))
+    assert all(port_is_free(f"127.0.0.1:{p}") for p in range(30100, 30190))

@@ -23,7 +23,7 @@ from scistream_gateway.settings import GatewaySettings
 from scistream_proxy.leaks import port_is_free, proxy_pids
 
 USERS = ("scistream-test-a", "scistream-test-b")
-PORTS = (24900, 24911)  # both users get the same 12 ports
+PORTS = (30300, 30311)  # both users get the same 12 ports
 
 # Runs gateway functions through the endpoint engine as the calling (mapped) user.
 RUNNER = """

@@ -70,7 +70,7 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("properties")
-    w = World(root, 24400)
+    w = World(root, 30000)
     mp = pytest.MonkeyPatch()
     mp.setenv(CONFIG_ENV, str(w.path))
     w.ensure_stream()

@@ -53,7 +53,7 @@ class GatewayMachine(RuleBasedStateMachine):
     def start_gateway(self):
         self.root = Path(tempfile.mkdtemp(prefix="scistream-sm-"))
         self.settings = GatewaySettings(name="sm-gw", state_dir=self.root / "state",
-                                        port_min=24700, port_max=24711, max_num_conn=4,
+                                        port_min=30200, port_max=30211, max_num_conn=4,
                                         rate_capacity=CAPACITY)
         path = self.root / "gateway.toml"
         path.write_text(self.settings.to_toml())
