@@ -85,7 +85,10 @@ def test_expected_failures_come_back_as_error_replies_not_task_failures(gateway_
             ("hello", {"uid": str(uuid.uuid4()), "key": "k", "role": "PROD"}, "INVALID_UID"),
         ]
         for function, request, code in cases:
-            assert engine.call(function, request)["error"]["code"] == code
+            error = engine.call(function, request)["error"]
+            assert error["code"] == code, error
+            if function == "reserve" and code == "NO_RESOURCE":
+                assert "max_num_conn" in error["message"]
 
 
 def test_the_endpoint_refuses_pickled_arguments(gateway_root):
