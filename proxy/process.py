@@ -259,8 +259,15 @@ def _spawn(
             os.killpg(starter.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        if message is None and plan is not None and starter.returncode not in (0, None, -9):
-            raise _ScopeFailed(f"systemd-run exited with {starter.returncode}")
+        code = starter.returncode
+        if message is None and code not in (0, None, -signal.SIGKILL):
+            # It exited with an error before anything reported: with a scope, systemd-run
+            # itself most likely failed (no bus, no permission); its words are in the log.
+            if plan is not None:
+                raise _ScopeFailed(f"systemd-run or the proxy exited with {code} before "
+                                   "reporting ready")
+            raise ProxyStartError(f"proxy exited with {code} before reporting ready "
+                                  f"(see {log_path.name})")
         if message is None:
             raise ProxyStartError(f"proxy did not report ready within {ready_timeout_s} s")
         raise ProxyStartError(str(message["error"]))

@@ -162,3 +162,11 @@ def test_required_scope_refusal_reaches_the_caller_as_conn_error(gateway_root):
         assert info["active_streams"] == 0 and info["free_ports"] == 40
         assert "every reserve will fail" in info["warnings"][0]
     assert list((gw.settings.state_dir / "streams").iterdir()) == []
+
+
+def test_a_proxy_that_exits_before_reporting_says_so(tmp_path):
+    program = "import sys; print('no such key file', file=sys.stderr); sys.exit(3)"
+    with pytest.raises(ProxyStartError, match="exited with 3 before reporting ready"):
+        spawn_detached([sys.executable, "-c", program], cwd=tmp_path, log_path=tmp_path / "log",
+                       plan=LaunchPlan("direct"))
+    assert "no such key file" in (tmp_path / "log").read_text()
