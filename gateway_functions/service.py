@@ -3,7 +3,11 @@
 Each method takes the request dict of the wire contract, returns the reply dict, and
 raises a :class:`~scistream_gateway.errors.SciStreamError` for an expected failure.
 State changes happen inside one SQLite write transaction, and every call first reaps
-streams whose lease ran out, so a client that vanished leaks nothing.
+streams whose lease ran out, so a client that vanished leaks nothing. The request is
+checked before that: a malformed request is refused having changed nothing at all.
+Admission control (``NO_RESOURCE``): ``num_conn`` up to the gateway's
+``max_num_conn``, the sum of active rates up to ``rate_capacity``, and ports the
+kernel lets this gateway bind in its range.
 """
 
 from __future__ import annotations
