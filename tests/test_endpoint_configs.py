@@ -204,3 +204,13 @@ def test_register_reports_a_service_error(compute_service, tmp_path, capsys):
     assert main(["register", "--output", str(tmp_path / "f.json")]) == 2
     assert "403" in capsys.readouterr().err
     assert not (tmp_path / "f.json").exists()
+
+
+def test_shipped_identity_mapping_maps_only_its_own_domain():
+    from globus_identity_mapping.loader import load_mappers
+
+    text = (CONFIGS / "multi_user" / "identity_mapping.json").read_text()
+    (mapper,) = load_mappers(json.loads(text), "auth.globus.org")
+    assert mapper.map_identity({"id": "1", "username": "alice@example.org"}) == "alice"
+    assert mapper.map_identity({"id": "2", "username": "alice@example.org.evil.net"}) is None
+    assert mapper.map_identity({"id": "3", "username": "mallory@elsewhere.org"}) is None
