@@ -126,11 +126,11 @@ def field_strategies(world: World) -> dict:
     }
 
 
-def valid_requests(world: World) -> dict[str, dict]:
+def valid_requests(world: World, fresh_uid: str) -> dict[str, dict]:
     """A valid request for each function, about the world's stream where it takes one."""
     return {
         "gateway_info": {},
-        "reserve": {"uid": str(uuid.uuid4()), "role": "CONS", "num_conn": 1, "rate": 1000,
+        "reserve": {"uid": fresh_uid, "role": "CONS", "num_conn": 1, "rate": 1000,
                     "lease_s": 60, "key_sha256": "0" * 64},
         "hello": {"uid": world.uid, "key": KEY, "role": "PROD", "app_listeners": [APP]},
         "wait_hello": {"uid": world.uid, "timeout_s": 0},
@@ -150,7 +150,8 @@ def requests(draw, world: World, name: str):
     fields = field_strategies(world)
     if draw(st.integers(0, 9)) == 0:
         return draw(json_values)  # not even an object
-    request = dict(valid_requests(world)[name])
+    fresh_uid = str(draw(st.uuids(version=4)))
+    request = dict(valid_requests(world, fresh_uid)[name])
     for _ in range(draw(st.integers(0, 3))):
         op = draw(st.sampled_from(["drop", "replace", "replace", "add"]))
         if op == "drop" and request:
