@@ -386,11 +386,13 @@ def haproxy_counters(stream_dir: Path, socket_name: str, role: str) -> dict:
     def total(kind: str, column: str) -> int:
         return sum(int(r.get(column) or 0) for r in rows if r.get("svname") == kind)
 
-    # The app is HAProxy's server on the producer side and its client on the consumer side.
+    # HAProxy counts client -> server as "bin", server -> client as "bout". The app is
+    # HAProxy's server on the producer side and its client on the consumer side.
+    client_to_server, server_to_client = total("FRONTEND", "bin"), total("FRONTEND", "bout")
     if role == "PROD":
-        to_app, from_app = total("BACKEND", "bout"), total("BACKEND", "bin")
+        to_app, from_app = client_to_server, server_to_client
     else:
-        to_app, from_app = total("FRONTEND", "bout"), total("FRONTEND", "bin")
+        to_app, from_app = server_to_client, client_to_server
     return {
         "bytes": {"to_app": to_app, "from_app": from_app},
         "connections": {"active": total("FRONTEND", "scur"),
