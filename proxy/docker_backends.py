@@ -36,6 +36,7 @@ from scistream_proxy.external import (
     haproxy_counters,
     peer_common_name,
 )
+from scistream_proxy.launch import polled_inodes
 from scistream_proxy.process import ProcessIdentity, terminate
 from scistream_proxy.tls import write_private
 
@@ -187,6 +188,9 @@ class ContainerBackend(HeldPortsBackend):
                 network_mode="host", user=f"{os.getuid()}:{os.getgid()}",
                 working_dir=CONF_DIR, mounts=mounts, read_only=True, cap_drop=["ALL"],
                 security_opt=["no-new-privileges"], init=False,
+                # nginx started as root hands its workers to `nobody`, which needs these
+                # two (the key was read before, by the master).
+                cap_add=["SETUID", "SETGID"] if os.getuid() == 0 else None,
             )
         except ImageNotFound:
             raise ProxyUnavailable(f"image {self.image} is missing: build it with "
@@ -196,7 +200,7 @@ class ContainerBackend(HeldPortsBackend):
         record = {"container": container.id, "container_name": name}
         write_private(stream_dir / "container.json", str(container.id).encode())
         try:
-            self._wait_ready(container, handle, stream_dir)
+            self._wait_ready(container, handle, stream_dir, holder)
         except ProxyError:
             container.remove(force=True)
             (stream_dir / "container.json").unlink(missing_ok=True)
@@ -204,8 +208,32 @@ class ContainerBackend(HeldPortsBackend):
         self._stop_holder(stream_dir, holder)
         return {**handle, **record, "holder": None, "tls": tls}
 
-    def _wait_ready(self, container, handle: dict, stream_dir: Path) -> None:
+    @staticmethod
+    def _polls_every_port(pid: int, addresses: list[tuple[str, int]],
+                          holder_inodes: set[int]) -> bool:
+        """Every port has a listening socket of the container's own (not the holder's)
+        in an epoll instance of the container's processes: they accept."""
+        if pid <= 0:
+            return False
+        polled = polled_inodes(pid)
+        for host, port in addresses:
+            own = _listening_inodes(host, port) - holder_inodes
+            if not any(f"socket:[{inode}]" in polled for inode in own):
+                return False
+        return True
+
+    def _wait_ready(self, container, handle: dict, stream_dir: Path,
+                    holder: ProcessIdentity) -> None:
         from docker.errors import DockerException
+
+        holder_inodes = set()
+        for fd in Path(f"/proc/{holder.pid}/fd").iterdir():
+            try:
+                link = os.readlink(fd)
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                holder_inodes.add(int(link[8:-1]))
 
         addresses = []
         for listener in handle["listeners"]:
@@ -221,9 +249,8 @@ class ContainerBackend(HeldPortsBackend):
             if container.status not in ("created", "running"):
                 logs = container.logs(tail=20).decode(errors="replace").strip()
                 raise ProxyError(f"{self.name} container {container.status}: {logs}")
-            # The holder's socket plus the container's own, for every port.
-            if container.status == "running" and all(
-                    len(_listening_inodes(h, p)) >= 2 for h, p in addresses) \
+            if container.status == "running" and self._polls_every_port(
+                    container.attrs["State"].get("Pid") or 0, addresses, holder_inodes) \
                     and self.ready_extra(stream_dir):
                 return
             if time.monotonic() >= deadline:
