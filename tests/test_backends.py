@@ -261,3 +261,4 @@ def test_a_missing_binary_makes_reserve_unavailable(gateway_root, monkeypatch):
     info = gateway.call("gateway_info", {})
     assert info["backends"]["stunnel"]["available"] is False
     assert info["active_streams"] == 0 and info["free_ports"] == 40
+
