@@ -207,8 +207,12 @@ class HeldPortsBackend(ProxyBackend):
         finally:
             for fd in fds:
                 os.close(fd)
-        record = {"pid": identity.pid, "start_time": identity.start_time,
-                  "sid": os.getsid(identity.pid)}
+        try:
+            sid = os.getsid(identity.pid)
+        except ProcessLookupError:
+            raise ProxyError(f"{self.name} exited right after it was ready: "
+                             f"see {PROXY_LOG} in the stream directory") from None
+        record = {"pid": identity.pid, "start_time": identity.start_time, "sid": sid}
         write_private(stream_dir / PROCESS_FILE, json.dumps(record).encode())
         self._stop_holder(stream_dir, holder)
         return {**handle, **record, "holder": None, "tls": tls}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -262,3 +263,41 @@ def test_a_missing_binary_makes_reserve_unavailable(gateway_root, monkeypatch):
     assert info["backends"]["stunnel"]["available"] is False
     assert info["active_streams"] == 0 and info["free_ports"] == 40
 
+
+
+def test_the_holder_steers_a_reuseport_group_to_the_proxys_socket():
+    """The classic-BPF program the holder attaches for container backends: once a
+    second socket (the container's) joins the port, every new connection goes to it."""
+    from scistream_proxy.holder import _attach_steering
+
+    def listener(port: int = 0) -> socket.socket:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(64)
+        return sock
+
+    held = listener()
+    port = held.getsockname()[1]
+    _attach_steering(held)
+    early = socket.create_connection(("127.0.0.1", port))  # only the holder listens yet
+    proxy = listener(port)
+    late = [socket.create_connection(("127.0.0.1", port)) for _ in range(16)]
+    try:
+        held.setblocking(False)
+        proxy.settimeout(5)
+        accepted_by_proxy = [proxy.accept()[0] for _ in late]
+        queued_at_holder = []
+        while True:
+            try:
+                queued_at_holder.append(held.accept()[0])
+            except BlockingIOError:
+                break
+        assert len(accepted_by_proxy) == 16
+        assert len(queued_at_holder) == 1  # the early one, and only it
+        for conn in accepted_by_proxy + queued_at_holder:
+            conn.close()
+    finally:
+        for sock in [early, held, proxy, *late]:
+            sock.close()
