@@ -87,9 +87,13 @@ class Gateway:
         if not self.store.expired(now):  # the common case: a read, no write lock
             return []
         with self.store.transaction():
-            uids = self.store.expired(now)
-            for uid in uids:
-                self._cleanup(self._lookup(uid), "EXPIRED", "lease expired")
+            uids = []
+            for uid in self.store.expired(now):
+                try:
+                    self._cleanup(self._lookup(uid), "EXPIRED", "lease expired")
+                except ProxyUnavailable:
+                    continue  # its container engine is away: reaped by a later call
+                uids.append(uid)
         return uids
 
     def _lease(self, request: Request) -> int:
@@ -348,7 +352,10 @@ class Gateway:
                  "listeners": stream.listeners, "detail": stream.detail}
         if stream.proxy is None:
             return reply
-        proxy = get_backend(stream.backend).status(stream.proxy, self.stream_dir(uid))
+        try:
+            proxy = get_backend(stream.backend).status(stream.proxy, self.stream_dir(uid))
+        except ProxyUnavailable as exc:  # e.g. no container engine to ask
+            raise Unavailable(f"status of stream {uid}: {exc}") from None
         reply.update(alive=proxy["alive"], bytes=proxy.get("bytes"),
                      connections=proxy.get("connections"), pid=proxy.get("pid"))
         if proxy.get("detail"):  # e.g. which counters this backend does not expose
@@ -378,6 +385,9 @@ class Gateway:
         with self.store.transaction():
             stream = self.store.get(uid)
             if stream is not None and stream.active:
-                self._cleanup(stream, "RELEASED")
+                try:
+                    self._cleanup(stream, "RELEASED")
+                except ProxyUnavailable as exc:  # nothing changed: release again later
+                    raise Unavailable(f"cannot release stream {uid} now: {exc}") from None
         return {"uid": uid, "released": True}
 

@@ -263,10 +263,8 @@ class ContainerBackend(HeldPortsBackend):
     def status(self, handle, stream_dir):
         if not handle.get("container"):
             return super().status(handle, stream_dir)
-        try:
-            client = docker_client(timeout_s=10)
-        except ProxyUnavailable as exc:
-            return {"alive": False, "bytes": None, "pid": None, "detail": str(exc)}
+        # No engine to ask is not a dead container: ProxyUnavailable, not alive=False.
+        client = docker_client(timeout_s=10)
         from docker.errors import DockerException, NotFound
 
         try:
@@ -275,7 +273,7 @@ class ContainerBackend(HeldPortsBackend):
         except NotFound:
             return {"alive": False, "bytes": None, "pid": None, "detail": "container is gone"}
         except DockerException as exc:
-            return {"alive": False, "bytes": None, "pid": None, "detail": str(exc)}
+            raise ProxyUnavailable(f"Docker engine at {docker_host()}: {exc}") from None
         finally:
             client.close()
         if state.get("Status") != "running":

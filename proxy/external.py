@@ -133,7 +133,6 @@ class HeldPortsBackend(ProxyBackend):
 
     binaries: tuple[str, ...] = ()
     reuseport = False  # the holder's sockets join a SO_REUSEPORT group (containers)
-    rate_detail = "rate limits are not enforced by this backend"
     counters_detail = "byte counters are not exposed by this backend"
 
     # -- discovery --------------------------------------------------------------
@@ -146,7 +145,7 @@ class HeldPortsBackend(ProxyBackend):
 
     def unavailable_reason(self) -> str | None:
         if self.binary() is None:
-            return f"{' or '.join(self.binaries)} not found on PATH"
+            return f"{' or '.join(self.binaries)} not found on PATH (nor in /usr/sbin, /sbin)"
         return None
 
     # -- reserve ------------------------------------------------------------------

@@ -279,3 +279,32 @@ def test_a_connection_before_connect_is_reset_not_silently_dropped(docker_root, 
     else:
         assert received == 0 and "reset 1 connection" in log
     assert_nothing_left(chain, docker_root)
+
+
+@needs("nginx-docker")
+def test_an_engine_that_went_away_is_unavailable_and_loses_nothing(docker_root, producer_app,
+                                                                    monkeypatch):
+    """status and release while the engine cannot be reached: UNAVAILABLE, the stream
+    and its container stay as they were (not reported dead), and a later release
+    removes everything."""
+    from scistream_gateway.errors import Unavailable as UnavailableError
+
+    producer, consumer = chain_gateways(docker_root, "nginx-docker", "native")
+    app = producer_app(1, 1024)
+    chain = reserve_pair(producer, consumer, 1)
+    try:
+        connect_pair(chain, app.listeners)
+        monkeypatch.setenv("DOCKER_HOST", f"unix://{docker_root}/no-engine.sock")
+        # Another pool of workers for the same gateway, started without an engine.
+        cut_off = LocalGateway(settings_path=producer.settings_path, workers=3)
+        with pytest.raises(UnavailableError, match="no Docker engine answers"):
+            cut_off.call("status", {"uid": chain.uid})
+        with pytest.raises(UnavailableError, match="cannot release"):
+            cut_off.call("release", {"uid": chain.uid})
+        monkeypatch.undo()
+        status = producer.call("status", {"uid": chain.uid})
+        assert status["state"] == "CONNECTED" and status["alive"] is True
+        assert len(containers_of(docker_root)) == 1
+    finally:
+        chain.release()
+    assert_nothing_left(chain, docker_root)
