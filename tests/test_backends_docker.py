@@ -41,16 +41,22 @@ def make_gateway(root: Path, name: str, **settings) -> LocalGateway:
 
 
 def _namespace_reason() -> str | None:
-    try:
-        same = os.readlink("/proc/self/ns/net") == os.readlink("/proc/1/ns/net")
-    except OSError:
-        same = True  # cannot tell: assume the usual single namespace
-    return None if same else ("container backends: the Docker engine's host network is the "
-                              "root network namespace, and this test runs in another one")
+    """Why host-networked containers are out of this test's reach: the engine (a local
+    dockerd) runs in another network namespace than this test (unshare --net)."""
+    mine = os.readlink("/proc/self/ns/net")
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "comm").read_text().strip() == "dockerd" \
+                    and os.readlink(proc / "ns" / "net") != mine:
+                return ("container backends: the Docker engine's host network is another "
+                        "network namespace than this test's")
+        except OSError:
+            continue
+    return None
 
 
 def needs(*names: str):
-    reasons = [r for r in (skip_reason(n) for n in names if n != "native") if r]
+    reasons = [r for r in (_backend_skip_reason(n) for n in names if n != "native") if r]
     reasons += [r for r in (_namespace_reason(),) if r]
     return pytest.mark.skipif(bool(reasons), reason="; ".join(reasons))
 
