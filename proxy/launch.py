@@ -86,6 +86,7 @@ def _exec_child(spec: dict, ready_fd: int) -> None:
     """In the forked child: descriptors in place, environment set, exec the proxy."""
     try:
         os.close(ready_fd)
+        os.umask(0o077)  # what the proxy creates (pid file, stats socket) is private too
         high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 1000) for fd in spec["listen_fds"]]
         for index, fd in enumerate(high):
             os.dup2(fd, FD_BASE + index, inheritable=True)

@@ -38,7 +38,9 @@ def needs(*names: str):
 
 
 def pairs():
-    """native<->each (both ways) and each<->itself, TLS and plain."""
+    """native<->each (both ways) and each<->itself, TLS and plain; and the external
+    backends with each other, once each way round."""
+    crossed = [("stunnel", "haproxy"), ("haproxy", "nginx"), ("nginx", "stunnel")]
     for name in EXTERNAL:
         for prod, cons in (("native", name), (name, "native"), (name, name)):
             for tls in (True, False):
@@ -46,6 +48,8 @@ def pairs():
                     continue  # stunnel only relays TLS: refused, tested below
                 yield pytest.param(prod, cons, tls, id=f"{prod}-{cons}-{'tls' if tls else 'plain'}",
                                    marks=needs(prod, cons))
+    for prod, cons in crossed:
+        yield pytest.param(prod, cons, True, id=f"{prod}-{cons}-tls", marks=needs(prod, cons))
 
 
 def chain_gateways(root: Path, prod: str, cons: str):
@@ -301,3 +305,31 @@ def test_the_holder_steers_a_reuseport_group_to_the_proxys_socket():
     finally:
         for sock in [early, held, proxy, *late]:
             sock.close()
+
+
+@pytest.mark.parametrize("name", EXTERNAL)
+def test_configs_and_keys_are_private(gateway_root, producer_app, name):
+    """Everything a backend writes into the 0700 stream directory is 0600; only the two
+    certificates (public by nature) and sockets are not."""
+    import stat
+
+    if skip_reason(name):
+        pytest.skip(skip_reason(name))
+    producer, consumer = chain_gateways(gateway_root, name, name)
+    app = producer_app(1, 1024)
+    chain = reserve_pair(producer, consumer, 1)
+    try:
+        connect_pair(chain, app.listeners)
+        for gw in (producer, consumer):
+            directory = gw.settings.state_dir / "streams" / chain.uid
+            assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+            written = {}
+            for path in directory.iterdir():
+                mode = path.lstat().st_mode
+                if stat.S_ISREG(mode) and path.name not in ("cert.pem", "peer.pem"):
+                    written[path.name] = stat.S_IMODE(mode)
+            assert written and set(written.values()) == {0o600}, written
+            assert {"key.pem", "launch.json"} <= set(written)
+    finally:
+        chain.release()
+    assert_nothing_left(chain, gateway_root)
