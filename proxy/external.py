@@ -25,6 +25,7 @@ import shutil
 import socket
 import sys
 from pathlib import Path
+from string import Template
 
 from scistream_proxy.backends import ProxyBackend, ProxyError, ProxySpec
 from scistream_proxy.process import ProcessIdentity, ProxyStartError, spawn_detached, terminate
@@ -40,6 +41,18 @@ READY_TIMEOUT_S = 10.0
 
 def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def render_template(name: str, **values: object) -> str:
+    """A config template of ``scistream_proxy/templates`` with ``$names`` filled in.
+
+    Every value is ours or passed the gateway's validation (addresses, numbers, file
+    names relative to the stream directory); a missing one is a KeyError, not a gap.
+    """
+    from importlib.resources import files
+
+    text = files("scistream_proxy").joinpath("templates", name).read_text()
+    return Template(text).substitute(values)
 
 
 def unix_request(stream_dir: Path, name: str, payload: bytes, timeout_s: float = 5.0,
@@ -284,27 +297,13 @@ class StunnelBackend(HeldPortsBackend):
         if not tls:
             raise ProxyError("stunnel cannot relay without TLS")
         _ssl_files(stream_dir, tls)
-        lines = [
-            "; rendered by scistream_proxy for one stream end; paths are relative to",
-            "; the stream directory, the proxy's working directory",
-            "foreground = yes", "pid =", "syslog = no", "debug = notice",
-        ]
         server = handle["role"] == "PROD"
-        for index, listener in enumerate(handle["listeners"]):
-            lines += [
-                "", f"[conn{index}]",
-                # The listening socket is inherited (LISTEN_FDS), matched by this address.
-                f"accept = {listener}",
-                f"connect = {targets[index % len(targets)]}",
-                "client = " + ("no" if server else "yes"),
-                "cert = cert.pem", "key = key.pem",
-                # The peer's certificate is the only trust anchor, and verifyPeer also
-                # requires the presented certificate to be that very one (pinning).
-                f"CAfile = {peer_cert_file}", "verifyPeer = yes",
-                "sslVersionMin = TLSv1.3", "sslVersionMax = TLSv1.3",
-                "sessionCacheSize = 1", "TIMEOUTidle = 86400",
-            ]
-        write_private(stream_dir / "stunnel.conf", ("\n".join(lines) + "\n").encode())
+        text = render_template("stunnel.conf") + "".join(
+            render_template("stunnel-service.conf", index=index, listener=listener,
+                            target=targets[index % len(targets)],
+                            client="no" if server else "yes", peer_cert=peer_cert_file)
+            for index, listener in enumerate(handle["listeners"]))
+        write_private(stream_dir / "stunnel.conf", text.encode())
         return {"argv": [self.binary(), "stunnel.conf"], "env": {"PATH": "/usr/bin:/bin"},
                 "listen_pid_env": True,
                 "ready": {"kind": "log", "pattern": "Configuration successful"}}
@@ -320,37 +319,22 @@ class HAProxyBackend(HeldPortsBackend):
     def config(self, handle: dict, *, targets: list[str], tls: bool, peer_cert_file: str | None,
                binds: list[str], stats: str) -> str:
         server = handle["role"] == "PROD"
-        lines = [
-            "# rendered by scistream_proxy for one stream end; file names are relative to",
-            "# the stream directory, the proxy's working directory",
-            "global",
-            f"    stats socket {stats} mode 600 level operator",
-            "    log stderr format short local0 notice",
-            "defaults",
-            "    mode tcp",
-            "    log global",
-            "    timeout connect 10s",
-            "    timeout client 24h",
-            "    timeout server 24h",
-        ]
+        # The peer's certificate is the only CA; on the producer side the exact
+        # fingerprint of what the peer presents is checked too.
+        tls_options = (f" ssl crt haproxy.pem ca-file {peer_cert_file} verify required"
+                       " ssl-min-ver TLSv1.3 ssl-max-ver TLSv1.3")
+        rule = ("    tcp-request session reject unless "
+                f"{{ ssl_c_der,sha2(256),hex,lower -m str {handle.get('peer_fp')} }}\n")
+        parts = [render_template("haproxy.cfg", stats=stats)]
         for index, bind in enumerate(binds):
-            target = targets[index % len(targets)]
-            bind_line = f"    bind {bind}"
-            server_line = f"    server target {target}"
-            if tls and server:
-                # The peer's certificate is the only CA; the exact fingerprint is checked too.
-                bind_line += (f" ssl crt haproxy.pem ca-file {peer_cert_file} verify required"
-                              " ssl-min-ver TLSv1.3 ssl-max-ver TLSv1.3")
-            elif tls:
-                server_line += (f" ssl crt haproxy.pem ca-file {peer_cert_file} verify required"
-                                " ssl-min-ver TLSv1.3 ssl-max-ver TLSv1.3 no-ssl-reuse")
-            lines += ["", f"frontend conn{index}", bind_line, f"    default_backend target{index}"]
-            if tls and server:
-                fingerprint = handle["peer_fp"]
-                lines.append("    tcp-request session reject unless "
-                             f"{{ ssl_c_der,sha2(256),hex,lower -m str {fingerprint} }}")
-            lines += [f"backend target{index}", server_line]
-        return "\n".join(lines) + "\n"
+            parts.append(render_template(
+                "haproxy-connection.cfg", index=index, bind=bind,
+                target=targets[index % len(targets)],
+                bind_tls=tls_options if tls and server else "",
+                server_tls=tls_options + " no-ssl-reuse" if tls and not server else "",
+                session_rule=rule if tls and server else "",
+            ))
+        return "".join(parts)
 
     def _write_tls(self, stream_dir: Path, handle: dict, tls: bool, peer_fp: str | None) -> None:
         if tls:
@@ -439,56 +423,37 @@ class NginxBackend(HeldPortsBackend):
     def config(handle: dict, *, targets: list[str], tls: bool, peer_cert_file: str | None,
                listens: list[str], load_module: str | None, pid_file: str) -> str:
         server = handle["role"] == "PROD"
-        num_conn = len(handle["listeners"])
-        lines = [
-            "# rendered by scistream_proxy for one stream end; file names are relative to",
-            "# the stream directory (nginx's prefix)",
-        ]
-        if load_module:
-            lines.append(f"load_module {load_module};")
-        lines += [
-            "daemon off;",  # the launcher tracks this very process
-            "worker_processes 1;",
-            f"pid {pid_file};",
-            "error_log stderr notice;",
-            "events { worker_connections 1024; }",
-            "stream {",
-        ]
-        for index, listen in enumerate(listens):
-            target = targets[index % len(targets)]
-            lines += ["    server {", f"        listen {listen}{' ssl' if tls and server else ''};",
-                      f"        proxy_pass {target};",
-                      "        proxy_timeout 24h;"]
-            if handle["rate"]:
-                # nginx limits each connection; the stream's rate is split evenly.
-                per_conn = max(1, handle["rate"] * 1000 // 8 // num_conn)
-                lines += [f"        proxy_download_rate {per_conn};",
-                          f"        proxy_upload_rate {per_conn};"]
-            if tls and server:
-                lines += [
-                    "        ssl_certificate cert.pem;",
-                    "        ssl_certificate_key key.pem;",
-                    "        ssl_protocols TLSv1.3;",
-                    # The peer's certificate is the only trust anchor (pinning).
-                    f"        ssl_client_certificate {peer_cert_file};",
-                    "        ssl_verify_client on;",
-                    "        ssl_session_tickets off;",
-                ]
-            elif tls:
-                lines += [
-                    "        proxy_ssl on;",
-                    "        proxy_ssl_certificate cert.pem;",
-                    "        proxy_ssl_certificate_key key.pem;",
-                    "        proxy_ssl_protocols TLSv1.3;",
-                    f"        proxy_ssl_trusted_certificate {peer_cert_file};",
-                    "        proxy_ssl_verify on;",
-                    # nginx also checks the name: the pinned certificate's own name.
-                    f"        proxy_ssl_name \"{handle['peer_name']}\";",
-                    "        proxy_ssl_session_reuse off;",
-                ]
-            lines.append("    }")
-        lines.append("}")
-        return "\n".join(lines) + "\n"
+        extra = []
+        if handle["rate"]:
+            # nginx limits each connection; the stream's rate is split evenly.
+            per_conn = max(1, handle["rate"] * 1000 // 8 // len(listens))
+            extra += [f"proxy_download_rate {per_conn};", f"proxy_upload_rate {per_conn};"]
+        if tls and server:
+            extra += [
+                "ssl_certificate cert.pem;", "ssl_certificate_key key.pem;",
+                "ssl_protocols TLSv1.3;",
+                "# The peer's certificate is the only trust anchor (pinning).",
+                f"ssl_client_certificate {peer_cert_file};", "ssl_verify_client on;",
+                "ssl_session_tickets off;",
+            ]
+        elif tls:
+            extra += [
+                "proxy_ssl on;", "proxy_ssl_certificate cert.pem;",
+                "proxy_ssl_certificate_key key.pem;", "proxy_ssl_protocols TLSv1.3;",
+                "# The peer's certificate is the only trust anchor (pinning); nginx also",
+                "# checks a name: the pinned certificate's own.",
+                f"proxy_ssl_trusted_certificate {peer_cert_file};", "proxy_ssl_verify on;",
+                f"proxy_ssl_name \"{handle.get('peer_name')}\";",
+                "proxy_ssl_session_reuse off;",
+            ]
+        servers = "".join(
+            render_template("nginx-server.conf", listen=listen,
+                            listen_ssl=" ssl" if tls and server else "",
+                            target=targets[index % len(targets)],
+                            extra="".join(f"        {line}\n" for line in extra))
+            for index, listen in enumerate(listens))
+        return render_template("nginx.conf", servers=servers, pid_file=pid_file,
+                               load_module=f"load_module {load_module};" if load_module else "")
 
     def render(self, stream_dir, handle, *, targets, tls, peer_cert_file):
         if tls:
