@@ -335,3 +335,24 @@ def test_configs_and_keys_are_private(gateway_root, producer_app, name):
     finally:
         chain.release()
     assert_nothing_left(chain, gateway_root)
+
+
+def test_the_backend_bench_stays_runnable(tmp_path):
+    """A tiny run of bench/backends.py (no figure asserted, only that it measured)."""
+    import json
+    import subprocess
+    import sys
+
+    bench = Path(__file__).parent.parent / "bench" / "backends.py"
+    proc = subprocess.run(
+        [sys.executable, str(bench), "--backends", "native,haproxy", "--streams", "1",
+         "--rounds", "1", "--bytes", "1MiB", "--num-conn", "2", "--port-base", "21000",
+         "--json"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)["backends"]
+    assert result["native"]["setup_s"]["n"] == 1
+    assert result["native"]["throughput_gbit_s"] > 0
+    assert "skipped" in result["haproxy"] or result["haproxy"]["throughput_gbit_s"] > 0
