@@ -22,8 +22,8 @@ $(DEMO_STAMP): pyproject.toml | $(BIN)/python
 	@touch $@
 
 $(TEST_STAMP): pyproject.toml | $(BIN)/python
-	@echo "installing scistream-prefect (client, gateway, dev) into $(VENV) ..."
-	@$(BIN)/pip install --quiet -e '.[client,gateway,dev]'
+	@echo "installing scistream-prefect (client, gateway, docker, dev) into $(VENV) ..."
+	@$(BIN)/pip install --quiet -e '.[client,gateway,docker,dev]'
 	@touch $@ $(DEMO_STAMP)
 
 demo: $(DEMO_STAMP)

@@ -28,13 +28,20 @@ from scistream_gateway.errors import (
     ConnError,
     InvalidUid,
     NoResource,
+    NotImplementedHere,
     ServerError,
     Unavailable,
 )
 from scistream_gateway.settings import GatewaySettings
 from scistream_gateway.store import Store, StreamRow
 from scistream_gateway.validation import Request, format_address
-from scistream_proxy.backends import BACKENDS, ProxyError, ProxySpec, get_backend
+from scistream_proxy.backends import (
+    BACKENDS,
+    ProxyError,
+    ProxySpec,
+    ProxyUnavailable,
+    get_backend,
+)
 from scistream_proxy.process import survival_report
 from scistream_proxy.tls import fingerprint_of_pem, generate_certificate
 
@@ -104,18 +111,26 @@ class Gateway:
         if not self.store.expired(now):  # the common case: a read, no write lock
             return []
         with self.store.transaction():
-            uids = self.store.expired(now)
-            for uid in uids:
-                self._cleanup(self._lookup(uid), "EXPIRED", "lease expired")
+            uids = []
+            for uid in self.store.expired(now):
+                try:
+                    self._cleanup(self._lookup(uid), "EXPIRED", "lease expired")
+                except ProxyUnavailable:
+                    continue  # its container engine is away: reaped by a later call
+                uids.append(uid)
         return uids
 
     def _lease(self, request: Request) -> int:
         return request.integer("lease_s", 1, self.settings.max_lease_s,
                                default=self.settings.default_lease_s)
 
-    def _bind_listeners(self, host: str, count: int) -> list[socket.socket]:
+    def _bind_listeners(self, host: str, count: int, reuseport: bool = False
+                        ) -> list[socket.socket]:
         """Bind ``count`` ports of the range on ``host``. The kernel decides: a port
-        another process (or another user's gateway state) holds fails to bind."""
+        another process (or another user's gateway state) holds fails to bind.
+
+        ``reuseport``: for backends whose proxy binds the port itself (containers): only
+        a socket of this same uid can join the port then (see scistream_proxy.holder)."""
         used = self.store.used_ports()
         try:
             family = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][0]
@@ -127,6 +142,8 @@ class Gateway:
                 continue
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuseport:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             try:
                 sock.bind((host, port))
                 sock.listen(512)
@@ -197,6 +214,10 @@ class Gateway:
         reason = backend.unavailable_reason()
         if reason:
             raise Unavailable(f"backend {s.backend} is not usable on {s.name}: {reason}")
+        if rate and not backend.supports_rate:
+            raise NotImplementedHere(f"backend {s.backend} of {s.name} cannot enforce a rate "
+                                     "limit; ask for rate 0 (unlimited) or use a gateway whose "
+                                     "backend enforces rates")
 
         with self.store.transaction():
             existing = self.store.get(uid)
@@ -219,7 +240,7 @@ class Gateway:
                                  f"{s.rate_capacity} kbit/s in use, {rate} asked")
 
             host = s.wan_address if role == "PROD" else s.lan_address
-            sockets = self._bind_listeners(host, num_conn)
+            sockets = self._bind_listeners(host, num_conn, backend.reuseport)
             directory = self.stream_dir(uid)
             handle = None
             try:
@@ -231,7 +252,7 @@ class Gateway:
                 )
                 handle = backend.start(ProxySpec(
                     uid=uid, role=role, stream_dir=directory, sockets=sockets, rate=rate,
-                    cert_file=CERT_FILE, key_file=KEY_FILE,
+                    cert_file=CERT_FILE, key_file=KEY_FILE, gateway=s.name,
                 ))
                 stream = StreamRow(
                     uid=uid, role=role, state="RESERVED", num_conn=num_conn, rate=rate,
@@ -319,6 +340,8 @@ class Gateway:
         with self.store.transaction():
             stream = self._lookup(uid)
             backend = get_backend(stream.backend)
+            if not tls and not backend.supports_plain:
+                raise NotImplementedHere(f"backend {stream.backend} cannot relay without TLS")
             reply = {"uid": uid, "state": "CONNECTED", "listeners": stream.listeners,
                      "backend": stream.backend}
             if stream.state == "CONNECTED":
@@ -342,13 +365,16 @@ class Gateway:
                     (directory / PEER_CERT_FILE).write_text(peer_cert)
                 targets = stream.app_listeners if stream.role == "PROD" else remote
                 try:
-                    backend.connect(stream.proxy, directory, targets=targets, tls=tls,
-                                    peer_cert_file=PEER_CERT_FILE if tls else None,
-                                    peer_fingerprint=peer_fp)
+                    handle = backend.connect(stream.proxy, directory, targets=targets, tls=tls,
+                                             peer_cert_file=PEER_CERT_FILE if tls else None,
+                                             peer_fingerprint=peer_fp)
                 except ProxyError as exc:
                     (directory / PEER_CERT_FILE).unlink(missing_ok=True)
+                    if isinstance(exc, ProxyUnavailable):
+                        raise Unavailable(str(exc)) from None
                     raise ConnError(str(exc)) from None
-                self.store.update(uid, state="CONNECTED", remote_listeners=remote, tls=int(tls))
+                self.store.update(uid, state="CONNECTED", remote_listeners=remote,
+                                  tls=int(tls), proxy=handle or stream.proxy)
         if failed is not None:
             raise failed
         return reply
@@ -362,9 +388,14 @@ class Gateway:
                  "listeners": stream.listeners, "detail": stream.detail}
         if stream.proxy is None:
             return reply
-        proxy = get_backend(stream.backend).status(stream.proxy, self.stream_dir(uid))
+        try:
+            proxy = get_backend(stream.backend).status(stream.proxy, self.stream_dir(uid))
+        except ProxyUnavailable as exc:  # e.g. no container engine to ask
+            raise Unavailable(f"status of stream {uid}: {exc}") from None
         reply.update(alive=proxy["alive"], bytes=proxy.get("bytes"),
                      connections=proxy.get("connections"), pid=proxy.get("pid"))
+        if proxy.get("detail"):  # e.g. which counters this backend does not expose
+            reply["proxy_detail"] = proxy["detail"]
         if not proxy["alive"] and stream.state != "FAILED":
             with self.store.transaction():
                 if self.store.get(uid).state == stream.state:
@@ -390,6 +421,9 @@ class Gateway:
         with self.store.transaction():
             stream = self.store.get(uid)
             if stream is not None and stream.active:
-                self._cleanup(stream, "RELEASED")
+                try:
+                    self._cleanup(stream, "RELEASED")
+                except ProxyUnavailable as exc:  # nothing changed: release again later
+                    raise Unavailable(f"cannot release stream {uid} now: {exc}") from None
         return {"uid": uid, "released": True}
 

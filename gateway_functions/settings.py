@@ -11,7 +11,8 @@ Example (every key but ``name`` and ``state_dir`` has the default shown)::
     port_range = [50000, 50999]          # inclusive; one port per connection
     max_num_conn = 64                    # per stream
     rate_capacity = 0                    # kbit/s summed over active streams; 0 = unlimited
-    backend = "native"
+    backend = "native"                   # native, stunnel, haproxy, nginx,
+                                         # haproxy-docker, nginx-docker (docs/backends.md)
     default_lease_s = 3600
     max_lease_s = 86400
 """
@@ -80,6 +81,10 @@ class GatewaySettings:
         for key in ("max_num_conn", "default_lease_s", "max_lease_s"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 problems.append(f"{key} must be a positive integer")
+        from scistream_proxy.backends import BACKENDS
+
+        if self.backend not in BACKENDS:
+            problems.append(f"backend must be one of {sorted(BACKENDS)}")
         if not isinstance(self.rate_capacity, int) or self.rate_capacity < 0:
             problems.append("rate_capacity must be an integer >= 0")
         if problems:

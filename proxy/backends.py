@@ -21,11 +21,16 @@ from pathlib import Path
 from scistream_proxy import native
 from scistream_proxy.process import ProcessIdentity, ProxyStartError, spawn_detached, terminate
 
-__all__ = ["BACKENDS", "NativeBackend", "ProxyBackend", "ProxyError", "ProxySpec", "get_backend"]
+__all__ = ["BACKENDS", "NativeBackend", "ProxyBackend", "ProxyError", "ProxySpec",
+           "ProxyUnavailable", "get_backend"]
 
 
 class ProxyError(RuntimeError):
     """A backend could not do what was asked (start, configure, report)."""
+
+
+class ProxyUnavailable(ProxyError):
+    """What the backend needs (a container engine, an image) cannot be used right now."""
 
 
 @dataclass
@@ -39,6 +44,7 @@ class ProxySpec:
     rate: int = 0  # kbit/s for the whole stream, 0 = unlimited
     cert_file: str = "cert.pem"
     key_file: str = "key.pem"
+    gateway: str = ""  # the gateway's name (labels of containers)
     timeouts: dict = field(default_factory=dict)
 
 
@@ -46,6 +52,9 @@ class ProxyBackend(ABC):
     """One way of running S2DS. Implementations must leave nothing behind after ``stop``."""
 
     name: str
+    supports_rate = False  # can enforce a nonzero `rate`; otherwise reserve refuses it
+    supports_plain = True  # can relay plain TCP between gateways (`tls: false`)
+    reuseport = False  # binds the stream's ports itself: they are bound with SO_REUSEPORT
 
     def unavailable_reason(self) -> str | None:
         """Why this backend cannot run on this node, or None when it can."""
@@ -59,8 +68,11 @@ class ProxyBackend(ABC):
     def connect(
         self, handle: dict, stream_dir: Path, *, targets: list[str], tls: bool,
         peer_cert_file: str | None, peer_fingerprint: str | None,
-    ) -> None:
-        """Give the proxy its targets; return once it accepts connections."""
+    ) -> dict | None:
+        """Give the proxy its targets; return once it accepts connections.
+
+        Returns the stream's new handle when it changed (the proxy started now), else None.
+        """
 
     @abstractmethod
     def status(self, handle: dict, stream_dir: Path) -> dict:
@@ -97,6 +109,7 @@ class NativeBackend(ProxyBackend):
     """This project's relay (``scistream_proxy.native``), one daemon per stream end."""
 
     name = "native"
+    supports_rate = True
 
     def start(self, spec: ProxySpec) -> dict:
         config = {
@@ -160,7 +173,16 @@ class NativeBackend(ProxyBackend):
         terminate(identity)
 
 
-BACKENDS: dict[str, ProxyBackend] = {b.name: b for b in (NativeBackend(),)}
+def _all_backends() -> dict[str, ProxyBackend]:
+    from scistream_proxy.docker_backends import HAProxyDockerBackend, NginxDockerBackend
+    from scistream_proxy.external import HAProxyBackend, NginxBackend, StunnelBackend
+
+    backends = (NativeBackend(), StunnelBackend(), HAProxyBackend(), NginxBackend(),
+                HAProxyDockerBackend(), NginxDockerBackend())
+    return {b.name: b for b in backends}
+
+
+BACKENDS: dict[str, ProxyBackend] = _all_backends()
 
 
 def get_backend(name: str) -> ProxyBackend:

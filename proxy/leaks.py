@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -38,15 +39,26 @@ def runs_a_proxy(pid: int) -> bool:
     return _DAEMON in _cmdline(pid)
 
 
+def _cwd(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return ""
+
+
 def proxy_pids(under: Path | None = None) -> list[int]:
     """Pids of native proxy daemons, optionally only those whose stream directory is
-    below ``under``."""
+    below ``under``; with ``under``, also every process working in a directory below it
+    (port holders, stunnel, HAProxy, nginx and its workers run in their stream's
+    directory, even after it was deleted)."""
     prefix = str(under).encode() if under is not None else b""
     pids = []
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         argv = _cmdline(int(proc.name))
         if _DAEMON in argv and any(arg.startswith(prefix) for arg in argv[1:]):
+            pids.append(int(proc.name))
+        elif under is not None and _cwd(int(proc.name)).startswith(str(under) + "/"):
             pids.append(int(proc.name))
     return pids

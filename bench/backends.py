@@ -1,0 +1,158 @@
+"""Setup time and throughput of every usable S2DS backend, each paired with itself.
+
+    .venv/bin/python bench/backends.py [--backends native,haproxy,...] [--streams 10]
+                                       [--bytes 512MiB] [--num-conn 4] [--json]
+
+For each backend: two local gateways on loopback running it. Setup: ``--streams``
+streams, each reserve ‖ reserve, hello, connect ‖ connect through the gateway
+functions (no Prefect flow), timed from the first reserve until both proxies accept;
+then released. Throughput: the stand-in apps (generated data, SHA-256 on both ends)
+move ``--bytes`` over ``--num-conn`` TLS connections through both gateways, median of
+``--rounds``. Container backends need a Docker engine at ``DOCKER_HOST`` and their
+images; backends that cannot run here are listed with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from scistream_prefect import LocalGateway
+from scistream_prefect.cli import parse_size
+from scistream_proxy import apps
+from scistream_proxy.backends import BACKENDS
+
+
+def open_chain(producer, consumer, num_conn: int, app_listeners: list[str]) -> tuple[str, float]:
+    uid, key = str(uuid.uuid4()), secrets.token_urlsafe(16)
+    request = {"uid": uid, "num_conn": num_conn,
+               "key_sha256": hashlib.sha256(key.encode()).hexdigest()}
+    started = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:
+        prod_f = pool.submit(producer.call, "reserve", {**request, "role": "PROD"})
+        cons_f = pool.submit(consumer.call, "reserve", {**request, "role": "CONS"})
+        prod, cons = prod_f.result(), cons_f.result()
+        producer.call("hello", {"uid": uid, "key": key, "role": "PROD",
+                                "app_listeners": app_listeners})
+        futures = [
+            pool.submit(producer.call, "connect", {
+                "uid": uid, "remote_listeners": cons["listeners"],
+                "peer_certificate": cons["certificate"],
+                "peer_fingerprint": cons["cert_fingerprint"]}),
+            pool.submit(consumer.call, "connect", {
+                "uid": uid, "remote_listeners": prod["listeners"],
+                "peer_certificate": prod["certificate"],
+                "peer_fingerprint": prod["cert_fingerprint"]}),
+        ]
+        for future in futures:
+            future.result()
+    return uid, time.perf_counter() - started
+
+
+def release(producer, consumer, uid: str) -> None:
+    for gw in (producer, consumer):
+        gw.call("release", {"uid": uid})
+
+
+def bench_backend(name: str, root: Path, port_base: int, streams: int, rounds: int,
+                  total: int, num_conn: int) -> dict:
+    producer = LocalGateway.create(f"{name}-p", root / f"{name}-p",
+                                   port_range=(port_base, port_base + 39), backend=name)
+    consumer = LocalGateway.create(f"{name}-c", root / f"{name}-c",
+                                   port_range=(port_base + 40, port_base + 79), backend=name)
+    idle, idle_listeners = apps.start_producer(1, 0)
+    setups = []
+    try:
+        for _ in range(streams):
+            uid, seconds = open_chain(producer, consumer, num_conn, idle_listeners)
+            setups.append(seconds)
+            release(producer, consumer, uid)
+    finally:
+        idle.kill()
+        idle.wait()
+    runs = []
+    for _ in range(rounds):
+        app, listeners = apps.start_producer(num_conn, total)
+        uid, _ = open_chain(producer, consumer, num_conn, listeners)
+        try:
+            started = time.perf_counter()
+            out = subprocess.run([*apps.COMMAND, "consumer", *_listeners(consumer, uid)],
+                                 capture_output=True, text=True, check=True).stdout
+            seconds = time.perf_counter() - started
+            got = sum(c["bytes"] for c in apps.connection_results(out))
+            if got != total:
+                raise RuntimeError(f"{name}: consumer got {got} of {total} bytes")
+            runs.append(total * 8 / seconds / 1e9)
+        finally:
+            release(producer, consumer, uid)
+            app.wait(timeout=60)
+    setups.sort()
+    return {
+        "setup_s": {"p50": statistics.median(setups), "max": setups[-1], "n": len(setups)},
+        "throughput_gbit_s": statistics.median(runs), "runs": runs,
+    }
+
+
+def _listeners(consumer, uid: str) -> list[str]:
+    return consumer.call("status", {"uid": uid})["listeners"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backends", default=",".join(BACKENDS),
+                        help="comma-separated backend names (default: all)")
+    parser.add_argument("--streams", type=int, default=10, help="streams timed for setup")
+    parser.add_argument("--rounds", type=int, default=3, help="transfers per backend")
+    parser.add_argument("--bytes", default="512MiB", help="bytes per transfer")
+    parser.add_argument("--num-conn", type=int, default=4)
+    parser.add_argument("--port-base", type=int, default=19000,
+                        help="first port; each backend takes 80")
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    args = parser.parse_args(argv)
+    total = parse_size(args.bytes)
+    names = [n for n in args.backends.split(",") if n]
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown:
+        parser.error(f"unknown backends {unknown}; known: {list(BACKENDS)}")
+    results: dict = {"bytes": total, "num_conn": args.num_conn, "backends": {}}
+    with tempfile.TemporaryDirectory(prefix="scistream-bench-backends-") as tmp:
+        for index, name in enumerate(names):
+            reason = BACKENDS[name].unavailable_reason()
+            if reason:
+                results["backends"][name] = {"skipped": reason}
+            else:
+                results["backends"][name] = bench_backend(
+                    name, Path(tmp), args.port_base + 80 * index, args.streams, args.rounds,
+                    total, args.num_conn)
+            if not args.json:
+                _print_one(name, results["backends"][name], total, args.num_conn)
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
+def _print_one(name: str, result: dict, total: int, num_conn: int) -> None:
+    if "skipped" in result:
+        print(f"{name:15} skipped: {result['skipped']}")
+        return
+    setup = result["setup_s"]
+    print(f"{name:15} setup p50 {setup['p50']:.3f} s (max {setup['max']:.3f}, n={setup['n']})"
+          f"   {total / 2**20:.0f} MiB over {num_conn} TLS connections: "
+          f"{result['throughput_gbit_s']:.2f} Gbit/s (median)", flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    sys.exit(main())

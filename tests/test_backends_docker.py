@@ -1,0 +1,319 @@
+"""The container backends (haproxy-docker, nginx-docker) against a real Docker engine.
+
+The engine (``DOCKER_HOST``, default ``unix:///tmp/docker.sock``) runs in the root
+network namespace, so these tests do too and use ports 18000-21999, which no other
+suite uses. Images come from ``python -m scistream_proxy.images build``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from backend_chain import (
+    MIB,
+    assert_nothing_left,
+    connect_early,
+    connect_pair,
+    digests,
+    holds_port,
+    impostor,
+    reserve_pair,
+    status_line,
+)
+from backend_chain import skip_reason as _backend_skip_reason
+from conftest import run_consumer
+from scistream_gateway.errors import NotImplementedHere, Unavailable
+from scistream_prefect import LocalGateway
+
+CONTAINER = ("haproxy-docker", "nginx-docker")
+_SLICES = itertools.count(18000, 40)
+
+
+def make_gateway(root: Path, name: str, **settings) -> LocalGateway:
+    base = next(_SLICES)
+    assert base + 39 <= 21999, "the Docker suite ran out of its port range"
+    return LocalGateway.create(name, root / name, port_range=(base, base + 39), **settings)
+
+
+def _namespace_reason() -> str | None:
+    """Why host-networked containers are out of this test's reach: the engine (a local
+    dockerd) runs in another network namespace than this test (unshare --net)."""
+    mine = os.readlink("/proc/self/ns/net")
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "comm").read_text().strip() == "dockerd" \
+                    and os.readlink(proc / "ns" / "net") != mine:
+                return ("container backends: the Docker engine's host network is another "
+                        "network namespace than this test's")
+        except OSError:
+            continue
+    return None
+
+
+def needs(*names: str):
+    reasons = [r for r in (_backend_skip_reason(n) for n in names if n != "native") if r]
+    reasons += [r for r in (_namespace_reason(),) if r]
+    return pytest.mark.skipif(bool(reasons), reason="; ".join(reasons))
+
+
+def skip_reason(name: str) -> str | None:  # noqa: F811 - the namespace matters here too
+    return _backend_skip_reason(name) or _namespace_reason()
+
+
+def containers_of(root: Path) -> list:
+    from scistream_proxy.docker_backends import LABEL, ProxyUnavailable, docker_client
+
+    try:
+        client = docker_client()
+    except ProxyUnavailable:
+        return []  # no engine: no container either
+    try:
+        return [c for c in client.containers.list(all=True, filters={"label": f"{LABEL}.managed=1"})
+                if c.labels.get(f"{LABEL}.stream_dir", "").startswith(str(root))]
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def docker_root(gateway_root: Path):
+    """gateway_root, and afterwards no container of this test's gateways may be left."""
+    yield gateway_root
+    left = containers_of(gateway_root)
+    for container in left:
+        container.remove(force=True)
+    assert not left, f"containers left: {[c.name for c in left]}"
+
+
+def pairs():
+    for name in CONTAINER:
+        for prod, cons in (("native", name), (name, "native"), (name, name)):
+            for tls in (True, False):
+                yield pytest.param(prod, cons, tls, id=f"{prod}-{cons}-{'tls' if tls else 'plain'}",
+                                   marks=needs(prod, cons))
+
+
+def chain_gateways(root: Path, prod: str, cons: str):
+    return (make_gateway(root, f"prod-{prod}", backend=prod),
+            make_gateway(root, f"cons-{cons}", backend=cons))
+
+
+@pytest.mark.parametrize("prod, cons, tls", list(pairs()))
+def test_checksummed_transfer_through_every_pairing(docker_root, producer_app, prod, cons, tls):
+    producer, consumer = chain_gateways(docker_root, prod, cons)
+    num_conn, total = 3, 24 * MIB
+    apps = [producer_app(2, total // 2), producer_app(1, total // 4)]
+    chain = reserve_pair(producer, consumer, num_conn)
+    try:
+        connect_pair(chain, [apps[0].listeners[0], apps[1].listeners[0]], tls=tls)
+        running = containers_of(docker_root)
+        code, received = run_consumer(chain.cons["listeners"])
+        sent = apps[0].result() + apps[1].result()
+        statuses = chain.status()
+    finally:
+        chain.release()
+    assert code == 0, received
+    assert digests(received) == digests(sent)
+    assert sum(r["bytes"] for r in received) == total * 3 // 4
+    assert len(running) == sum(b.endswith("-docker") for b in (prod, cons))  # one per end
+    for container in running:
+        assert container.labels["org.scistream.uid"] == chain.uid
+        assert container.labels["org.scistream.gateway"] in (f"prod-{prod}", f"cons-{cons}")
+        assert container.attrs["HostConfig"]["NetworkMode"] == "host"
+        assert container.attrs["HostConfig"]["ReadonlyRootfs"] is True
+    for status in statuses:
+        assert status["state"] == "CONNECTED" and status["alive"] is True, status_line(status)
+    assert_nothing_left(chain, docker_root)
+
+
+@pytest.mark.parametrize("name", CONTAINER)
+def test_a_killed_container_is_reported_dead_and_release_removes_it(docker_root, producer_app,
+                                                                     name):
+    if skip_reason(name):
+        pytest.skip(skip_reason(name))
+    producer, consumer = chain_gateways(docker_root, name, "native")
+    app = producer_app(1, 1 << 34)
+    chain = reserve_pair(producer, consumer, 1)
+    try:
+        connect_pair(chain, app.listeners)
+        with connect_early(chain.cons["listeners"][0]) as sock:
+            assert len(sock.recv(65536)) > 0
+            (container,) = containers_of(docker_root)
+            container.kill()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                status = producer.call("status", {"uid": chain.uid})
+                if not status["alive"]:
+                    break
+                time.sleep(0.1)
+    finally:
+        chain.release()
+    assert status["alive"] is False and status["state"] == "FAILED", status_line(status)
+    assert containers_of(docker_root) == []
+    assert_nothing_left(chain, docker_root)
+
+
+@pytest.mark.parametrize("name", CONTAINER)
+def test_ports_are_held_until_the_container_takes_them(docker_root, producer_app, name):
+    if skip_reason(name):
+        pytest.skip(skip_reason(name))
+    producer, consumer = chain_gateways(docker_root, "native", name)
+    app = producer_app(1, 2 * MIB)
+    chain = reserve_pair(producer, consumer, 1)
+    try:
+        assert holds_port(chain.cons["listeners"][0])
+        assert containers_of(docker_root) == []  # no container before connect
+        connect_pair(chain, app.listeners)
+        assert holds_port(chain.cons["listeners"][0])
+        code, received = run_consumer(chain.cons["listeners"])
+    finally:
+        chain.release()
+    assert code == 0 and received[0]["bytes"] == 2 * MIB
+    assert_nothing_left(chain, docker_root)
+
+
+@pytest.mark.parametrize("name", CONTAINER)
+def test_a_peer_with_the_wrong_certificate_is_refused(docker_root, producer_app, tmp_path, name):
+    if skip_reason(name):
+        pytest.skip(skip_reason(name))
+    producer, consumer = chain_gateways(docker_root, name, "native")
+    app = producer_app(1, 1 * MIB)
+    chain = reserve_pair(producer, consumer, 1)
+    try:
+        connect_pair(chain, app.listeners, prod_peer=impostor(tmp_path))
+        code, received = run_consumer(chain.cons["listeners"], timeout=60)
+    finally:
+        chain.release()
+    assert code != 0 and received[0].get("bytes", 0) == 0, received
+    assert app.proc.poll() is None  # refused in the handshake: the app was never dialled
+    assert_nothing_left(chain, docker_root)
+
+
+@needs("haproxy-docker")
+def test_haproxy_docker_refuses_a_rate(docker_root):
+    gateway = make_gateway(docker_root, "gw-hd", backend="haproxy-docker")
+    with pytest.raises(NotImplementedHere, match="cannot enforce a rate"):
+        reserve_pair(gateway, make_gateway(docker_root, "cons-native"), 1, rate=8000)
+    assert gateway.call("gateway_info", {})["active_streams"] == 0
+
+
+@needs("nginx-docker")
+def test_nginx_docker_enforces_the_rate(docker_root, producer_app):
+    """4 MiB over one connection at 8 Mbit/s (1 MB/s): nginx allows at most
+    rate * (t + 2) by time t (whole seconds, one granted up front), so it cannot finish
+    before 2.19 s: a lower bound on time, never a speed."""
+    producer, consumer = chain_gateways(docker_root, "nginx-docker", "native")
+    total = 4 * MIB
+    app = producer_app(1, total)
+    chain = reserve_pair(producer, consumer, 1, rate=8_000)
+    try:
+        connect_pair(chain, app.listeners)
+        started = time.monotonic()
+        code, received = run_consumer(chain.cons["listeners"])
+        elapsed = time.monotonic() - started
+    finally:
+        chain.release()
+    assert code == 0 and received[0]["bytes"] == total
+    assert elapsed >= 2.0, elapsed
+    assert_nothing_left(chain, docker_root)
+
+
+@needs("haproxy-docker")
+def test_haproxy_docker_reports_byte_counters(docker_root, producer_app):
+    producer, consumer = chain_gateways(docker_root, "haproxy-docker", "native")
+    total = 4 * MIB
+    app = producer_app(1, total)
+    chain = reserve_pair(producer, consumer, 1)
+    try:
+        connect_pair(chain, app.listeners)
+        code, _ = run_consumer(chain.cons["listeners"])
+        status = producer.call("status", {"uid": chain.uid})
+    finally:
+        chain.release()
+    assert code == 0
+    assert status["bytes"] == {"to_app": 0, "from_app": total}
+
+
+def test_no_engine_is_unavailable_and_takes_nothing(docker_root, monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{docker_root}/no-engine.sock")
+    gateway = make_gateway(docker_root, "gw-noengine", backend="nginx-docker")
+    with pytest.raises(Unavailable, match="no Docker engine answers"):
+        reserve_pair(gateway, make_gateway(docker_root, "cons-native"), 1)
+    info = gateway.call("gateway_info", {})
+    assert info["backends"]["nginx-docker"]["available"] is False
+    assert info["active_streams"] == 0 and info["free_ports"] == 40
+
+
+@needs("nginx-docker")
+def test_a_missing_image_is_named():
+    from scistream_proxy.docker_backends import NginxDockerBackend
+
+    class Unbuilt(NginxDockerBackend):
+        image_kind = "never-built"
+
+    assert "scistream-never-built:1 is missing" in Unbuilt().unavailable_reason()
+
+
+@pytest.mark.parametrize("name", CONTAINER)
+def test_a_connection_before_connect_is_reset_not_silently_dropped(docker_root, producer_app,
+                                                                   name):
+    """A container cannot inherit the holder's socket: an app that connects before
+    connect returned is reset at the handoff (or, where the kernel migrates queued
+    connections, net.ipv4.tcp_migrate_req=1, served). Never a clean, empty end."""
+    if skip_reason(name):
+        pytest.skip(skip_reason(name))
+    producer, consumer = chain_gateways(docker_root, "native", name)
+    app = producer_app(1, 1 * MIB)
+    chain = reserve_pair(producer, consumer, 1)
+    try:
+        early = connect_early(chain.cons["listeners"][0])
+        connect_pair(chain, app.listeners)
+        received = 0
+        with early:
+            try:
+                while chunk := early.recv(MIB):
+                    received += len(chunk)
+                outcome = "served"
+            except ConnectionResetError:
+                outcome = "reset"
+        log = (consumer.settings.state_dir / "streams" / chain.uid / "holder.log").read_text()
+    finally:
+        chain.release()
+    if outcome == "served":
+        assert received == MIB
+    else:
+        assert received == 0 and "reset 1 connection" in log
+    assert_nothing_left(chain, docker_root)
+
+
+@needs("nginx-docker")
+def test_an_engine_that_went_away_is_unavailable_and_loses_nothing(docker_root, producer_app,
+                                                                    monkeypatch):
+    """status and release while the engine cannot be reached: UNAVAILABLE, the stream
+    and its container stay as they were (not reported dead), and a later release
+    removes everything."""
+    from scistream_gateway.errors import Unavailable as UnavailableError
+
+    producer, consumer = chain_gateways(docker_root, "nginx-docker", "native")
+    app = producer_app(1, 1024)
+    chain = reserve_pair(producer, consumer, 1)
+    try:
+        connect_pair(chain, app.listeners)
+        monkeypatch.setenv("DOCKER_HOST", f"unix://{docker_root}/no-engine.sock")
+        # Another pool of workers for the same gateway, started without an engine.
+        cut_off = LocalGateway(settings_path=producer.settings_path, workers=3)
+        with pytest.raises(UnavailableError, match="no Docker engine answers"):
+            cut_off.call("status", {"uid": chain.uid})
+        with pytest.raises(UnavailableError, match="cannot release"):
+            cut_off.call("release", {"uid": chain.uid})
+        monkeypatch.undo()
+        status = producer.call("status", {"uid": chain.uid})
+        assert status["state"] == "CONNECTED" and status["alive"] is True
+        assert len(containers_of(docker_root)) == 1
+    finally:
+        chain.release()
+    assert_nothing_left(chain, docker_root)
