@@ -29,9 +29,11 @@ $(TEST_STAMP): pyproject.toml | $(BIN)/python
 demo: $(DEMO_STAMP)
 	$(BIN)/scistream demo
 
+# Installs the backends' Debian packages if missing (as root), starts a private Docker
+# engine if none answers, builds the container images, runs the suite, stops the engine.
 test: $(TEST_STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	scripts/with-test-env $(BIN)/python $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
