@@ -27,6 +27,8 @@ from scistream_prefect.flows import (
     setup_stream,
     teardown_stream,
 )
+from scistream_prefect.auth import GlobusCredentials
+from scistream_prefect.compute import GlobusComputeGateway
 from scistream_prefect.gateways import Gateway, LocalGateway
 from scistream_prefect.tasks import (
     connect_gateway_proxy,
@@ -44,6 +46,8 @@ __all__ = [
     "BadFormat",
     "ConnError",
     "Gateway",
+    "GlobusComputeGateway",
+    "GlobusCredentials",
     "InvalidUid",
     "LocalGateway",
     "NoResource",

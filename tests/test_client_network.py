@@ -1,0 +1,43 @@
+"""No test reaches the network: the guard conftest installs holds for every kind of call."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from netguard import NetworkBlocked
+
+
+@pytest.mark.parametrize("address", [("192.0.2.1", 443), ("10.0.0.1", 80), ("2001:db8::1", 443)])
+def test_non_loopback_connections_are_refused(address):
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        with pytest.raises(NetworkBlocked):
+            sock.connect(address)
+        with pytest.raises(NetworkBlocked):
+            sock.connect_ex(address)
+
+
+def test_remote_names_are_not_resolved():
+    with pytest.raises(NetworkBlocked):
+        socket.getaddrinfo("auth.globus.org", 443)
+    with pytest.raises(NetworkBlocked):
+        socket.create_connection(("compute.api.globus.org", 443), timeout=1)
+
+
+def test_the_globus_sdk_itself_cannot_reach_globus():
+    """Without a registered response, a real globus-sdk call fails here, offline."""
+    import globus_sdk
+
+    client = globus_sdk.AuthClient()
+    with pytest.raises(globus_sdk.GlobusConnectionError):
+        client.get_openid_configuration()
+
+
+def test_loopback_still_works():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        with socket.create_connection(server.getsockname(), timeout=5):
+            pass
