@@ -70,8 +70,18 @@ class Served:
                 self.proc.wait()
 
 
+def _forget_deployments(*names: str) -> None:
+    """So a wait for a deployment sees this test's, not one an earlier test left."""
+    with get_client(sync_client=True) as client:
+        for name in names:
+            deployment = _deployment(name)
+            if deployment is not None:
+                client.delete_deployment(deployment.id)
+
+
 @pytest.fixture
 def served_scistream(tmp_path):
+    _forget_deployments("open-stream/scistream", "release-stream/scistream")
     served = Served([sys.executable, "-m", "scistream_prefect.cli", "serve"],
                     tmp_path / "serve.log")
     try:
@@ -200,3 +210,22 @@ def test_a_killed_run_is_released_by_the_hook_from_stored_identifiers(
               "the crashed run's stream released by the hook", timeout=240)
     assert "Running hook 'release_session_streams' in response to entering state 'Crashed'" \
         in served_holder.tail()
+
+
+def test_prefect_yaml_deploys_both_flows_to_a_process_pool(tmp_path):
+    """``prefect deploy --all`` accepts prefect.yaml as shipped (against the harness)."""
+    root = Path(__file__).parent.parent
+    env = _env()
+    _forget_deployments("open-stream/scistream", "release-stream/scistream")
+    pool = subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", "scistream",
+                           "--type", "process", "--overwrite"], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=root)
+    assert pool.returncode == 0, pool.stdout[-2000:] + pool.stderr[-2000:]
+    proc = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("open-stream/scistream", "release-stream/scistream"):
+        deployment = _deployment(name)
+        assert deployment is not None and deployment.work_pool_name == "scistream", name
+        assert deployment.entrypoint.startswith("scistream_prefect/flows/streams.py:")
+        assert "producer" in deployment.parameter_openapi_schema["properties"]
