@@ -140,6 +140,25 @@ def test_unknown_uid_is_invalid_uid(gateways, tmp_path):
     assert proc.returncode == 2 and "INVALID_UID" in proc.stderr, proc.stderr[-2000:]
 
 
+def test_gateways_named_by_saved_blocks(gateways, producer_app, tmp_path):
+    producer, consumer = gateways
+    producer.save("cli-prod-gw", overwrite=True)
+    consumer.save("cli-cons-gw", overwrite=True)
+    app = producer_app(1, 1 << 20)
+    opened = scistream(tmp_path, "open", "--producer", "cli-prod-gw", "--consumer",
+                       "scistream-local-gateway/cli-cons-gw", "--num-conn", "1",
+                       "--app-listener", app.listeners[0], "--json")
+    assert opened.returncode == 0, opened.stderr[-3000:]
+    handle = json.loads(opened.stdout)
+    assert handle["producer"] == producer.label and handle["consumer"] == consumer.label
+    released = scistream(tmp_path, "release", handle["uid"], "--gateway", "cli-prod-gw",
+                         "--gateway", "cli-cons-gw")
+    assert released.returncode == 0, released.stderr[-2000:]
+    assert released.stdout.splitlines() == [f"{producer.label}: released",
+                                            f"{consumer.label}: released"]
+    assert [gw.call("gateway_info", {})["active_streams"] for gw in gateways] == [0, 0]
+
+
 def test_no_command_takes_a_key_argument():
     from scistream_prefect.cli import build_parser
 
