@@ -193,10 +193,10 @@ def _mapped(exc: BaseException, function: str, label: str) -> Exception:
     return ServerError(f"{where}: {type(exc).__name__}: {exc}")
 
 
-def shutdown_executors() -> None:
+def shutdown_executors(wait: bool = False) -> None:
     """Stop this process's Executors (their threads and result channels)."""
     with _EXECUTORS_LOCK:
         executors = [e for (pid, *_), e in _EXECUTORS.items() if pid == os.getpid()]
         _EXECUTORS.clear()
     for executor in executors:
-        executor.shutdown(wait=False, cancel_futures=True)
+        executor.shutdown(wait=wait, cancel_futures=True)

@@ -4,9 +4,10 @@ The Globus cloud is unreachable here, so its HTTP APIs are globus-sdk's own test
 fixtures (``globus_sdk.testing`` registered responses on top of ``responses``): every
 request still goes through the real ``UserApp`` / ``ClientApp``, token storage and
 validation, ID-token signature check, Compute ``Client`` and ``Executor``; only the
-server side is canned. The Executor's results arrive over AMQP, which has no offline
-stand-in here: these tests cover login, refresh, logout, whoami and the submission; the
-reply mapping is tested on the futures the Executor hands out.
+server side is canned. The Executor's results arrive over AMQP (pika); one test goes
+all the way round: HTTP fixtures, globus-compute-endpoint's own ``execute_task`` running what
+was submitted, and the Result delivered over AMQP by a loopback stub
+(``tests/amqp_stub.py``) to the Executor's own result watcher.
 """
 
 from __future__ import annotations
@@ -244,6 +245,56 @@ def test_without_function_ids_the_shipped_function_is_registered_by_source(globu
     assert shipped.__doc__ == functions.gateway_info.__doc__
     assert packed.startswith(DillCodeSource.identifier)
     assert not future.done() or future.exception() is not None
+
+
+def test_a_call_round_trips_through_the_executor_and_an_endpoint_engine(globus_offline,
+                                                                        gateway_root):
+    """The whole path with only the cloud replaced: the Executor registers the shipped
+    function and submits the request over HTTP (globus-sdk fixtures); globus-compute-
+    endpoint's ``execute_task`` runs exactly what was sent against a real gateway; the
+    Result comes back over AMQP (a loopback stub speaking pika's frames) to the
+    Executor's own result watcher; the block returns the gateway's reply."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from amqp_stub import AmqpStub, run_like_an_endpoint
+    from conftest import make_gateway
+
+    local = make_gateway(gateway_root, "behind-compute-gw")
+    client_id = str(uuid.uuid4())
+    GlobusCredentials(client_id=client_id, client_secret="x").save("robot-e2e", overwrite=True)
+    RegisteredResponse(service="auth", path="/v2/oauth2/token", method="POST",
+                       json=_client_grant("robot-token")).add()
+    function_id, task_id = str(uuid.uuid4()), str(uuid.uuid4())
+    RegisteredResponse(service="compute", path="/v3/functions", method="POST",
+                       json={"function_uuid": function_id}).add()
+    RegisteredResponse(service="compute", path=f"/v3/endpoints/{ENDPOINT_ID}/submit",
+                       method="POST", json={
+                           "request_id": str(uuid.uuid4()), "task_group_id": str(uuid.uuid4()),
+                           "endpoint_id": ENDPOINT_ID, "tasks": {function_id: [task_id]}}).add()
+    broker = AmqpStub()
+    RegisteredResponse(service="compute", path="/v2/get_amqp_result_connection_url", json={
+        "queue_prefix": "scistream-test-", "connection_url": broker.url}).add()
+    try:
+        gw = GlobusComputeGateway(endpoint_id=ENDPOINT_ID, display_name="facility-x",
+                                  credentials_block="robot-e2e")
+        future = gw.submit("gateway_info", {})
+        submit = _wait_for_submit(future)
+        registration = next(json.loads(c.request.body) for c in responses.calls
+                            if c.request.url.endswith("/v3/functions"))
+        (payload,) = json.loads(submit.body)["tasks"][function_id]
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            result = pool.submit(run_like_an_endpoint, str(local.settings_path),
+                                 registration["function_code"], payload, task_id,
+                                 str(gateway_root / "endpoint-run")).result(timeout=120)
+        broker.deliver(result)
+        reply = gw.reply("gateway_info", future, timeout_s=60)
+    finally:
+        shutdown_executors(wait=True)  # the result watcher hangs up before the broker goes
+        broker.close()
+    assert reply["name"] == "behind-compute-gw"
+    assert reply["active_streams"] == 0 and reply["free_ports"] == 40
+    assert broker.acked  # the Executor acknowledged the result message
 
 
 def test_not_logged_in_is_an_auth_error_not_a_prompt(globus_offline, monkeypatch):
