@@ -153,3 +153,65 @@ def run_like_an_endpoint(settings_path: str, function_code: str, task_payload: s
     os.environ["SCISTREAM_GATEWAY_CONFIG"] = settings_path
     task = Task(task_id=uuid.UUID(task_id), task_buffer=function_code + task_payload)
     return execute_task(pack(task), uuid.UUID(task_id), run_dir=run_dir)
+
+
+class OfflineCompute:
+    """Globus Compute's web service and result queue for one endpoint, on this machine.
+
+    HTTP: ``responses`` callbacks at the URLs the SDK calls (function registration,
+    batch submit, the AMQP URL). Each submitted task runs in a separate process through
+    :func:`run_like_an_endpoint` against a local gateway's settings, and its Result is
+    delivered over :class:`AmqpStub`. Activate ``responses`` before creating it.
+    """
+
+    BASE = "https://compute.api.globus.org"
+
+    def __init__(self, endpoint_id: str, settings_path: str, run_dir: str):
+        import json
+        import multiprocessing
+        import uuid
+        from concurrent.futures import ProcessPoolExecutor
+
+        import responses
+
+        self.endpoint_id, self.settings_path, self.run_dir = endpoint_id, settings_path, run_dir
+        self.broker = AmqpStub()
+        self.functions: dict[str, str] = {}
+        self.task_group_id = str(uuid.uuid4())
+        self.tasks_run = 0
+        self.pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
+        self._json, self._uuid = json, uuid
+        responses.add_callback(responses.POST, f"{self.BASE}/v3/functions",
+                               callback=self._register)
+        responses.add_callback(responses.POST, f"{self.BASE}/v3/endpoints/{endpoint_id}/submit",
+                               callback=self._submit)
+        responses.add(responses.GET, f"{self.BASE}/v2/get_amqp_result_connection_url",
+                      json={"queue_prefix": "scistream-test-", "connection_url": self.broker.url})
+
+    def _register(self, request):
+        function_id = str(self._uuid.uuid4())
+        self.functions[function_id] = self._json.loads(request.body)["function_code"]
+        return 200, {}, self._json.dumps({"function_uuid": function_id})
+
+    def _submit(self, request):
+        body = self._json.loads(request.body)
+        accepted: dict[str, list[str]] = {}
+        for function_id, payloads in body["tasks"].items():
+            for payload in payloads:
+                task_id = str(self._uuid.uuid4())
+                accepted.setdefault(function_id, []).append(task_id)
+                run = self.pool.submit(run_like_an_endpoint, self.settings_path,
+                                       self.functions[function_id], payload, task_id,
+                                       self.run_dir)
+                run.add_done_callback(self._deliver)
+        return 200, {}, self._json.dumps({
+            "request_id": str(self._uuid.uuid4()), "task_group_id": self.task_group_id,
+            "endpoint_id": self.endpoint_id, "tasks": accepted})
+
+    def _deliver(self, run) -> None:
+        self.tasks_run += 1
+        self.broker.deliver(run.result())
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.broker.close()

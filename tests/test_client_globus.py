@@ -373,3 +373,41 @@ def test_block_fields_are_checked():
         GlobusComputeGateway(endpoint_id="not-a-uuid")
     creds = GlobusCredentials(client_id=str(uuid.uuid4()), client_secret="hush")
     assert "hush" not in repr(creds) and "hush" not in str(creds.model_dump())
+
+
+def test_a_stream_through_a_globus_compute_gateway(globus_offline, gateway_root, producer_app):
+    """open_stream and release_stream with the producer side behind the Executor (its
+    service offline, see OfflineCompute) and the consumer side a local gateway."""
+    from amqp_stub import OfflineCompute
+    from conftest import make_gateway, run_consumer
+
+    from scistream_prefect import open_stream, release_stream
+
+    behind = make_gateway(gateway_root, "compute-prod-gw")
+    consumer = make_gateway(gateway_root, "local-cons-gw")
+    client_id = str(uuid.uuid4())
+    GlobusCredentials(client_id=client_id, client_secret="x").save("robot-stream",
+                                                                   overwrite=True)
+    RegisteredResponse(service="auth", path="/v2/oauth2/token", method="POST",
+                       json=_client_grant("robot-token")).add()
+    service = OfflineCompute(ENDPOINT_ID, str(behind.settings_path),
+                             str(gateway_root / "endpoint-run"))
+    producer = GlobusComputeGateway(endpoint_id=ENDPOINT_ID, display_name="facility-p",
+                                    credentials_block="robot-stream", call_timeout_s=120)
+    app = producer_app(2, 16 << 20)
+    try:
+        handle = open_stream(producer, consumer, num_conn=2, app_listeners=app.listeners)
+        try:
+            assert handle.producer == "compute:facility-p"
+            code, received = run_consumer(handle.listeners)
+            assert code == 0 and sum(r["bytes"] for r in received) == 16 << 20
+            assert sorted(r["sha256"] for r in received) == sorted(
+                r["sha256"] for r in app.result())
+        finally:
+            release_stream(producer, consumer, handle.uid)
+        assert behind.call("gateway_info", {})["active_streams"] == 0
+        # reserve, hello, connect, release: each went through the Executor.
+        assert service.tasks_run == 4 and len(service.functions) == 4
+    finally:
+        shutdown_executors(wait=True)
+        service.close()
