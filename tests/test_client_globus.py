@@ -16,6 +16,7 @@ import json
 import time
 import urllib.parse
 import uuid
+from pathlib import Path
 
 import jwt
 import pytest
@@ -411,3 +412,29 @@ def test_a_stream_through_a_globus_compute_gateway(globus_offline, gateway_root,
     finally:
         shutdown_executors(wait=True)
         service.close()
+
+
+def test_whoami_as_a_confidential_client_from_the_environment(globus_offline, monkeypatch):
+    client_id = str(uuid.uuid4())
+    monkeypatch.setenv("SCISTREAM_GLOBUS_CLIENT_ID", client_id)
+    monkeypatch.setenv("SCISTREAM_GLOBUS_CLIENT_SECRET", "env-secret")
+    RegisteredResponse(service="auth", path="/v2/oauth2/token", method="POST", json={
+        "access_token": "client-auth-token", "expires_in": 172800, "token_type": "Bearer",
+        "resource_server": "auth.globus.org", "scope": "openid profile email",
+        "other_tokens": []}).add()
+    RegisteredResponse(service="auth", path="/v2/oauth2/userinfo", json={
+        "sub": client_id, "preferred_username": f"{client_id}@clients.auth.globus.org",
+        "name": "facility robot", "email": None}).add()
+    who = scistream_auth.whoami()
+    assert who["sub"] == client_id and who["name"] == "facility robot"
+    grant = _token_requests()[0]
+    assert _form(grant)["grant_type"] == "client_credentials"
+    assert get_last_request().headers["Authorization"] == "Bearer client-auth-token"
+    # Nothing was written for a client: its tokens live in memory only.
+    assert not (Path.home() / ".globus").exists()
+
+
+def test_half_a_client_in_the_environment_is_an_auth_error(globus_offline, monkeypatch):
+    monkeypatch.setenv("SCISTREAM_GLOBUS_CLIENT_SECRET", "orphan-secret")
+    with pytest.raises(AuthError, match="SCISTREAM_GLOBUS_CLIENT_ID"):
+        scistream_auth.make_app()
