@@ -149,12 +149,9 @@ def make_app(credentials_block: str | None = None, *, interactive: bool = False)
 
 def token_file(client_id: str | None = None) -> str:
     """Where ``scistream login`` keeps the user's tokens."""
-    from globus_sdk.token_storage import JSONTokenStorage
-
     app = _user_app(client_id, interactive=False)
-    storage = app.token_storage.token_storage
-    assert isinstance(storage, JSONTokenStorage)
-    return str(storage.filepath)
+    # The validating wrapper's inner storage is the JSON file ("json" in _user_app).
+    return str(app.token_storage.token_storage.filepath)
 
 
 def login(*, force: bool = False, app=None) -> None:
@@ -176,24 +173,15 @@ def whoami(*, app=None) -> dict:
         AuthError: not logged in (or the login expired beyond refresh).
     """
     from globus_sdk import AuthClient, GlobusAPIError
-    from globus_sdk.globus_app import GlobusApp
+    from globus_sdk.token_storage.validating_token_storage import TokenValidationError
 
     app = app or make_app()
-    assert isinstance(app, GlobusApp)
     try:
         info = AuthClient(app=app).userinfo()
     except GlobusAPIError as exc:
         raise AuthError(f"Globus Auth refused the stored login ({exc.http_status}): run "
                         "`scistream login` again") from None
-    except Exception as exc:  # noqa: BLE001 - token validation errors of several kinds
-        if _is_login_error(exc):
-            raise AuthError("not logged in: run `scistream login` (or configure a "
-                            "GlobusCredentials block for headless runs)") from None
-        raise
+    except TokenValidationError:  # no tokens, expired beyond refresh, wrong scopes
+        raise AuthError("not logged in: run `scistream login` (or configure a "
+                        "GlobusCredentials block for headless runs)") from None
     return {key: info.get(key) for key in ("sub", "preferred_username", "name", "email")}
-
-
-def _is_login_error(exc: BaseException) -> bool:
-    from globus_sdk.token_storage.validating_token_storage import TokenValidationError
-
-    return isinstance(exc, TokenValidationError)

@@ -2,7 +2,7 @@
 
 The Compute SDK's Executor receives task results over AMQP (pika) from the URL the web
 service gives it. This stub speaks just enough of the protocol (pika's own frame
-encoding) for one consumer: connection and channel handshakes, ``basic.consume``, and
+encoding) for its consumers: connection and channel handshakes, ``basic.consume``, and
 ``basic.deliver`` of the Result messages a test hands it. It is the fake that sits at
 that seam; the Executor, its result watcher and pika are the real ones.
 """
@@ -17,30 +17,42 @@ from pika import frame, spec
 __all__ = ["AmqpStub"]
 
 
+class _Client:
+    """One AMQP connection: its socket, channel and consumer."""
+
+    def __init__(self, conn: socket.socket):
+        self.conn = conn
+        self.channel = 1
+        self.consumer_tag = ""
+        self.queue = ""
+        self.delivery_tag = 0
+        self.lock = threading.Lock()
+
+    def send(self, *frames) -> None:
+        with self.lock:
+            self.conn.sendall(b"".join(f.marshal() for f in frames))
+
+
 class AmqpStub:
-    """Accepts one AMQP client at a time; ``deliver(body)`` sends it a message."""
+    """Serves AMQP clients on loopback; ``deliver(body)`` sends a message to every consumer.
+
+    Every consumer gets every message: a result watcher stores results it has no future
+    for, so only the one waiting for that task completes anything.
+    """
 
     def __init__(self):
         self.server = socket.socket()
         self.server.bind(("127.0.0.1", 0))
-        self.server.listen(4)
+        self.server.listen(16)
         self.port = self.server.getsockname()[1]
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/"
-        self.consuming = threading.Event()
         self.acked: list[int] = []
-        self._conn: socket.socket | None = None
-        self._consumer_tag = "scistream-test-consumer"
-        self._channel = 1
-        self._queue = ""
-        self._delivery_tag = 0
-        self._lock = threading.Lock()
+        self._consumers: list[_Client] = []
+        self._clients: list[_Client] = []
+        self._changed = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
-
-    def _send(self, *frames) -> None:
-        with self._lock:
-            self._conn.sendall(b"".join(f.marshal() for f in frames))
 
     def _serve(self) -> None:
         while not self._closed:
@@ -48,88 +60,105 @@ class AmqpStub:
                 conn, _ = self.server.accept()
             except OSError:
                 return
-            self._conn = conn
-            try:
-                self._session(conn)
-            except OSError:
-                pass
-            finally:
-                conn.close()
-                self.consuming.clear()
+            client = _Client(conn)
+            self._clients.append(client)
+            threading.Thread(target=self._session, args=(client,), daemon=True).start()
 
-    def _session(self, conn: socket.socket) -> None:
+    def _session(self, client: _Client) -> None:
         buffer = b""
-        while True:
-            data = conn.recv(65536)
-            if not data:
-                return
-            buffer += data
-            while buffer:
-                consumed, received = frame.decode_frame(buffer)
-                if not consumed:
-                    break
-                buffer = buffer[consumed:]
-                if self._handle(received) is False:
+        try:
+            while True:
+                data = client.conn.recv(65536)
+                if not data:
                     return
+                buffer += data
+                while buffer:
+                    consumed, received = frame.decode_frame(buffer)
+                    if not consumed:
+                        break
+                    buffer = buffer[consumed:]
+                    if self._handle(client, received) is False:
+                        return
+        except OSError:
+            return
+        finally:
+            with self._changed:
+                if client in self._consumers:
+                    self._consumers.remove(client)
+            client.conn.close()
 
-    def _handle(self, received) -> bool | None:
+    def _handle(self, client: _Client, received) -> bool | None:
         if isinstance(received, frame.ProtocolHeader):
-            self._send(frame.Method(0, spec.Connection.Start(
+            client.send(frame.Method(0, spec.Connection.Start(
                 server_properties={"product": "scistream-amqp-stub"},
                 mechanisms="PLAIN", locales="en_US")))
             return None
         if not isinstance(received, frame.Method):
             return None  # heartbeats, content we never expect from a consumer
-        method = received.method
+        method, number = received.method, received.channel_number
         if isinstance(method, spec.Connection.StartOk):
-            self._send(frame.Method(0, spec.Connection.Tune(channel_max=16,
-                                                            frame_max=131072, heartbeat=0)))
+            client.send(frame.Method(0, spec.Connection.Tune(channel_max=16,
+                                                             frame_max=131072, heartbeat=0)))
         elif isinstance(method, spec.Connection.Open):
-            self._send(frame.Method(0, spec.Connection.OpenOk()))
+            client.send(frame.Method(0, spec.Connection.OpenOk()))
         elif isinstance(method, spec.Channel.Open):
-            self._channel = received.channel_number
-            self._send(frame.Method(self._channel, spec.Channel.OpenOk()))
+            client.channel = number
+            client.send(frame.Method(number, spec.Channel.OpenOk()))
         elif isinstance(method, spec.Basic.Qos):
-            self._send(frame.Method(received.channel_number, spec.Basic.QosOk()))
+            client.send(frame.Method(number, spec.Basic.QosOk()))
         elif isinstance(method, spec.Basic.Consume):
-            self._queue = method.queue
-            self._consumer_tag = method.consumer_tag or self._consumer_tag
-            self._send(frame.Method(received.channel_number,
-                                    spec.Basic.ConsumeOk(consumer_tag=self._consumer_tag)))
-            self.consuming.set()
+            client.queue = method.queue
+            client.consumer_tag = method.consumer_tag or f"stub-consumer-{id(client)}"
+            client.send(frame.Method(number,
+                                     spec.Basic.ConsumeOk(consumer_tag=client.consumer_tag)))
+            with self._changed:
+                self._consumers.append(client)
+                self._changed.notify_all()
         elif isinstance(method, spec.Basic.Ack):
             self.acked.append(method.delivery_tag)
         elif isinstance(method, spec.Basic.Cancel):
-            self._send(frame.Method(received.channel_number,
-                                    spec.Basic.CancelOk(consumer_tag=method.consumer_tag)))
+            client.send(frame.Method(number,
+                                     spec.Basic.CancelOk(consumer_tag=method.consumer_tag)))
         elif isinstance(method, spec.Channel.Close):
-            self.consuming.clear()
-            self._send(frame.Method(received.channel_number, spec.Channel.CloseOk()))
+            with self._changed:
+                if client in self._consumers:
+                    self._consumers.remove(client)
+            client.send(frame.Method(number, spec.Channel.CloseOk()))
         elif isinstance(method, spec.Connection.Close):
-            self._send(frame.Method(0, spec.Connection.CloseOk()))
+            client.send(frame.Method(0, spec.Connection.CloseOk()))
             return False
         return None
 
     def deliver(self, body: bytes, timeout: float = 60.0) -> None:
-        """Send one message to the consumer (waits until one is consuming)."""
-        if not self.consuming.wait(timeout):
-            raise AssertionError("no AMQP consumer connected to the stub")
-        self._delivery_tag += 1
-        self._send(
-            frame.Method(self._channel, spec.Basic.Deliver(
-                consumer_tag=self._consumer_tag, delivery_tag=self._delivery_tag,
-                exchange="", routing_key=self._queue)),
-            frame.Header(self._channel, len(body), spec.BasicProperties(
-                content_type="application/octet-stream", delivery_mode=2)),
-            frame.Body(self._channel, body),
-        )
+        """Send one message to every consumer (waits until there is one)."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._consumers, timeout):
+                raise AssertionError("no AMQP consumer connected to the stub")
+            consumers = list(self._consumers)
+        for client in consumers:
+            client.delivery_tag += 1
+            try:
+                client.send(
+                    frame.Method(client.channel, spec.Basic.Deliver(
+                        consumer_tag=client.consumer_tag, delivery_tag=client.delivery_tag,
+                        exchange="", routing_key=client.queue)),
+                    frame.Header(client.channel, len(body), spec.BasicProperties(
+                        content_type="application/octet-stream", delivery_mode=2)),
+                    frame.Body(client.channel, body),
+                )
+            except OSError:
+                pass  # that consumer went away; the others still get it
 
     def close(self) -> None:
         self._closed = True
+        try:  # wakes the accept() in the serving thread; close() alone would not
+            self.server.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.server.close()
-        if self._conn is not None:
+        for client in self._clients:
             try:
-                self._conn.shutdown(socket.SHUT_RDWR)
+                client.conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
         self._thread.join(timeout=10)

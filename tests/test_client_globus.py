@@ -36,7 +36,12 @@ IDENTITY = "ae341a98-d274-11e5-b888-dbae3a8ba545"
 @pytest.fixture
 def globus_offline(tmp_path, monkeypatch):
     """globus-sdk's registered responses active; tokens under a private HOME."""
+    from globus_compute_sdk import Executor
+
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    # Executors share a process-wide default task group, and with it one result watcher
+    # (an AMQP connection); each test gets its own, so none hears another's broker.
+    monkeypatch.setattr(Executor, "_default_task_group_id", None)
     for name in (*scistream_auth.CLIENT_ID_ENV, *scistream_auth.CLIENT_SECRET_ENV):
         monkeypatch.delenv(name, raising=False)
     responses.start()
@@ -290,6 +295,10 @@ def test_a_call_round_trips_through_the_executor_and_an_endpoint_engine(globus_o
                                  str(gateway_root / "endpoint-run")).result(timeout=120)
         broker.deliver(result)
         reply = gw.reply("gateway_info", future, timeout_s=60)
+        # The watcher acknowledges what it received on its next poll (every 0.5 s).
+        deadline = time.monotonic() + 30
+        while not broker.acked and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         shutdown_executors(wait=True)  # the result watcher hangs up before the broker goes
         broker.close()
