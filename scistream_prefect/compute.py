@@ -96,6 +96,30 @@ class GlobusComputeGateway(Block):
             raise ValueError(f"unknown gateway functions {unknown}; known: {sorted(ALL)}")
         return value
 
+    @classmethod
+    def from_registration(cls, endpoint_id: uuid.UUID | str, registration: str | os.PathLike,
+                          **fields: Any) -> GlobusComputeGateway:
+        """A block whose ``function_ids`` come from the JSON file ``scistream-gateway
+        register`` wrote (one flat object: function name -> UUID).
+
+        Raises:
+            BadFormat: the file cannot be read or is not such an object.
+        """
+        import json
+
+        try:
+            with open(registration) as fh:
+                function_ids = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise BadFormat(f"cannot read function ids from {registration}: {exc}") from None
+        if not isinstance(function_ids, dict):
+            raise BadFormat(f"{registration} holds {type(function_ids).__name__}, not an "
+                            "object of function name -> UUID")
+        try:
+            return cls(endpoint_id=endpoint_id, function_ids=function_ids, **fields)
+        except ValueError as exc:
+            raise BadFormat(f"{registration}: {exc}") from None
+
     @property
     def label(self) -> str:
         return f"compute:{self.display_name or self.endpoint_id}"

@@ -447,3 +447,24 @@ def test_half_a_client_in_the_environment_is_an_auth_error(globus_offline, monke
     monkeypatch.setenv("SCISTREAM_GLOBUS_CLIENT_SECRET", "orphan-secret")
     with pytest.raises(AuthError, match="SCISTREAM_GLOBUS_CLIENT_ID"):
         scistream_auth.make_app()
+
+
+def test_function_ids_from_the_registration_file(tmp_path):
+    from scistream_gateway.functions import ALL
+
+    from scistream_prefect import BadFormat
+
+    ids = {name: str(uuid.uuid4()) for name in ALL}
+    path = tmp_path / "functions.json"
+    path.write_text(json.dumps(ids))
+    gw = GlobusComputeGateway.from_registration(ENDPOINT_ID, path, display_name="facility-p")
+    assert {k: str(v) for k, v in gw.function_ids.items()} == ids
+    assert gw.label == "compute:facility-p"
+    path.write_text(json.dumps({**ids, "format_disk": str(uuid.uuid4())}))
+    with pytest.raises(BadFormat, match="unknown gateway functions"):
+        GlobusComputeGateway.from_registration(ENDPOINT_ID, path)
+    path.write_text("[1, 2]")
+    with pytest.raises(BadFormat, match="not an object"):
+        GlobusComputeGateway.from_registration(ENDPOINT_ID, path)
+    with pytest.raises(BadFormat, match="cannot read"):
+        GlobusComputeGateway.from_registration(ENDPOINT_ID, tmp_path / "missing.json")
