@@ -1,7 +1,8 @@
 """A socket guard: connections from the test process go to loopback or nowhere.
 
-Installed by conftest for the whole session, so a test that would reach the Globus
-cloud (or anything beyond this machine) fails with :class:`NetworkBlocked` instead of
+Installed by conftest for the whole session, and by ``netguard_site/sitecustomize.py``
+in every Python subprocess the tests start, so a test that would reach the Globus cloud
+(or anything beyond this machine) fails with :class:`NetworkBlocked` instead of
 depending on the network. ``tests/test_client_network.py`` proves it holds.
 """
 

@@ -41,3 +41,17 @@ def test_loopback_still_works():
         server.listen(1)
         with socket.create_connection(server.getsockname(), timeout=5):
             pass
+
+
+def test_subprocesses_are_guarded_too():
+    import subprocess
+    import sys
+
+    code = ("import socket\n"
+            "try:\n"
+            "    socket.create_connection(('192.0.2.1', 443), timeout=1)\n"
+            "except OSError as exc:\n"
+            "    print(type(exc).__name__)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.stdout.strip() == "NetworkBlocked", proc.stderr[-2000:]
