@@ -27,7 +27,10 @@ from scistream_prefect.flows import (
     setup_stream,
     teardown_stream,
 )
+from scistream_prefect.auth import GlobusCredentials
+from scistream_prefect.compute import GlobusComputeGateway
 from scistream_prefect.gateways import Gateway, LocalGateway
+from scistream_prefect.session import release_session_streams, stream_session
 from scistream_prefect.tasks import (
     connect_gateway_proxy,
     get_gateway_info,
@@ -44,6 +47,8 @@ __all__ = [
     "BadFormat",
     "ConnError",
     "Gateway",
+    "GlobusComputeGateway",
+    "GlobusCredentials",
     "InvalidUid",
     "LocalGateway",
     "NoResource",
@@ -60,8 +65,10 @@ __all__ = [
     "release_gateway_stream",
     "release_stream",
     "renew_stream_lease",
+    "release_session_streams",
     "reserve_gateway_ports",
     "send_app_hello",
+    "stream_session",
     "setup_stream",
     "teardown_stream",
     "wait_for_app_hello",

@@ -1,4 +1,8 @@
-"""The ``scistream`` command."""
+"""The ``scistream`` command.
+
+Exit codes: 0 success; 1 the demo found a checksum mismatch or a leak; 2 a bad argument
+or a gateway error (printed as ``scistream <command>: <CODE>: <message>``, no traceback).
+"""
 
 from __future__ import annotations
 
@@ -65,6 +69,144 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if summary["checksum_ok"] and summary["clean"] else 1
 
 
+def _print(args: argparse.Namespace, data: object, text: str) -> None:
+    print(json.dumps(data) if getattr(args, "json", False) else text)
+
+
+def _login(args: argparse.Namespace) -> int:
+    from scistream_prefect import auth
+
+    auth.login(force=args.force)
+    who = auth.whoami()
+    print(f"logged in as {who.get('preferred_username')} ({who.get('sub')}); tokens in "
+          f"{auth.token_file()}", file=sys.stderr)
+    return 0
+
+
+def _logout(args: argparse.Namespace) -> int:
+    from scistream_prefect import auth
+
+    auth.logout()
+    print(f"logged out; tokens revoked and removed from {auth.token_file()}", file=sys.stderr)
+    return 0
+
+
+def _whoami(args: argparse.Namespace) -> int:
+    from scistream_prefect import auth
+
+    who = auth.whoami()
+    _print(args, who, f"{who.get('preferred_username')} ({who.get('name') or '-'}, "
+                      f"{who.get('sub')})")
+    return 0
+
+
+def _gateway(spec: str):
+    from scistream_prefect.hello import resolve_gateway
+
+    return resolve_gateway(spec)
+
+
+def _key(args: argparse.Namespace):
+    from scistream_prefect.hello import read_hello_key
+
+    return read_hello_key(args.key_file, stdin=args.key_stdin)
+
+
+def _hello(args: argparse.Namespace) -> int:
+    from scistream_prefect.hello import consumer_listeners, send_hello
+
+    gateway = _gateway(args.gateway)
+    key = _key(args)
+    if args.role == "PROD":
+        if not args.app_listener:
+            raise _usage("hello", "a producer's hello gives --app-listener (where its app "
+                         "listens)")
+        listeners = send_hello(gateway, args.uid, key, args.app_listener)
+    else:
+        listeners = consumer_listeners(gateway, args.uid, key)
+    _print(args, {"uid": args.uid, "role": args.role, "listeners": listeners},
+           "\n".join(listeners))
+    return 0
+
+
+def _open(args: argparse.Namespace) -> int:
+    from scistream_prefect.flows.streams import open_stream
+
+    if not args.app_listener and not args.hello_key_block:
+        raise _usage("open", "give --app-listener (the flow sends the producer's hello), or "
+                     "--uid and --hello-key-block for a producer controller's own hello")
+    handle = open_stream(
+        _gateway(args.producer), _gateway(args.consumer), num_conn=args.num_conn,
+        rate=args.rate, app_listeners=args.app_listener or None, uid=args.uid,
+        hello_key_block=args.hello_key_block, tls=args.tls, lease_s=args.lease,
+        hello_timeout_s=args.hello_timeout,
+    )
+    data = handle.model_dump(mode="json", exclude={"hello_key"})
+    _print(args, data,
+           f"stream {handle.uid} open ({handle.producer} -> {handle.consumer}, "
+           f"{'TLS' if handle.tls else 'NO encryption'}, setup {handle.setup_s:.3f} s)\n"
+           f"consumer app connects to: {' '.join(handle.listeners)}")
+    return 0
+
+
+def _each_gateway(args: argparse.Namespace, function: str) -> list[tuple[str, dict]]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    gateways = [_gateway(spec) for spec in args.gateway]
+    with ThreadPoolExecutor(len(gateways)) as pool:
+        futures = [pool.submit(gw.call, function, {"uid": args.uid}) for gw in gateways]
+        return [(gw.label, f.result()) for gw, f in zip(gateways, futures, strict=True)]
+
+
+def _status(args: argparse.Namespace) -> int:
+    ends = _each_gateway(args, "status")
+    lines = []
+    for label, s in ends:
+        moved = s.get("bytes") or {}
+        lines.append(f"{label}: {s['role']} {s['state']}, proxy {'alive' if s['alive'] else 'down'}"
+                     f", {moved.get('from_app', 0) + moved.get('to_app', 0)} bytes, listeners "
+                     f"{' '.join(s.get('listeners') or [])}")
+    _print(args, {"uid": args.uid, "ends": {label: s for label, s in ends}}, "\n".join(lines))
+    return 0
+
+
+def _release(args: argparse.Namespace) -> int:
+    ends = _each_gateway(args, "release")
+    _print(args, {"uid": args.uid, "released": {label: r["released"] for label, r in ends}},
+           "\n".join(f"{label}: released" for label, _ in ends))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from scistream_prefect.deployments import serve
+
+    serve(limit=args.limit)
+    return 0
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _usage(command: str, message: str) -> _UsageError:
+    return _UsageError(f"scistream {command}: {message}")
+
+
+def _add_key_source(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--key-file", metavar="PATH",
+                        help="read the hello key from this file (mode 0600 or stricter)")
+    source.add_argument("--key-stdin", action="store_true",
+                        help="read the hello key from the first line of standard input")
+    parser.epilog = ("The hello key is never an argument (other users can read command "
+                     "lines): --key-file, --key-stdin, or the SCISTREAM_HELLO_KEY "
+                     "environment variable.")
+
+
+GATEWAY_HELP = ("a saved gateway block's name, or the path of a local gateway's settings "
+                "file (gateway.toml)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scistream",
@@ -91,6 +233,90 @@ def build_parser() -> argparse.ArgumentParser:
                       help="print the summary as one JSON object (no progress)")
     demo.add_argument("--keep", action="store_true", help="keep the gateways' state directories")
     demo.set_defaults(handler=_demo)
+
+    login = sub.add_parser(
+        "login", help="log in to Globus (tokens kept in your home directory)",
+        description="Log in to Globus Auth with your browser: open the printed URL, paste "
+        "the code back. Tokens (with refresh tokens) are kept owner-only in "
+        "~/.globus/app/<client id>/scistream/tokens.json. Headless runs use a "
+        "GlobusCredentials block or SCISTREAM_GLOBUS_CLIENT_ID/_SECRET instead.",
+    )
+    login.add_argument("--force", action="store_true", help="log in even if tokens are valid")
+    login.set_defaults(handler=_login)
+    logout = sub.add_parser("logout", help="revoke and delete your Globus tokens",
+                            description="Revoke the stored Globus tokens and delete them.")
+    logout.set_defaults(handler=_logout)
+    whoami = sub.add_parser("whoami", help="show the Globus identity in use",
+                            description="Show the Globus identity the client runs as "
+                            "(your login, or the confidential client from the environment).")
+    whoami.add_argument("--json", action="store_true", help="print one JSON object")
+    whoami.set_defaults(handler=_whoami)
+
+    open_ = sub.add_parser(
+        "open", help="open a stream between two gateways (the open-stream flow)",
+        description="Open a stream: reserve on both gateways concurrently, the producer's "
+        "hello, connect both. Runs the open-stream Prefect flow, so the run, its listeners "
+        "table and summary show in the Prefect UI. The hello key is never printed.",
+    )
+    open_.add_argument("--producer", required=True, metavar="GATEWAY", help=GATEWAY_HELP)
+    open_.add_argument("--consumer", required=True, metavar="GATEWAY", help=GATEWAY_HELP)
+    open_.add_argument("--num-conn", type=_int_in(1, 64), default=4,
+                       help="parallel connections (default 4)")
+    open_.add_argument("--rate", type=_int_in(0, 10**9), default=0,
+                       help="rate limit in kbit/s (default 0: unlimited)")
+    open_.add_argument("--app-listener", action="append", metavar="HOST:PORT",
+                       help="where the producer app listens (repeat for several); the flow "
+                       "sends the producer's hello")
+    open_.add_argument("--uid", help="the stream's uid (default: a new UUID)")
+    open_.add_argument("--hello-key-block", metavar="NAME",
+                       help="a Prefect Secret block holding the hello key, for a producer "
+                       "controller that sends its own hello (scistream hello)")
+    open_.add_argument("--no-tls", dest="tls", action="store_false",
+                       help="turn OFF encryption between the gateways")
+    open_.add_argument("--lease", type=_int_in(1, 10**7), metavar="SECONDS",
+                       help="lease on both gateways (default: theirs)")
+    open_.add_argument("--hello-timeout", type=float, default=300.0, metavar="SECONDS",
+                       help="how long to wait for the producer's hello (default 300)")
+    open_.add_argument("--json", action="store_true", help="print the handle as one JSON object")
+    open_.set_defaults(handler=_open)
+
+    for name, handler, text in (
+        ("status", _status, "state, proxy liveness and bytes of each end of a stream"),
+        ("release", _release, "release a stream: proxies stopped, ports freed, keys deleted "
+         "(idempotent)"),
+    ):
+        cmd = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ". "
+                             "Calls the gateways directly (no flow run).")
+        cmd.add_argument("uid", help="the stream's uid")
+        cmd.add_argument("--gateway", action="append", required=True, metavar="GATEWAY",
+                         help=GATEWAY_HELP + "; repeat for both ends")
+        cmd.add_argument("--json", action="store_true", help="print one JSON object")
+        cmd.set_defaults(handler=handler)
+
+    hello = sub.add_parser(
+        "hello", help="an app controller's hello: prove the key, give or learn listeners",
+        description="Send an app controller's hello to its gateway. A producer (--role PROD) "
+        "gives where its app listens and gets its gateway's listeners; a consumer "
+        "(--role CONS) gets where its app connects. Prints one listener a line.",
+    )
+    hello.add_argument("--gateway", required=True, metavar="GATEWAY", help=GATEWAY_HELP)
+    hello.add_argument("--uid", required=True, help="the stream's uid")
+    hello.add_argument("--role", required=True, choices=["PROD", "CONS"])
+    hello.add_argument("--app-listener", action="append", metavar="HOST:PORT",
+                       help="(producer) where the app listens; repeat for several")
+    hello.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_key_source(hello)
+    hello.set_defaults(handler=_hello)
+
+    serve = sub.add_parser(
+        "serve", help="serve the open-stream and release-stream flows as deployments",
+        description="Serve the open-stream and release-stream flows as deployments named "
+        "'scistream' of this Prefect server (PREFECT_API_URL), so they can be run from the "
+        "Prefect UI or `prefect deployment run open-stream/scistream`. Runs until stopped.",
+    )
+    serve.add_argument("--limit", type=_int_in(1, 1000), default=None,
+                       help="most flow runs at once (default: no limit)")
+    serve.set_defaults(handler=_serve)
     return parser
 
 
@@ -103,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except SciStreamError as exc:  # expected failures: a message with its code, no traceback
         print(f"scistream {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except _UsageError as exc:
+        print(exc, file=sys.stderr)
         return 2
 
 

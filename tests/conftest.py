@@ -18,6 +18,18 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
+import netguard  # noqa: E402
+
+# No test may reach beyond this machine (the Globus cloud in particular): every socket
+# of the test process, and of every Python subprocess it starts (through
+# netguard_site/sitecustomize.py on PYTHONPATH), may connect only to loopback or a Unix
+# socket.
+netguard.install()
+_TESTS = Path(__file__).parent
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(_TESTS / "netguard_site"), str(_TESTS), os.environ.get("PYTHONPATH"))
+    if p)
+
 from scistream_prefect import LocalGateway  # noqa: E402
 from scistream_proxy import apps  # noqa: E402
 from scistream_proxy.leaks import proxy_pids  # noqa: E402

@@ -14,6 +14,7 @@ from scistream_prefect.tasks import gateway as gateway_tasks
 from scistream_prefect.tasks import streams as stream_tasks
 
 README = Path(__file__).parent.parent / "README.md"
+CLIENT_DOC = Path(__file__).parent.parent / "docs" / "client.md"
 _BLOCK = re.compile(r"```python\n(.*?)```", re.S)
 
 
@@ -21,9 +22,11 @@ def _examples() -> list[tuple[str, str]]:
     sources = {
         "LocalGateway": scistream_prefect.LocalGateway.__doc__,
         "get_gateway_info": gateway_tasks.get_gateway_info.__doc__,
-        "reserve_gateway_ports": stream_tasks.reserve_gateway_ports.__doc__,
+        **{name: getattr(stream_tasks, name).__doc__ for name in stream_tasks.__all__},
         "open_stream": stream_flows.open_stream.__doc__,
+        "stream_session": scistream_prefect.stream_session.__doc__,
         "README": README.read_text(),
+        "docs/client.md": CLIENT_DOC.read_text(),
     }
     found = []
     for name, text in sources.items():
@@ -45,3 +48,12 @@ def test_example_runs(name, code, tmp_path, gateway_root):
     assert flows, f"the example in {name} defines no flow"
     for example_flow in flows:
         example_flow()
+
+
+def test_every_task_documents_its_arguments_and_a_flow_example():
+    from scistream_prefect import tasks
+
+    for name in tasks.__all__:
+        doc = getattr(tasks, name).__doc__ or ""
+        assert "Args:" in doc and "Returns:" in doc, name
+        assert "```python" in doc and "@flow" in doc, name

@@ -18,6 +18,8 @@ from prefect.futures import wait
 from pydantic import BaseModel, Field, SecretStr
 
 from scistream_gateway.errors import BadFormat
+from scistream_prefect.artifacts import publish_listeners, publish_summary
+from scistream_prefect.compute import GlobusComputeGateway
 from scistream_prefect.gateways import Gateway, LocalGateway
 from scistream_prefect.tasks.streams import (
     connect_gateway_proxy,
@@ -27,7 +29,11 @@ from scistream_prefect.tasks.streams import (
     wait_for_app_hello,
 )
 
-__all__ = ["StreamHandle", "open_stream", "release_stream", "setup_stream", "teardown_stream"]
+__all__ = ["GatewayBlock", "StreamHandle", "open_stream", "release_stream", "setup_stream",
+           "teardown_stream"]
+
+#: A gateway a flow parameter can name: a saved block of either kind, or its fields.
+GatewayBlock = LocalGateway | GlobusComputeGateway
 
 
 class StreamHandle(BaseModel):
@@ -46,6 +52,10 @@ class StreamHandle(BaseModel):
     producer_fingerprint: str = Field(description="SHA-256 of the producer proxy's certificate.")
     consumer_fingerprint: str = Field(description="SHA-256 of the consumer proxy's certificate.")
     setup_s: float = Field(description="Seconds from the first reserve to both proxies accepting.")
+    lease_expires: float = Field(
+        default=0.0, description="When the earlier of the two leases runs out (Unix time), "
+        "unless renewed.",
+    )
     hello_key: SecretStr = Field(description="The key app controllers prove in their hello.")
 
 
@@ -116,32 +126,45 @@ def setup_stream(
             future.result()
     except BaseException:
         try:
-            teardown_stream(producer, consumer, uid)
+            teardown_stream(producer, consumer, uid, state="FAILED (setup), released")
         except Exception:  # noqa: BLE001 - the original failure is the one to raise
             get_run_logger().exception("releasing stream %s after a failed setup failed", uid)
         raise
-    return StreamHandle(
+    handle = StreamHandle(
         uid=uid, producer=producer.label, consumer=consumer.label, num_conn=num_conn,
         listeners=cons["listeners"], producer_listeners=prod["listeners"], app_listeners=app,
         tls=tls, producer_fingerprint=prod["cert_fingerprint"],
         consumer_fingerprint=cons["cert_fingerprint"],
-        setup_s=time.perf_counter() - started, hello_key=key,
+        setup_s=time.perf_counter() - started,
+        lease_expires=min(prod["lease_expires"], cons["lease_expires"]), hello_key=key,
     )
+    publish_listeners(handle)
+    publish_summary(uid, handle.producer, handle.consumer, "OPEN", setup_s=handle.setup_s,
+                    num_conn=num_conn, tls=tls)
+    return handle
 
 
-def teardown_stream(producer: Gateway, consumer: Gateway, uid: str) -> None:
-    """Release both ends concurrently (idempotent); raise the first failure after both ran."""
+def teardown_stream(producer: Gateway, consumer: Gateway, uid: str, *,
+                    state: str = "RELEASED") -> None:
+    """Release both ends concurrently (idempotent); raise the first failure after both ran.
+
+    ``state`` is what the stream's summary artifact says afterwards.
+    """
     futures = [release_gateway_stream.submit(producer, uid),
                release_gateway_stream.submit(consumer, uid)]
     wait(futures)
+    failed = [gw.label for gw, f in zip((producer, consumer), futures, strict=True)
+              if f.state.is_failed()]
+    publish_summary(uid, producer.label, consumer.label,
+                    f"RELEASE FAILED on {', '.join(failed)}" if failed else state)
     for future in futures:
         future.result()
 
 
 @flow(name="open-stream")
 def open_stream(
-    producer: LocalGateway,
-    consumer: LocalGateway,
+    producer: GatewayBlock,
+    consumer: GatewayBlock,
     num_conn: int = 4,
     rate: int = 0,
     app_listeners: list[str] | None = None,
@@ -182,7 +205,7 @@ def open_stream(
 
 
 @flow(name="release-stream")
-def release_stream(producer: LocalGateway, consumer: LocalGateway, uid: str) -> bool:
+def release_stream(producer: GatewayBlock, consumer: GatewayBlock, uid: str) -> bool:
     """Release both ends of stream ``uid``: proxies stopped, ports freed, keys deleted.
 
     Safe to run again, and for a stream that is already gone.

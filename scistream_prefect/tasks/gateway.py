@@ -16,6 +16,13 @@ def get_gateway_info(gateway: Gateway) -> dict:
 
     Read-only, so retried on failure.
 
+    Args:
+        gateway: the gateway block.
+
+    Returns:
+        ``name, version, backends, addresses, port range, free_ports, active_streams,
+        rate in use``.
+
     Example:
         ```python
         from prefect import flow

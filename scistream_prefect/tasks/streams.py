@@ -40,8 +40,24 @@ def reserve_gateway_ports(
 ) -> dict:
     """Reserve ``num_conn`` ports on one gateway and start its proxy for stream ``uid``.
 
-    Only the SHA-256 of ``hello_key`` leaves this task. Returns the gateway's
-    ``listeners``, ``cert_fingerprint``, ``certificate`` and ``lease_expires``.
+    Not retried: a lost reply is recovered by calling again with the same ``uid``
+    (the gateway is idempotent per uid), not blindly.
+
+    Args:
+        gateway: the gateway block.
+        uid: the stream's id (a UUID the client picks).
+        role: ``"PROD"`` (producer side) or ``"CONS"`` (consumer side).
+        num_conn: ports to reserve, one per parallel connection.
+        hello_key: the stream's hello key; only its SHA-256 leaves this task.
+        rate: rate limit in kbit/s (0: unlimited).
+        lease_s: lease in seconds (the gateway's default when not given).
+
+    Returns:
+        The gateway's ``listeners``, ``cert_fingerprint``, ``certificate`` and
+        ``lease_expires``.
+
+    Raises:
+        NoResource: ports or rate capacity ran out. BadFormat: a malformed request.
 
     Example:
         ```python
@@ -72,7 +88,35 @@ def send_app_hello(
 ) -> dict:
     """Send an app controller's hello: the producer gives where its app listens.
 
-    Returns the gateway's ``listeners`` (for a consumer: where its app connects).
+    Args:
+        gateway: the gateway of the controller's side.
+        uid: the stream's id.
+        hello_key: the stream's hello key (a ``SecretStr`` keeps it out of task records).
+        role: ``"PROD"`` or ``"CONS"``.
+        app_listeners: (producer) where the producer app listens.
+
+    Returns:
+        The gateway's ``listeners`` (for a consumer: where its app connects).
+
+    Raises:
+        AuthError: wrong key; the stream is unchanged.
+
+    Example:
+        ```python
+        import secrets, uuid
+        from prefect import flow
+        from scistream_prefect import (LocalGateway, release_gateway_stream,
+                                       reserve_gateway_ports, send_app_hello)
+
+        @flow
+        def producer_hello():
+            prod = LocalGateway.create("facility-p", "/tmp/facility-p", port_range=(51000, 51099))
+            uid, key = str(uuid.uuid4()), secrets.token_urlsafe(32)
+            reserve_gateway_ports(prod, uid, "PROD", 1, key)
+            listeners = send_app_hello(prod, uid, key, "PROD", ["127.0.0.1:5074"])
+            release_gateway_stream(prod, uid)
+            return listeners
+        ```
     """
     request = {"uid": uid, "key": _reveal(hello_key), "role": role}
     if app_listeners is not None:
@@ -87,10 +131,37 @@ def wait_for_app_hello(
 ) -> list[str]:
     """Wait until the producer's controller said hello; return its ``app_listeners``.
 
-    Each gateway call is a long-poll of up to ``poll_frequency_seconds``.
+    Args:
+        gateway: the producer-side gateway.
+        uid: the stream's id.
+        max_wait_seconds: give up after this long.
+        poll_frequency_seconds: each gateway call is a long-poll of up to this long
+            (at most 20 s, the gateway's bound).
+
+    Returns:
+        Where the producer app listens, as its controller said.
 
     Raises:
         Timeout: no hello within ``max_wait_seconds``.
+
+    Example:
+        ```python
+        import secrets, uuid
+        from prefect import flow
+        from scistream_prefect import (LocalGateway, release_gateway_stream,
+                                       reserve_gateway_ports, send_app_hello,
+                                       wait_for_app_hello)
+
+        @flow
+        def wait_for_producer():
+            prod = LocalGateway.create("facility-p", "/tmp/facility-p", port_range=(51000, 51099))
+            uid, key = str(uuid.uuid4()), secrets.token_urlsafe(32)
+            reserve_gateway_ports(prod, uid, "PROD", 1, key)
+            send_app_hello(prod, uid, key, "PROD", ["127.0.0.1:5074"])  # the controller
+            app_listeners = wait_for_app_hello(prod, uid, max_wait_seconds=30)
+            release_gateway_stream(prod, uid)
+            return app_listeners
+        ```
     """
     deadline = time.monotonic() + max_wait_seconds
     while True:
@@ -111,8 +182,44 @@ def connect_gateway_proxy(
 ) -> dict:
     """Point one gateway's proxy at its targets and pin the peer gateway's certificate.
 
-    Returns once the proxy accepts connections. ``tls=False`` turns encryption off on
-    the gateway-to-gateway hop and must be asked for by name.
+    Args:
+        gateway: the gateway whose proxy to connect.
+        uid: the stream's id.
+        remote_listeners: the peer gateway's listeners (from its reserve).
+        peer_fingerprint: SHA-256 of the peer's certificate (the pin).
+        peer_certificate: the peer's certificate, PEM (the trust anchor).
+        tls: ``False`` turns encryption off on the gateway-to-gateway hop and must be
+            asked for by name.
+
+    Returns:
+        ``uid``, ``state``, ``listeners``, ``backend``, once the proxy accepts.
+
+    Raises:
+        AuthError: the certificate does not match the fingerprint.
+
+    Example:
+        ```python
+        import secrets, uuid
+        from prefect import flow
+        from scistream_prefect import (LocalGateway, connect_gateway_proxy,
+                                       release_gateway_stream, reserve_gateway_ports,
+                                       send_app_hello)
+
+        @flow
+        def connect_both_ends():
+            prod = LocalGateway.create("facility-p", "/tmp/facility-p", port_range=(51000, 51099))
+            cons = LocalGateway.create("facility-c", "/tmp/facility-c", port_range=(51100, 51199))
+            uid, key = str(uuid.uuid4()), secrets.token_urlsafe(32)
+            p = reserve_gateway_ports(prod, uid, "PROD", 1, key)
+            c = reserve_gateway_ports(cons, uid, "CONS", 1, key)
+            send_app_hello(prod, uid, key, "PROD", ["127.0.0.1:5074"])
+            connect_gateway_proxy(prod, uid, c["listeners"], c["cert_fingerprint"],
+                                  c["certificate"])
+            connect_gateway_proxy(cons, uid, p["listeners"], p["cert_fingerprint"],
+                                  p["certificate"])
+            for gw in (prod, cons):
+                release_gateway_stream(gw, uid)
+        ```
     """
     request: dict = {"uid": uid, "remote_listeners": list(remote_listeners), "tls": tls}
     if tls:
@@ -122,13 +229,67 @@ def connect_gateway_proxy(
 
 @task(name="get-stream-status", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
 def get_stream_status(gateway: Gateway, uid: str) -> dict:
-    """State, proxy liveness and byte counters of one stream end (read-only, retried)."""
+    """State, proxy liveness and byte counters of one stream end (read-only, so retried).
+
+    Args:
+        gateway: the gateway of that end.
+        uid: the stream's id.
+
+    Returns:
+        ``uid, role, state, alive, bytes, connections, pid, lease_expires, listeners``.
+
+    Raises:
+        InvalidUid: no such stream on that gateway.
+
+    Example:
+        ```python
+        import secrets, uuid
+        from prefect import flow
+        from scistream_prefect import (LocalGateway, get_stream_status,
+                                       release_gateway_stream, reserve_gateway_ports)
+
+        @flow
+        def check_stream():
+            cons = LocalGateway.create("facility-c", "/tmp/facility-c", port_range=(51100, 51199))
+            uid = str(uuid.uuid4())
+            reserve_gateway_ports(cons, uid, "CONS", 1, secrets.token_urlsafe(32))
+            state = get_stream_status(cons, uid)["state"]  # "RESERVED"
+            release_gateway_stream(cons, uid)
+            return state
+        ```
+    """
     return gateway.call("status", {"uid": uid})
 
 
 @task(name="renew-stream-lease", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
 def renew_stream_lease(gateway: Gateway, uid: str, lease_s: int | None = None) -> float:
-    """Extend the lease of one stream end; returns the new expiry (Unix time)."""
+    """Extend the lease of one stream end (retried: renewing twice is harmless).
+
+    Args:
+        gateway: the gateway of that end.
+        uid: the stream's id.
+        lease_s: the new lease from now (the gateway's default when not given).
+
+    Returns:
+        The new expiry, Unix time.
+
+    Example:
+        ```python
+        import secrets, uuid
+        from prefect import flow
+        from scistream_prefect import (LocalGateway, release_gateway_stream,
+                                       renew_stream_lease, reserve_gateway_ports)
+
+        @flow
+        def keep_alive():
+            cons = LocalGateway.create("facility-c", "/tmp/facility-c", port_range=(51100, 51199))
+            uid = str(uuid.uuid4())
+            reserve_gateway_ports(cons, uid, "CONS", 1, secrets.token_urlsafe(32), lease_s=60)
+            expires = renew_stream_lease(cons, uid, lease_s=600)
+            release_gateway_stream(cons, uid)
+            return expires
+        ```
+    """
     request: dict = {"uid": uid}
     if lease_s is not None:
         request["lease_s"] = lease_s
@@ -137,5 +298,28 @@ def renew_stream_lease(gateway: Gateway, uid: str, lease_s: int | None = None) -
 
 @task(name="release-gateway-stream", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
 def release_gateway_stream(gateway: Gateway, uid: str) -> bool:
-    """Stop one end's proxy, free its ports, delete its keys (idempotent, so retried)."""
+    """Stop one end's proxy, free its ports, delete its keys (idempotent, so retried).
+
+    Args:
+        gateway: the gateway of that end.
+        uid: the stream's id.
+
+    Returns:
+        True, also when the stream was already gone.
+
+    Example:
+        ```python
+        import secrets, uuid
+        from prefect import flow
+        from scistream_prefect import LocalGateway, release_gateway_stream, reserve_gateway_ports
+
+        @flow
+        def reserve_then_release():
+            cons = LocalGateway.create("facility-c", "/tmp/facility-c", port_range=(51100, 51199))
+            uid = str(uuid.uuid4())
+            reserve_gateway_ports(cons, uid, "CONS", 2, secrets.token_urlsafe(32))
+            assert release_gateway_stream(cons, uid)
+            assert release_gateway_stream(cons, uid)  # twice is fine
+        ```
+    """
     return gateway.call("release", {"uid": uid})["released"]

@@ -1,0 +1,226 @@
+"""A gateway behind a Globus Compute endpoint: the production side of the gateway seam.
+
+Calls go through :class:`globus_compute_sdk.Executor` with the Globus app of
+:mod:`scistream_prefect.auth`. The Executor (its threads, its AMQP result channel, its
+tokens) is made inside the process that calls, once per process and block, and is never
+a task parameter: a block is plain data that pickles and serializes as JSON.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import threading
+import uuid
+from typing import Any
+
+from prefect.blocks.core import Block
+from pydantic import Field, field_validator
+
+from scistream_gateway.errors import (
+    AuthError,
+    BadFormat,
+    ServerError,
+    Timeout,
+    Unavailable,
+    error_from_wire,
+)
+
+__all__ = ["GlobusComputeGateway"]
+
+_EXECUTORS: dict[tuple, Any] = {}
+_EXECUTORS_LOCK = threading.Lock()
+
+
+class GlobusComputeGateway(Block):
+    """A SciStream gateway whose functions run on a Globus Compute endpoint.
+
+    The gateway node's operator installs ``scistream-prefect[gateway]`` next to the
+    endpoint, registers the gateway functions once (``scistream-gateway register``
+    prints a JSON object mapping each function name to its UUID) and puts those UUIDs
+    in the endpoint's ``allowed_functions``. Give that object as ``function_ids``;
+    without it each function is submitted by value (registered on first use), which an
+    endpoint with ``allowed_functions`` refuses.
+
+    Authentication: the user's ``scistream login``, or a confidential client from the
+    :class:`~scistream_prefect.auth.GlobusCredentials` block named by
+    ``credentials_block`` (or the environment) for headless runs.
+
+    Example:
+        ```python
+        from prefect import flow
+        from scistream_prefect import GlobusComputeGateway, get_gateway_info
+
+        @flow
+        def inspect_endpoint():
+            gw = GlobusComputeGateway.load("facility-p")  # saved once with .save(...)
+            return get_gateway_info(gw)
+        ```
+    """
+
+    _block_type_name = "SciStream Globus Compute Gateway"
+    _description = "A SciStream gateway whose functions run on a Globus Compute endpoint."
+
+    endpoint_id: uuid.UUID = Field(
+        description="UUID of the gateway node's Globus Compute endpoint.",
+    )
+    display_name: str = Field(
+        default="", description="A name for people (Prefect UI, logs); defaults to the "
+        "endpoint id.",
+    )
+    function_ids: dict[str, uuid.UUID] | None = Field(
+        default=None,
+        description="Registered function UUIDs by gateway function name (gateway_info, "
+        "reserve, hello, wait_hello, connect, status, renew, release), as printed by "
+        "`scistream-gateway register`. Missing: functions are submitted by value.",
+    )
+    credentials_block: str | None = Field(
+        default=None,
+        description="Name of a saved GlobusCredentials block to authenticate with "
+        "(headless runs). Missing: the environment's client credentials, else the "
+        "user's `scistream login`.",
+    )
+    call_timeout_s: float = Field(
+        default=300.0, gt=0,
+        description="Seconds to wait for one function's result (queueing on the "
+        "endpoint included) before it is a TIMEOUT.",
+    )
+
+    @field_validator("function_ids")
+    @classmethod
+    def _known_functions(cls, value: dict[str, uuid.UUID] | None):
+        from scistream_gateway.functions import ALL
+
+        unknown = sorted(set(value or {}) - set(ALL))
+        if unknown:
+            raise ValueError(f"unknown gateway functions {unknown}; known: {sorted(ALL)}")
+        return value
+
+    @classmethod
+    def from_registration(cls, endpoint_id: uuid.UUID | str, registration: str | os.PathLike,
+                          **fields: Any) -> GlobusComputeGateway:
+        """A block whose ``function_ids`` come from the JSON file ``scistream-gateway
+        register`` wrote (one flat object: function name -> UUID).
+
+        Raises:
+            BadFormat: the file cannot be read or is not such an object.
+        """
+        import json
+
+        try:
+            with open(registration) as fh:
+                function_ids = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise BadFormat(f"cannot read function ids from {registration}: {exc}") from None
+        if not isinstance(function_ids, dict):
+            raise BadFormat(f"{registration} holds {type(function_ids).__name__}, not an "
+                            "object of function name -> UUID")
+        try:
+            return cls(endpoint_id=endpoint_id, function_ids=function_ids, **fields)
+        except ValueError as exc:
+            raise BadFormat(f"{registration}: {exc}") from None
+
+    @property
+    def label(self) -> str:
+        return f"compute:{self.display_name or self.endpoint_id}"
+
+    def _executor(self):
+        key = (os.getpid(), str(self.endpoint_id), self.credentials_block)
+        with _EXECUTORS_LOCK:
+            executor = _EXECUTORS.get(key)
+            # An Executor whose submitter thread died (a refused batch stops it for good)
+            # is replaced, so one 403 does not poison every later call of the process.
+            if executor is not None and not executor._task_submitter.is_alive():
+                executor.shutdown(wait=False, cancel_futures=True)
+                executor = None
+            if executor is None:
+                from globus_compute_sdk import Client, Executor
+                from globus_compute_sdk.serialize import DillCodeSource
+
+                from scistream_prefect.auth import make_app
+
+                client = Client(
+                    app=make_app(self.credentials_block),
+                    # Function source, not pickled bytecode: client and endpoint may run
+                    # different Python versions (the same choice as LocalGateway).
+                    code_serialization_strategy=DillCodeSource(),
+                    do_version_check=False,  # one round trip fewer; results carry versions
+                )
+                executor = _EXECUTORS[key] = Executor(endpoint_id=self.endpoint_id,
+                                                      client=client)
+            return executor
+
+    def submit(self, function: str, request: dict) -> concurrent.futures.Future:
+        """Submit one gateway function call; the future's result is the raw reply."""
+        from scistream_gateway.functions import ALL
+
+        if function not in ALL:
+            raise BadFormat(f"no gateway function {function!r}; known: {sorted(ALL)}")
+        executor = self._executor()
+        function_id = (self.function_ids or {}).get(function)
+        try:
+            if function_id is not None:
+                return executor.submit_to_registered_function(str(function_id),
+                                                              args=(request,))
+            return executor.submit(ALL[function], request)
+        except Exception as exc:  # noqa: BLE001 - mapped to a code below
+            raise _mapped(exc, function, self.label) from None
+
+    def reply(self, function: str, future: concurrent.futures.Future,
+              timeout_s: float | None = None) -> dict:
+        """Wait for a submitted call; raise its SciStream error, if any."""
+        timeout = self.call_timeout_s if timeout_s is None else timeout_s
+        try:
+            reply = future.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise Timeout(f"{function} on {self.label} did not finish in {timeout} s") from None
+        except Exception as exc:  # noqa: BLE001 - mapped to a code below
+            raise _mapped(exc, function, self.label) from None
+        error = error_from_wire(reply)
+        if error is not None:
+            raise error
+        if not isinstance(reply, dict):
+            raise ServerError(f"{function} on {self.label} returned {type(reply).__name__}, "
+                              "not a JSON object")
+        return reply
+
+    def call(self, function: str, request: dict, timeout_s: float | None = None) -> dict:
+        """Run gateway function ``function`` on ``request`` at the endpoint."""
+        return self.reply(function, self.submit(function, request), timeout_s)
+
+
+def _mapped(exc: BaseException, function: str, label: str) -> Exception:
+    """A Globus or Compute failure as the SciStream error a caller catches."""
+    from globus_compute_sdk.errors import TaskExecutionFailed
+    from globus_sdk import GlobusAPIError, GlobusConnectionError
+    from globus_sdk.token_storage.validating_token_storage import TokenValidationError
+
+    where = f"{function} on {label}"
+    if isinstance(exc, TokenValidationError):
+        return AuthError(f"{where}: not logged in to Globus ({exc}); run `scistream login`, "
+                         "or give the gateway a GlobusCredentials block")
+    if isinstance(exc, GlobusAPIError):
+        if exc.http_status in (401, 403):
+            return AuthError(f"{where}: Globus refused ({exc.http_status} {exc.code}): "
+                             f"{exc.message}")
+        if exc.http_status == 404:
+            return Unavailable(f"{where}: no such endpoint or function ({exc.message})")
+        return Unavailable(f"{where}: Globus Compute answered {exc.http_status}: "
+                           f"{exc.message}")
+    if isinstance(exc, GlobusConnectionError | ConnectionError | OSError):
+        return Unavailable(f"{where}: Globus Compute unreachable: {exc}")
+    if isinstance(exc, TaskExecutionFailed):
+        return ServerError(f"{where} failed on the endpoint: {str(exc).strip()[-500:]}")
+    if isinstance(exc, concurrent.futures.CancelledError):
+        return Unavailable(f"{where} was cancelled (executor shut down)")
+    return ServerError(f"{where}: {type(exc).__name__}: {exc}")
+
+
+def shutdown_executors(wait: bool = False) -> None:
+    """Stop this process's Executors (their threads and result channels)."""
+    with _EXECUTORS_LOCK:
+        executors = [e for (pid, *_), e in _EXECUTORS.items() if pid == os.getpid()]
+        _EXECUTORS.clear()
+    for executor in executors:
+        executor.shutdown(wait=wait, cancel_futures=True)

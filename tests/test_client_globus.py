@@ -1,0 +1,470 @@
+"""Globus Auth and the Globus Compute Executor, offline.
+
+The Globus cloud is unreachable here, so its HTTP APIs are globus-sdk's own testing
+fixtures (``globus_sdk.testing`` registered responses on top of ``responses``): every
+request still goes through the real ``UserApp`` / ``ClientApp``, token storage and
+validation, ID-token signature check, Compute ``Client`` and ``Executor``; only the
+server side is canned. The Executor's results arrive over AMQP (pika); one test goes
+all the way round: HTTP fixtures, globus-compute-endpoint's own ``execute_task`` running what
+was submitted, and the Result delivered over AMQP by a loopback stub
+(``tests/amqp_stub.py``) to the Executor's own result watcher.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.parse
+import uuid
+from pathlib import Path
+
+import jwt
+import pytest
+import responses
+from cryptography.hazmat.primitives.asymmetric import rsa
+from globus_sdk.testing import RegisteredResponse, get_last_request
+
+from scistream_prefect import AuthError, GlobusComputeGateway, GlobusCredentials, ServerError
+from scistream_prefect import auth as scistream_auth
+from scistream_prefect.compute import shutdown_executors
+
+ENDPOINT_ID = "6d3bd6a7-5b2e-47a8-a0b8-6e2e8a4ba2f0"
+COMPUTE_SCOPE = "https://auth.globus.org/scopes/facd7ccc-c5f4-42aa-916b-a0e270e2c2a9/all"
+IDENTITY = "ae341a98-d274-11e5-b888-dbae3a8ba545"
+
+
+@pytest.fixture
+def globus_offline(tmp_path, monkeypatch):
+    """globus-sdk's registered responses active; tokens under a private HOME."""
+    from globus_compute_sdk import Executor
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    # Executors share a process-wide default task group, and with it one result watcher
+    # (an AMQP connection); each test gets its own, so none hears another's broker.
+    monkeypatch.setattr(Executor, "_default_task_group_id", None)
+    for name in (*scistream_auth.CLIENT_ID_ENV, *scistream_auth.CLIENT_SECRET_ENV):
+        monkeypatch.delenv(name, raising=False)
+    responses.start()
+    try:
+        yield
+    finally:
+        shutdown_executors()
+        responses.stop()
+        responses.reset()
+
+
+def _signing_key():
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _register_openid(key, client_id: str) -> str:
+    """Globus Auth's OpenID configuration and JWK, and an ID token signed with that key."""
+    public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    RegisteredResponse(service="auth", path="/.well-known/openid-configuration", json={
+        "issuer": "https://auth.globus.org",
+        "jwks_uri": "https://auth.globus.org/jwk.json",
+        "id_token_signing_alg_values_supported": ["RS512"],
+    }).add()
+    RegisteredResponse(service="auth", path="/jwk.json", json={"keys": [public]}).add()
+    now = int(time.time())
+    return jwt.encode({"sub": IDENTITY, "aud": client_id, "iss": "https://auth.globus.org",
+                       "iat": now, "exp": now + 3600, "preferred_username": "ada@example.org"},
+                      key, algorithm="RS512")
+
+
+def _client_grant(compute_token: str) -> dict:
+    """A client credentials grant: one token, for the resource server asked for."""
+    return {"access_token": compute_token, "expires_in": 172800, "token_type": "Bearer",
+            "resource_server": "funcx_service", "scope": COMPUTE_SCOPE, "other_tokens": []}
+
+
+def _token_grant(id_token: str | None, compute_token: str, refresh: bool) -> dict:
+    auth = {"access_token": "auth-access-token", "expires_in": 172800, "token_type": "Bearer",
+            "resource_server": "auth.globus.org", "scope": "openid profile email"}
+    compute = {"access_token": compute_token, "expires_in": 172800, "token_type": "Bearer",
+               "resource_server": "funcx_service", "scope": COMPUTE_SCOPE}
+    if refresh:
+        auth["refresh_token"], compute["refresh_token"] = "auth-refresh", "compute-refresh"
+    if id_token:
+        auth["id_token"] = id_token
+    return {**auth, "other_tokens": [compute]}
+
+
+def _form(request) -> dict:
+    return dict(urllib.parse.parse_qsl(request.body if isinstance(request.body, str)
+                                       else request.body.decode()))
+
+
+def _token_requests() -> list:
+    return [c.request for c in responses.calls if c.request.url.endswith("/v2/oauth2/token")]
+
+
+def test_login_stores_tokens_per_user_and_whoami_reads_them(globus_offline, tmp_path,
+                                                            monkeypatch, capsys):
+    client_id = scistream_auth.DEFAULT_CLIENT_ID
+    id_token = _register_openid(_signing_key(), client_id)
+    RegisteredResponse(service="auth", path="/v2/oauth2/token", method="POST",
+                       json=_token_grant(id_token, "compute-token-1", refresh=True)).add()
+    RegisteredResponse(service="auth", path="/v2/oauth2/userinfo", json={
+        "sub": IDENTITY, "preferred_username": "ada@example.org", "name": "Ada",
+        "email": "ada@example.org"}).add()
+    # The command-line login flow: print the URL, read the code the user pastes.
+    monkeypatch.setattr("builtins.input", lambda prompt="": "the-auth-code")
+    monkeypatch.chdir(tmp_path)
+
+    scistream_auth.login()
+
+    grant = _form(_token_requests()[-1])
+    assert grant["grant_type"] == "authorization_code" and grant["code"] == "the-auth-code"
+    assert "auth.globus.org/v2/oauth2/authorize" in capsys.readouterr().out
+    path = scistream_auth.token_file()
+    assert path.startswith(str(tmp_path / "home" / ".globus" / "app"))
+    stored = json.loads(open(path).read())
+    assert "compute-token-1" in json.dumps(stored)
+    import os
+    import stat
+
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600  # owner-only
+    assert not [p for p in tmp_path.iterdir() if p.name != "home"]  # nothing in the cwd
+
+    assert scistream_auth.whoami()["preferred_username"] == "ada@example.org"
+    assert get_last_request().headers["Authorization"] == "Bearer auth-access-token"
+
+
+def _store_expired_login(client_id: str) -> None:
+    """What an old ``scistream login`` left: expired access tokens, valid refresh tokens."""
+    from globus_sdk.token_storage import JSONTokenStorage, TokenStorageData
+
+    storage = JSONTokenStorage(scistream_auth.token_file(client_id))
+    past = int(time.time()) - 60
+    storage.store_token_data_by_resource_server({
+        rs: TokenStorageData(resource_server=rs, identity_id=IDENTITY, scope=scope,
+                             access_token="expired-" + rs, refresh_token=rs + "-refresh",
+                             expires_at_seconds=past, token_type="Bearer")
+        for rs, scope in (("auth.globus.org", "openid profile email"),
+                          ("funcx_service", COMPUTE_SCOPE))
+    })
+
+
+def test_an_expired_token_is_refreshed_before_the_executor_submits(globus_offline):
+    client_id = scistream_auth.DEFAULT_CLIENT_ID
+    _store_expired_login(client_id)
+    RegisteredResponse(service="auth", path="/v2/oauth2/token", method="POST", json={
+        "access_token": "compute-token-2", "expires_in": 172800, "token_type": "Bearer",
+        "resource_server": "funcx_service", "scope": COMPUTE_SCOPE,
+        "refresh_token": "compute-refresh-2", "other_tokens": []}).add()
+    function_id = str(uuid.uuid4())
+    _register_submit(function_id)
+
+    gw = GlobusComputeGateway(endpoint_id=ENDPOINT_ID, display_name="facility-p",
+                              function_ids={"status": function_id})
+    future = gw.submit("status", {"uid": "0b5e4b56-4b5e-4b56-8b5e-0b5e4b564b56"})
+    submit = _wait_for_submit(future)
+
+    refresh = _form(_token_requests()[0])
+    assert refresh["grant_type"] == "refresh_token"
+    assert refresh["refresh_token"] == "funcx_service-refresh"
+    assert submit.headers["Authorization"] == "Bearer compute-token-2"
+    assert not future.done() or future.exception() is not None
+
+
+def _register_submit(function_id: str) -> None:
+    RegisteredResponse(service="compute", path=f"/v3/endpoints/{ENDPOINT_ID}/submit",
+                       method="POST", json={
+                           "request_id": str(uuid.uuid4()), "task_group_id": str(uuid.uuid4()),
+                           "endpoint_id": ENDPOINT_ID,
+                           "tasks": {function_id: [str(uuid.uuid4())]}}).add()
+    # The result channel: an AMQP URL on loopback where nothing listens (offline).
+    RegisteredResponse(service="compute", path="/v2/get_amqp_result_connection_url", json={
+        "queue_prefix": "scistream-test", "connection_url": "amqp://guest:guest@127.0.0.1:9/"
+    }).add()
+
+
+def _wait_for_submit(future, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if future.done() and future.exception() is not None:
+            raise AssertionError(f"submission failed: {future.exception()!r}")
+        for call in responses.calls:
+            if call.request.url.endswith("/submit"):
+                return call.request
+        time.sleep(0.05)
+    urls = [c.request.url for c in responses.calls]
+    raise AssertionError(f"the Executor never submitted: {urls}")
+
+
+def test_a_confidential_client_block_drives_the_executor(globus_offline):
+    """Headless: the GlobusCredentials block's client gets its tokens with its secret, and the
+    Executor submits the registered function with the request as its argument."""
+    from globus_compute_sdk.serialize import ComputeSerializer
+
+    client_id = str(uuid.uuid4())
+    GlobusCredentials(client_id=client_id, client_secret="s3cret-value").save(
+        "robot", overwrite=True)
+    RegisteredResponse(service="auth", path="/v2/oauth2/token", method="POST",
+                       json=_client_grant("robot-compute-token")).add()
+    function_ids = {name: str(uuid.uuid4()) for name in ("reserve", "status", "release")}
+    _register_submit(function_ids["status"])
+    gw = GlobusComputeGateway(endpoint_id=ENDPOINT_ID, function_ids=function_ids,
+                              credentials_block="robot")
+    request = {"uid": "0b5e4b56-4b5e-4b56-8b5e-0b5e4b564b56"}
+    future = gw.submit("status", request)
+    submit = _wait_for_submit(future)
+
+    grant = _token_requests()[0]
+    assert _form(grant)["grant_type"] == "client_credentials"
+    assert grant.headers["Authorization"].startswith("Basic ")  # id:secret, HTTP basic
+    assert submit.headers["Authorization"] == "Bearer robot-compute-token"
+    body = json.loads(submit.body)
+    (task,) = body["tasks"][function_ids["status"]]
+    serializer = ComputeSerializer()
+    args, kwargs = (serializer.deserialize(b) for b in serializer.unpack_buffers(task))
+    assert args == (request,) and kwargs == {}
+    assert not future.done() or future.exception() is not None
+
+
+def test_without_function_ids_the_shipped_function_is_registered_by_source(globus_offline):
+    from globus_compute_sdk.serialize import ComputeSerializer
+
+    from globus_compute_sdk.serialize import DillCodeSource
+
+    from scistream_gateway import functions
+
+    client_id = str(uuid.uuid4())
+    GlobusCredentials(client_id=client_id, client_secret="x").save("robot2", overwrite=True)
+    RegisteredResponse(service="auth", path="/v2/oauth2/token", method="POST",
+                       json=_client_grant("robot-token")).add()
+    function_id = str(uuid.uuid4())
+    RegisteredResponse(service="compute", path="/v3/functions", method="POST",
+                       json={"function_uuid": function_id}).add()
+    _register_submit(function_id)
+    gw = GlobusComputeGateway(endpoint_id=ENDPOINT_ID, credentials_block="robot2")
+    future = gw.submit("gateway_info", {})
+    _wait_for_submit(future)
+    registration = next(json.loads(c.request.body) for c in responses.calls
+                        if c.request.url.endswith("/v3/functions"))
+    assert registration["function_name"] == "gateway_info"
+    serializer = ComputeSerializer()
+    (packed,) = serializer.unpack_buffers(registration["function_code"])
+    shipped = serializer.deserialize(packed)
+    # The function's source crossed the wire (not bytecode), and it is the shipped one.
+    assert shipped.__doc__ == functions.gateway_info.__doc__
+    assert packed.startswith(DillCodeSource.identifier)
+    assert not future.done() or future.exception() is not None
+
+
+def test_a_call_round_trips_through_the_executor_and_an_endpoint_engine(globus_offline,
+                                                                        gateway_root):
+    """The whole path with only the cloud replaced: the Executor registers the shipped
+    function and submits the request over HTTP (globus-sdk fixtures); globus-compute-
+    endpoint's ``execute_task`` runs exactly what was sent against a real gateway; the
+    Result comes back over AMQP (a loopback stub speaking pika's frames) to the
+    Executor's own result watcher; the block returns the gateway's reply."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from amqp_stub import AmqpStub, run_like_an_endpoint
+    from conftest import make_gateway
+
+    local = make_gateway(gateway_root, "behind-compute-gw")
+    client_id = str(uuid.uuid4())
+    GlobusCredentials(client_id=client_id, client_secret="x").save("robot-e2e", overwrite=True)
+    RegisteredResponse(service="auth", path="/v2/oauth2/token", method="POST",
+                       json=_client_grant("robot-token")).add()
+    function_id, task_id = str(uuid.uuid4()), str(uuid.uuid4())
+    RegisteredResponse(service="compute", path="/v3/functions", method="POST",
+                       json={"function_uuid": function_id}).add()
+    RegisteredResponse(service="compute", path=f"/v3/endpoints/{ENDPOINT_ID}/submit",
+                       method="POST", json={
+                           "request_id": str(uuid.uuid4()), "task_group_id": str(uuid.uuid4()),
+                           "endpoint_id": ENDPOINT_ID, "tasks": {function_id: [task_id]}}).add()
+    broker = AmqpStub()
+    RegisteredResponse(service="compute", path="/v2/get_amqp_result_connection_url", json={
+        "queue_prefix": "scistream-test-", "connection_url": broker.url}).add()
+    try:
+        gw = GlobusComputeGateway(endpoint_id=ENDPOINT_ID, display_name="facility-x",
+                                  credentials_block="robot-e2e")
+        future = gw.submit("gateway_info", {})
+        submit = _wait_for_submit(future)
+        registration = next(json.loads(c.request.body) for c in responses.calls
+                            if c.request.url.endswith("/v3/functions"))
+        (payload,) = json.loads(submit.body)["tasks"][function_id]
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            result = pool.submit(run_like_an_endpoint, str(local.settings_path),
+                                 registration["function_code"], payload, task_id,
+                                 str(gateway_root / "endpoint-run")).result(timeout=120)
+        broker.deliver(result)
+        reply = gw.reply("gateway_info", future, timeout_s=60)
+        # The watcher acknowledges what it received on its next poll (every 0.5 s).
+        deadline = time.monotonic() + 30
+        while not broker.acked and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        shutdown_executors(wait=True)  # the result watcher hangs up before the broker goes
+        broker.close()
+    assert reply["name"] == "behind-compute-gw"
+    assert reply["active_streams"] == 0 and reply["free_ports"] == 40
+    assert broker.acked  # the Executor acknowledged the result message
+
+
+def test_not_logged_in_is_an_auth_error_not_a_prompt(globus_offline, monkeypatch):
+    def no_prompt(prompt=""):
+        raise AssertionError("a flow must never wait on stdin for a login")
+
+    monkeypatch.setattr("builtins.input", no_prompt)
+    gw = GlobusComputeGateway(endpoint_id=ENDPOINT_ID)
+    with pytest.raises(AuthError, match="scistream login"):
+        gw.call("gateway_info", {}, timeout_s=30)
+    with pytest.raises(AuthError, match="scistream login"):
+        scistream_auth.whoami()
+
+
+def test_a_missing_credentials_block_is_an_auth_error(globus_offline):
+    gw = GlobusComputeGateway(endpoint_id=ENDPOINT_ID, credentials_block="no-such-block")
+    with pytest.raises(AuthError, match="no-such-block"):
+        gw.call("gateway_info", {})
+
+
+def test_a_refused_submission_is_an_auth_error(globus_offline):
+    client_id = str(uuid.uuid4())
+    GlobusCredentials(client_id=client_id, client_secret="x").save("robot3", overwrite=True)
+    RegisteredResponse(service="auth", path="/v2/oauth2/token", method="POST",
+                       json=_client_grant("robot-token")).add()
+    RegisteredResponse(service="compute", path=f"/v3/endpoints/{ENDPOINT_ID}/submit",
+                       method="POST", status=403, json={
+                           "code": "FORBIDDEN", "error": "FORBIDDEN",
+                           "reason": "not allowed on this endpoint"}).add()
+    gw = GlobusComputeGateway(endpoint_id=ENDPOINT_ID, credentials_block="robot3",
+                              function_ids={"status": str(uuid.uuid4())})
+    with pytest.raises(AuthError, match="403"):
+        gw.call("status", {"uid": "0b5e4b56-4b5e-4b56-8b5e-0b5e4b564b56"}, timeout_s=30)
+
+
+def test_logout_revokes_and_deletes_the_tokens(globus_offline):
+    _store_expired_login(scistream_auth.DEFAULT_CLIENT_ID)
+    RegisteredResponse(service="auth", path="/v2/oauth2/token/revoke", method="POST",
+                       json={"active": False}).add()
+    scistream_auth.logout()
+    revoked = {_form(c.request)["token"] for c in responses.calls
+               if c.request.url.endswith("/revoke")}
+    assert {"funcx_service-refresh", "auth.globus.org-refresh"} <= revoked
+    from globus_sdk.token_storage import JSONTokenStorage
+
+    assert JSONTokenStorage(scistream_auth.token_file()).get_token_data_by_resource_server() \
+        == {}
+
+
+def test_remote_failures_map_to_codes():
+    """The replies a Compute future can carry, as the Executor's result watcher sets them."""
+    from concurrent.futures import Future
+
+    from globus_compute_sdk.errors import TaskExecutionFailed
+
+    from scistream_prefect import NoResource
+
+    gw = GlobusComputeGateway(endpoint_id=ENDPOINT_ID)
+    ok: Future = Future()
+    ok.set_result({"uid": "u", "released": True})
+    assert gw.reply("release", ok) == {"uid": "u", "released": True}
+    refused: Future = Future()
+    refused.set_result(NoResource("port range exhausted").to_wire())
+    with pytest.raises(NoResource, match="exhausted"):
+        gw.reply("reserve", refused)
+    crashed: Future = Future()
+    crashed.set_exception(TaskExecutionFailed("Traceback ...\nZeroDivisionError"))
+    with pytest.raises(ServerError, match="failed on the endpoint"):
+        gw.reply("status", crashed)
+
+
+def test_block_fields_are_checked():
+    with pytest.raises(ValueError, match="unknown gateway functions"):
+        GlobusComputeGateway(endpoint_id=ENDPOINT_ID, function_ids={"rm_rf": str(uuid.uuid4())})
+    with pytest.raises(ValueError):
+        GlobusComputeGateway(endpoint_id="not-a-uuid")
+    creds = GlobusCredentials(client_id=str(uuid.uuid4()), client_secret="hush")
+    assert "hush" not in repr(creds) and "hush" not in str(creds.model_dump())
+
+
+def test_a_stream_through_a_globus_compute_gateway(globus_offline, gateway_root, producer_app):
+    """open_stream and release_stream with the producer side behind the Executor (its
+    service offline, see OfflineCompute) and the consumer side a local gateway."""
+    from amqp_stub import OfflineCompute
+    from conftest import make_gateway, run_consumer
+
+    from scistream_prefect import open_stream, release_stream
+
+    behind = make_gateway(gateway_root, "compute-prod-gw")
+    consumer = make_gateway(gateway_root, "local-cons-gw")
+    client_id = str(uuid.uuid4())
+    GlobusCredentials(client_id=client_id, client_secret="x").save("robot-stream",
+                                                                   overwrite=True)
+    RegisteredResponse(service="auth", path="/v2/oauth2/token", method="POST",
+                       json=_client_grant("robot-token")).add()
+    service = OfflineCompute(ENDPOINT_ID, str(behind.settings_path),
+                             str(gateway_root / "endpoint-run"))
+    producer = GlobusComputeGateway(endpoint_id=ENDPOINT_ID, display_name="facility-p",
+                                    credentials_block="robot-stream", call_timeout_s=120)
+    app = producer_app(2, 16 << 20)
+    try:
+        handle = open_stream(producer, consumer, num_conn=2, app_listeners=app.listeners)
+        try:
+            assert handle.producer == "compute:facility-p"
+            code, received = run_consumer(handle.listeners)
+            assert code == 0 and sum(r["bytes"] for r in received) == 16 << 20
+            assert sorted(r["sha256"] for r in received) == sorted(
+                r["sha256"] for r in app.result())
+        finally:
+            release_stream(producer, consumer, handle.uid)
+        assert behind.call("gateway_info", {})["active_streams"] == 0
+        # reserve, hello, connect, release: each went through the Executor.
+        assert service.tasks_run == 4 and len(service.functions) == 4
+    finally:
+        shutdown_executors(wait=True)
+        service.close()
+
+
+def test_whoami_as_a_confidential_client_from_the_environment(globus_offline, monkeypatch):
+    client_id = str(uuid.uuid4())
+    monkeypatch.setenv("SCISTREAM_GLOBUS_CLIENT_ID", client_id)
+    monkeypatch.setenv("SCISTREAM_GLOBUS_CLIENT_SECRET", "env-secret")
+    RegisteredResponse(service="auth", path="/v2/oauth2/token", method="POST", json={
+        "access_token": "client-auth-token", "expires_in": 172800, "token_type": "Bearer",
+        "resource_server": "auth.globus.org", "scope": "openid profile email",
+        "other_tokens": []}).add()
+    RegisteredResponse(service="auth", path="/v2/oauth2/userinfo", json={
+        "sub": client_id, "preferred_username": f"{client_id}@clients.auth.globus.org",
+        "name": "facility robot", "email": None}).add()
+    who = scistream_auth.whoami()
+    assert who["sub"] == client_id and who["name"] == "facility robot"
+    grant = _token_requests()[0]
+    assert _form(grant)["grant_type"] == "client_credentials"
+    assert get_last_request().headers["Authorization"] == "Bearer client-auth-token"
+    # Nothing was written for a client: its tokens live in memory only.
+    assert not (Path.home() / ".globus").exists()
+
+
+def test_half_a_client_in_the_environment_is_an_auth_error(globus_offline, monkeypatch):
+    monkeypatch.setenv("SCISTREAM_GLOBUS_CLIENT_SECRET", "orphan-secret")
+    with pytest.raises(AuthError, match="SCISTREAM_GLOBUS_CLIENT_ID"):
+        scistream_auth.make_app()
+
+
+def test_function_ids_from_the_registration_file(tmp_path):
+    from scistream_gateway.functions import ALL
+
+    from scistream_prefect import BadFormat
+
+    ids = {name: str(uuid.uuid4()) for name in ALL}
+    path = tmp_path / "functions.json"
+    path.write_text(json.dumps(ids))
+    gw = GlobusComputeGateway.from_registration(ENDPOINT_ID, path, display_name="facility-p")
+    assert {k: str(v) for k, v in gw.function_ids.items()} == ids
+    assert gw.label == "compute:facility-p"
+    path.write_text(json.dumps({**ids, "format_disk": str(uuid.uuid4())}))
+    with pytest.raises(BadFormat, match="unknown gateway functions"):
+        GlobusComputeGateway.from_registration(ENDPOINT_ID, path)
+    path.write_text("[1, 2]")
+    with pytest.raises(BadFormat, match="not an object"):
+        GlobusComputeGateway.from_registration(ENDPOINT_ID, path)
+    with pytest.raises(BadFormat, match="cannot read"):
+        GlobusComputeGateway.from_registration(ENDPOINT_ID, tmp_path / "missing.json")

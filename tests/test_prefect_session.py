@@ -1,0 +1,158 @@
+"""The session context manager and the artifacts, on real local gateways and Prefect's harness."""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+
+import pytest
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.variables import Variable
+
+from scistream_prefect import release_session_streams, stream_session
+
+from conftest import run_consumer
+
+
+def _active(*gateways) -> list[int]:
+    return [gw.call("gateway_info", {})["active_streams"] for gw in gateways]
+
+
+def _artifacts(uid: str) -> dict[str, object]:
+    """The latest artifact of each of the stream's keys."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_latest_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(like_=uid)))
+    return {a.key: a for a in found}
+
+
+def test_a_session_moves_data_renews_its_lease_and_releases(gateways, producer_app):
+    producer, consumer = gateways
+    app = producer_app(2, 8 << 20)
+    seen: dict = {}
+
+    @flow(on_cancellation=[release_session_streams], on_crashed=[release_session_streams])
+    def pipeline():
+        with stream_session(producer, consumer, num_conn=2, app_listeners=app.listeners,
+                            lease_s=30, renew_every_s=0.2) as stream:
+            seen["uid"], seen["lease"] = stream.uid, stream.lease_expires
+            seen["active"] = _active(producer, consumer)
+            seen["consumer"] = run_consumer(stream.listeners)
+            # While the session is open, its lease keeps moving forward.
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                status = producer.call("status", {"uid": stream.uid})
+                if status["lease_expires"] > seen["lease"] + 0.5:
+                    break
+                time.sleep(0.1)
+            seen["renewed"] = status["lease_expires"]
+            seen["variable"] = Variable.get(f"scistream-session-{_flow_run_id()}")
+        return "done"
+
+    assert pipeline() == "done"
+    assert seen["active"] == [1, 1] and _active(producer, consumer) == [0, 0]
+    code, received = seen["consumer"]
+    assert code == 0 and sum(r["bytes"] for r in received) == 8 << 20
+    assert seen["renewed"] > seen["lease"] + 0.5
+    # The identifiers the cancellation hook would need were stored while open (no key)...
+    assert set(seen["variable"]) == {seen["uid"]}
+    assert seen["variable"][seen["uid"]]["producer"]["block"] == "LocalGateway"
+    # ... and are gone after the release.
+    with get_client(sync_client=True) as client:
+        assert not [v for v in client.read_variables() if seen["uid"] in str(v.value)]
+    artifacts = _artifacts(seen["uid"])
+    summary = artifacts[f"scistream-stream-{seen['uid']}"]
+    assert "**RELEASED**" in summary.data and producer.label in summary.data
+    table = artifacts[f"scistream-listeners-{seen['uid']}"]
+    assert all(a in str(table.data) for a in app.listeners)
+
+
+def _flow_run_id():
+    from prefect.context import FlowRunContext
+
+    return FlowRunContext.get().flow_run.id
+
+
+def test_a_failing_block_still_releases_and_the_error_is_the_users(gateways, producer_app):
+    producer, consumer = gateways
+    app = producer_app(1, 1024)
+    seen: dict = {}
+
+    @flow
+    def pipeline():
+        with stream_session(producer, consumer, num_conn=1, app_listeners=app.listeners) as s:
+            seen["uid"] = s.uid
+            raise ValueError("the analysis broke")
+
+    with pytest.raises(ValueError, match="analysis broke"):
+        pipeline()
+    assert _active(producer, consumer) == [0, 0]
+    summary = _artifacts(seen["uid"])[f"scistream-stream-{seen['uid']}"]
+    assert "RELEASED after ValueError" in summary.data
+
+
+def test_the_hook_releases_from_stored_identifiers_alone(gateways, producer_app):
+    """What a cancelled deployment run does: the flow's process is gone, the hook runs
+    elsewhere with only the flow run. Here the run ends in the state a killed session
+    leaves (stream open, identifiers stored), then the hook gets the run's record.
+    ``test_prefect_deployments`` cancels a real served run."""
+    from scistream_prefect.flows.streams import setup_stream
+    from scistream_prefect.session import _remember
+
+    producer, consumer = gateways
+    app = producer_app(1, 1024)
+    seen: dict = {}
+
+    @flow
+    def pipeline():
+        handle = setup_stream(producer, consumer, num_conn=1, app_listeners=app.listeners)
+        seen["run_id"] = _flow_run_id()
+        _remember(seen["run_id"], handle.uid, producer, consumer)
+
+    pipeline()
+    assert _active(producer, consumer) == [1, 1]
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(seen["run_id"])
+    release_session_streams(None, flow_run, flow_run.state)
+    assert _active(producer, consumer) == [0, 0]
+    assert Variable.get(f"scistream-session-{seen['run_id']}", default=None) is None
+
+
+def test_the_hello_key_is_in_no_artifact_log_or_record(gateways, producer_app):
+    producer, consumer = gateways
+    app = producer_app(1, 1024)
+    key = secrets.token_urlsafe(32)
+    uid = str(uuid.uuid4())
+
+    @flow
+    def pipeline():
+        with stream_session(producer, consumer, num_conn=1, app_listeners=app.listeners,
+                            uid=uid, hello_key=key) as stream:
+            assert stream.hello_key.get_secret_value() == key
+            return stream.model_dump_json()
+
+    dumped = pipeline()
+    assert key not in dumped
+    artifacts = _artifacts(uid)
+    assert len(artifacts) == 2
+    assert all(key not in a.model_dump_json() for a in artifacts.values())
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs()
+        tasks = client.read_task_runs()
+        variables = client.read_variables()
+        runs = client.read_flow_runs()
+    assert logs and all(key not in entry.message for entry in logs)
+    assert tasks and all(key not in t.model_dump_json() for t in tasks)
+    assert all(key not in v.model_dump_json() for v in variables)
+    assert all(key not in r.model_dump_json() for r in runs)
+
+
+def test_a_session_needs_a_flow(gateways):
+    producer, consumer = gateways
+    with pytest.raises(RuntimeError, match="inside a flow"):
+        with stream_session(producer, consumer, app_listeners=["127.0.0.1:9"]):
+            pass
