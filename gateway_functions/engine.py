@@ -20,23 +20,10 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from scistream_gateway.local_worker import ALLOWED_SERIALIZERS, make_serializer
 from scistream_gateway.settings import CONFIG_ENV
 
 __all__ = ["ALLOWED_SERIALIZERS", "EndpointEngine", "make_serializer"]
-
-# What the shipped endpoint configs allow: functions as source text, data as JSON.
-# Nothing pickled is ever deserialized on the gateway.
-ALLOWED_SERIALIZERS = (
-    "globus_compute_sdk.serialize.DillCodeSource",
-    "globus_compute_sdk.serialize.JSONData",
-)
-
-
-def make_serializer():
-    """The client-side serializer that fits :data:`ALLOWED_SERIALIZERS`."""
-    from globus_compute_sdk.serialize import ComputeSerializer, DillCodeSource, JSONData
-
-    return ComputeSerializer(strategy_code=DillCodeSource(), strategy_data=JSONData())
 
 
 def _set_environment(environ: dict) -> None:

@@ -14,21 +14,33 @@ from __future__ import annotations
 import sys
 from typing import BinaryIO
 
-__all__ = ["HEADER_BYTES", "frame_length", "make_serializer", "read_frame", "run_packed",
-           "write_frame"]
+__all__ = ["ALLOWED_SERIALIZERS", "HEADER_BYTES", "frame_length", "make_serializer",
+           "read_frame", "run_packed", "write_frame"]
+
+# What the shipped endpoint configs allow (``allowed_serializers``), and all a local
+# worker accepts: functions as source text, data as JSON. Nothing pickled is ever
+# deserialized on a gateway.
+ALLOWED_SERIALIZERS = (
+    "globus_compute_sdk.serialize.DillCodeSource",
+    "globus_compute_sdk.serialize.JSONData",
+)
 
 
-def make_serializer():
-    """The serializer both seams use: function *source* (not pickled bytecode, which
-    ties client and endpoint to one Python version) and JSON-safe data."""
-    from globus_compute_sdk.serialize import ComputeSerializer, DillCodeSource
+def make_serializer(*, gateway_side: bool = False):
+    """The serializer every seam uses (LocalGateway, GlobusComputeGateway, registration):
+    function *source* (not pickled bytecode, which ties client and endpoint to one
+    Python version) and JSON data. On the gateway side it deserializes only
+    :data:`ALLOWED_SERIALIZERS`, as an endpoint with the shipped config does."""
+    from globus_compute_sdk.serialize import ComputeSerializer, DillCodeSource, JSONData
 
-    return ComputeSerializer(strategy_code=DillCodeSource())
+    allowed = ALLOWED_SERIALIZERS if gateway_side else None
+    return ComputeSerializer(strategy_code=DillCodeSource(), strategy_data=JSONData(),
+                             allowed_deserializer_types=allowed)
 
 
 def run_packed(payload: str) -> str:
     """Unpack a task, run it, pack its result."""
-    serializer = make_serializer()
+    serializer = make_serializer(gateway_side=True)
     try:
         function, args, kwargs = serializer.unpack_and_deserialize(payload)
     except Exception as exc:  # noqa: BLE001 - a bad task is an error reply, not a crash

@@ -135,15 +135,17 @@ class GlobusComputeGateway(Block):
                 executor = None
             if executor is None:
                 from globus_compute_sdk import Client, Executor
-                from globus_compute_sdk.serialize import DillCodeSource
+                from globus_compute_sdk.serialize import DillCodeSource, JSONData
 
                 from scistream_prefect.auth import make_app
 
                 client = Client(
                     app=make_app(self.credentials_block),
                     # Function source, not pickled bytecode: client and endpoint may run
-                    # different Python versions (the same choice as LocalGateway).
+                    # different Python versions (the same choice as LocalGateway). Data as
+                    # JSON: the shipped endpoint configs deserialize nothing else.
                     code_serialization_strategy=DillCodeSource(),
+                    data_serialization_strategy=JSONData(),
                     do_version_check=False,  # one round trip fewer; results carry versions
                 )
                 executor = _EXECUTORS[key] = Executor(endpoint_id=self.endpoint_id,

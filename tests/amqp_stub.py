@@ -179,9 +179,13 @@ def run_like_an_endpoint(settings_path: str, function_code: str, task_payload: s
     from globus_compute_common.messagepack.message_types import Task
     from globus_compute_endpoint.engines.helper import execute_task
 
+    from scistream_gateway.local_worker import ALLOWED_SERIALIZERS
+
     os.environ["SCISTREAM_GATEWAY_CONFIG"] = settings_path
     task = Task(task_id=uuid.UUID(task_id), task_buffer=function_code + task_payload)
-    return execute_task(pack(task), uuid.UUID(task_id), run_dir=run_dir)
+    # As the shipped endpoint configs have it: source code and JSON data only.
+    return execute_task(pack(task), uuid.UUID(task_id), run_dir=run_dir,
+                        task_deserializers=list(ALLOWED_SERIALIZERS))
 
 
 class OfflineCompute:

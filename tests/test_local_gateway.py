@@ -98,9 +98,12 @@ def test_requests_really_cross_the_globus_compute_serializer(gateway_root):
     gw = make_gateway(gateway_root, "serde-gw")
     with pytest.raises(BadFormat, match="does not serialize"):
         gw.call("status", {"uid": (c for c in "generator")})
-    # Data the serializer carries but JSON would not is still refused by the gateway.
-    with pytest.raises(BadFormat, match="uid"):
+    # Data is JSON (JSONData), as the shipped endpoint configs require: a set does not go.
+    with pytest.raises(BadFormat, match="does not serialize"):
         gw.call("status", {"uid": {"not", "a", "string"}})
+    # JSON the gateway does not accept is refused by the gateway itself.
+    with pytest.raises(BadFormat, match="uid"):
+        gw.call("status", {"uid": ["not", "a", "string"]})
 
 
 def test_a_stream_outlives_the_workers_that_started_it(gateways, producer_app):
@@ -125,3 +128,19 @@ def test_a_stream_outlives_the_workers_that_started_it(gateways, producer_app):
         assert sorted(r["sha256"] for r in received) == sorted(r["sha256"] for r in app.result())
     finally:
         release_stream(producer, consumer, handle.uid)
+
+
+def test_a_local_worker_deserializes_no_pickle(gateway_root):
+    """Like an endpoint with the shipped config, a local worker refuses pickled arguments
+    (DillDataBase64) before any gateway function runs."""
+    from globus_compute_sdk.serialize import ComputeSerializer, DillCodeSource
+
+    from scistream_gateway.functions import ALL
+    from scistream_gateway.local_worker import make_serializer, run_packed
+
+    pickled = ComputeSerializer(strategy_code=DillCodeSource())  # data: the SDK's default
+    payload = pickled.pack_buffers([pickled.serialize(ALL["gateway_info"]),
+                                    pickled.serialize(({},)), pickled.serialize({})])
+    reply = make_serializer().deserialize(run_packed(payload))
+    assert reply["error"]["code"] == "BAD_FORMAT"
+    assert "DillDataBase64" in reply["error"]["message"]
