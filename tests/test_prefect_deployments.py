@@ -53,8 +53,11 @@ class Served:
 
     def __init__(self, argv: list[str], log: Path, cwd: Path | None = None):
         self.log = log
+        # TMPDIR: Prefect's runner keeps a directory per run under the temp dir
+        # (runner_storage/); this keeps those in the test's own directory.
+        env = dict(_env(), TMPDIR=str(log.parent))
         with open(log, "wb") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=_env(),
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
                                          cwd=cwd, start_new_session=True)
 
     def tail(self) -> str:
