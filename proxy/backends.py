@@ -83,19 +83,26 @@ class ProxyBackend(ABC):
         """Stop the proxy if it runs; safe to call again."""
 
 
+def connect_in_dir(sock: socket.socket, stream_dir: Path, name: str) -> None:
+    """Connect ``sock`` to the unix socket ``name`` in ``stream_dir``.
+
+    Reached through a descriptor of its directory: the path stays short however deep
+    the state directory is (a sockaddr_un path holds 108 bytes), and the directory's
+    0700 mode still decides who may connect.
+    """
+    dir_fd = os.open(stream_dir, os.O_PATH | os.O_DIRECTORY)
+    try:
+        sock.connect(f"/proc/self/fd/{dir_fd}/{name}")
+    finally:
+        os.close(dir_fd)
+
+
 def control_request(stream_dir: Path, request: dict, timeout_s: float = 5.0) -> dict:
     """One JSON request/reply over a native proxy's control socket."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout_s)
         try:
-            # Reach the socket through a descriptor of its directory: the path stays
-            # short however deep the state directory is, and the directory's 0700
-            # mode still decides who may connect.
-            dir_fd = os.open(stream_dir, os.O_PATH | os.O_DIRECTORY)
-            try:
-                sock.connect(f"/proc/self/fd/{dir_fd}/{native.CONTROL_SOCKET}")
-            finally:
-                os.close(dir_fd)
+            connect_in_dir(sock, stream_dir, native.CONTROL_SOCKET)
             sock.sendall(json.dumps(request).encode() + b"\n")
             line = sock.makefile("rb").readline()
         except OSError as exc:

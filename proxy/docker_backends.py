@@ -279,15 +279,8 @@ class ContainerBackend(HeldPortsBackend):
         if state.get("Status") != "running":
             detail = f"container {state.get('Status')} (exit code {state.get('ExitCode')})"
             return {"alive": False, "bytes": None, "pid": None, "detail": detail}
-        reply = {"alive": True, "bytes": None, "pid": state.get("Pid"),
-                 "container": handle["container"][:12], "detail": self.counters_detail}
-        try:
-            counters = self.counters(handle, stream_dir)
-        except ProxyError as exc:
-            counters, reply["detail"] = None, f"counters unavailable: {exc}"
-        if counters is not None:
-            reply.update(counters, detail="")
-        return reply
+        return self.with_counters({"alive": True, "pid": state.get("Pid"),
+                                   "container": handle["container"][:12]}, handle, stream_dir)
 
     def stop(self, handle, stream_dir):
         ids = {handle.get("container")}

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from string import Template
 
-from scistream_proxy.backends import ProxyBackend, ProxyError, ProxySpec
+from scistream_proxy.backends import ProxyBackend, ProxyError, ProxySpec, connect_in_dir
 from scistream_proxy.process import ProcessIdentity, ProxyStartError, spawn_detached, terminate
 from scistream_proxy.tls import write_private
 
@@ -57,21 +57,13 @@ def render_template(name: str, **values: object) -> str:
 
 def unix_request(stream_dir: Path, name: str, payload: bytes, timeout_s: float = 5.0,
                  *, want_fds: int = 0) -> tuple[bytes, list[int]]:
-    """Send ``payload`` to the unix socket ``name`` in ``stream_dir``; read the reply.
-
-    The socket is reached through a descriptor of its directory, so the path stays
-    short however deep the state directory is, and the directory's mode still decides
-    who may connect.
-    """
+    """Send ``payload`` to the unix socket ``name`` in ``stream_dir``; read the reply
+    (to the end, or its first line when descriptors come with it)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout_s)
         fds: list[int] = []
         try:
-            dir_fd = os.open(stream_dir, os.O_PATH | os.O_DIRECTORY)
-            try:
-                sock.connect(f"/proc/self/fd/{dir_fd}/{name}")
-            finally:
-                os.close(dir_fd)
+            connect_in_dir(sock, stream_dir, name)
             sock.sendall(payload)
             chunks = []
             while True:
@@ -253,8 +245,11 @@ class HeldPortsBackend(ProxyBackend):
         if not proxy.alive():
             return {"alive": False, "bytes": None, "pid": proxy.pid,
                     "detail": f"{self.name} process is gone"}
-        reply = {"alive": True, "pid": proxy.pid, "bytes": None,
-                 "detail": self.counters_detail}
+        return self.with_counters({"alive": True, "pid": proxy.pid}, handle, stream_dir)
+
+    def with_counters(self, reply: dict, handle: dict, stream_dir: Path) -> dict:
+        """``reply`` of a live proxy with its byte counters, or a detail saying why none."""
+        reply.update(bytes=None, detail=self.counters_detail)
         try:
             counters = self.counters(handle, stream_dir)
         except ProxyError as exc:

@@ -21,11 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import struct
 import sys
 from pathlib import Path
+
+from scistream_proxy.process import become_daemon
 
 CONTROL_SOCKET = "holder.sock"
 SO_ATTACH_REUSEPORT_CBPF = 51
@@ -105,14 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-fd", type=int, default=-1)
     args = parser.parse_args(argv)
 
-    if os.fork() > 0:
-        os._exit(0)  # the starter is reaped by the gateway; the holder outlives it
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-
-    def report(message: dict) -> None:
-        if args.ready_fd >= 0:
-            os.write(args.ready_fd, json.dumps(message).encode() + b"\n")
-            os.close(args.ready_fd)
+    report = become_daemon(args.ready_fd)
 
     try:
         os.chdir(args.stream_dir)

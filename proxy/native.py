@@ -40,6 +40,7 @@ import threading
 import time
 from pathlib import Path
 
+from scistream_proxy.process import become_daemon
 from scistream_proxy.tls import fingerprint_of_der, pinned_context
 
 BUFFER_SIZE = 64 * 1024
@@ -404,15 +405,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="do not fork away from the caller (for debugging)")
     args = parser.parse_args(argv)
 
-    if not args.foreground and os.fork() > 0:
-        os._exit(0)  # the starter reaps this one; the relay is reparented and outlives it
+    report = become_daemon(args.ready_fd, foreground=args.foreground)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-
-    def report(message: dict) -> None:
-        if args.ready_fd >= 0:
-            os.write(args.ready_fd, json.dumps(message).encode() + b"\n")
-            os.close(args.ready_fd)
 
     try:
         # Work inside the stream directory: the control socket is bound by a short

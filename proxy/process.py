@@ -28,6 +28,7 @@ from pathlib import Path
 
 __all__ = [
     "LAUNCH_ENV",
+    "become_daemon",
     "LaunchPlan",
     "ProcessIdentity",
     "ProxyStartError",
@@ -176,6 +177,23 @@ def survival_report(plan: LaunchPlan | None = None, cgroup: str | None = None) -
             "a restart or stop of that unit kills every stream's proxy. Install the "
             "drop-in from endpoint_configs/systemd/ and make systemd-run usable here."
         )
+    return report
+
+
+def become_daemon(ready_fd: int, *, foreground: bool = False):
+    """The program's side of :func:`spawn_detached`: fork away from the starter (which
+    the gateway reaps; the daemon is reparented and outlives it) unless ``foreground``,
+    ignore SIGHUP, and return ``report(message)``, which writes the one JSON line on
+    ``ready_fd`` (``{"pid": P}`` or ``{"error": "..."}``) and closes it."""
+    if not foreground and os.fork() > 0:
+        os._exit(0)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    def report(message: dict) -> None:
+        if ready_fd >= 0:
+            os.write(ready_fd, json.dumps(message).encode() + b"\n")
+            os.close(ready_fd)
+
     return report
 
 

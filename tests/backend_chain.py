@@ -133,3 +133,29 @@ def connect_early(address: str) -> socket.socket:
 
 def status_line(status: dict) -> str:
     return json.dumps({k: status.get(k) for k in ("state", "alive", "bytes", "proxy_detail")})
+
+
+def round_robin_transfer(producer, consumer, producer_app, tls: bool, while_connected=None):
+    """A checksummed transfer over 3 connections, round robin over two producer apps
+    (connections 0 and 2 to the first, 1 to the second), then released. Checks the
+    data and that both ends were CONNECTED and alive; returns ``(chain, statuses,
+    seen)``, ``seen`` being what ``while_connected()`` returned while the stream ran."""
+    from conftest import run_consumer
+
+    total = 24 * MIB
+    apps = [producer_app(2, total // 2), producer_app(1, total // 4)]
+    chain = reserve_pair(producer, consumer, 3)
+    try:
+        connect_pair(chain, [apps[0].listeners[0], apps[1].listeners[0]], tls=tls)
+        seen = while_connected() if while_connected else None
+        code, received = run_consumer(chain.cons["listeners"])
+        sent = apps[0].result() + apps[1].result()
+        statuses = chain.status()
+    finally:
+        chain.release()
+    assert code == 0, received
+    assert digests(received) == digests(sent)
+    assert sum(r["bytes"] for r in received) == total * 3 // 4
+    for status in statuses:
+        assert status["state"] == "CONNECTED" and status["alive"] is True, status_line(status)
+    return chain, statuses, seen

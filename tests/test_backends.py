@@ -17,10 +17,10 @@ from backend_chain import (
     assert_nothing_left,
     connect_early,
     connect_pair,
-    digests,
     holds_port,
     impostor,
     reserve_pair,
+    round_robin_transfer,
     skip_reason,
     status_line,
 )
@@ -60,22 +60,8 @@ def chain_gateways(root: Path, prod: str, cons: str):
 @pytest.mark.parametrize("prod, cons, tls", list(pairs()))
 def test_checksummed_transfer_through_every_pairing(gateway_root, producer_app, prod, cons, tls):
     producer, consumer = chain_gateways(gateway_root, prod, cons)
-    num_conn, total = 3, 24 * MIB
-    apps = [producer_app(2, total // 2), producer_app(1, total // 4)]
-    chain = reserve_pair(producer, consumer, num_conn)
-    try:
-        # Round robin: connections 0 and 2 go to the first app, 1 to the second.
-        connect_pair(chain, [apps[0].listeners[0], apps[1].listeners[0]], tls=tls)
-        code, received = run_consumer(chain.cons["listeners"])
-        sent = apps[0].result() + apps[1].result()
-        prod_status, cons_status = chain.status()
-    finally:
-        chain.release()
-    assert code == 0, received
-    assert digests(received) == digests(sent)
-    assert sum(r["bytes"] for r in received) == total * 3 // 4
-    for status in (prod_status, cons_status):
-        assert status["state"] == "CONNECTED" and status["alive"] is True, status_line(status)
+    chain, statuses, _ = round_robin_transfer(producer, consumer, producer_app, tls)
+    for status in statuses:
         if status["bytes"] is None:  # the backend must say that it does not count
             assert "no byte counters" in status["proxy_detail"], status_line(status)
     assert_nothing_left(chain, gateway_root)
