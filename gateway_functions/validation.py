@@ -12,6 +12,7 @@ import re
 import uuid
 
 from scistream_gateway.errors import BadFormat
+from scistream_proxy.native import format_address
 
 __all__ = ["Request", "check_host", "format_address", "parse_address"]
 
@@ -48,10 +49,6 @@ def parse_address(text: object, field: str) -> tuple[str, int]:
     if not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise BadFormat(f"{field}: port of {text!r} must be 1-65535")
     return host, int(port)
-
-
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Request:

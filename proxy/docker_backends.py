@@ -32,12 +32,15 @@ from scistream_proxy.external import (
     HAProxyBackend,
     HeldPortsBackend,
     NginxBackend,
+    _identity,
     _ssl_files,
     haproxy_counters,
     peer_common_name,
+    write_haproxy_pem,
 )
 from scistream_proxy.launch import polled_inodes
-from scistream_proxy.process import ProcessIdentity, terminate
+from scistream_proxy.native import parse_address
+from scistream_proxy.process import ProcessIdentity
 from scistream_proxy.tls import write_private
 
 __all__ = ["HAProxyDockerBackend", "NginxDockerBackend", "ProxyUnavailable", "docker_client",
@@ -116,6 +119,11 @@ class ContainerBackend(HeldPortsBackend):
 
         return image_tag(self.image_kind)
 
+    @property
+    def image_missing(self) -> str:
+        return f"image {self.image} is missing: build it with " \
+               "'python -m scistream_proxy.images build'"
+
     def unavailable_reason(self) -> str | None:
         try:
             client = docker_client(timeout_s=5)
@@ -127,8 +135,7 @@ class ContainerBackend(HeldPortsBackend):
             try:
                 client.images.get(self.image)
             except ImageNotFound:
-                return (f"image {self.image} is missing: build it with "
-                        "'python -m scistream_proxy.images build'")
+                return self.image_missing
             except DockerException as exc:
                 return f"Docker engine at {docker_host()}: {exc}"
         finally:
@@ -153,8 +160,8 @@ class ContainerBackend(HeldPortsBackend):
     def connect(self, handle, stream_dir, *, targets, tls, peer_cert_file, peer_fingerprint):
         if handle.get("container"):
             return handle
-        holder = ProcessIdentity(handle["holder"]["pid"], handle["holder"]["start_time"])
-        if not holder.alive():
+        holder = _identity(handle.get("holder"))
+        if holder is None or not holder.alive():
             raise ProxyError("the port holder of this stream is gone")
         client = docker_client()
         try:
@@ -193,8 +200,7 @@ class ContainerBackend(HeldPortsBackend):
                 cap_add=["SETUID", "SETGID"] if os.getuid() == 0 else None,
             )
         except ImageNotFound:
-            raise ProxyUnavailable(f"image {self.image} is missing: build it with "
-                                   "'python -m scistream_proxy.images build'") from None
+            raise ProxyUnavailable(self.image_missing) from None
         except DockerException as exc:
             raise ProxyError(f"could not start the {self.name} container: {exc}") from None
         record = {"container": container.id, "container_name": name}
@@ -235,10 +241,7 @@ class ContainerBackend(HeldPortsBackend):
             if link.startswith("socket:["):
                 holder_inodes.add(int(link[8:-1]))
 
-        addresses = []
-        for listener in handle["listeners"]:
-            host, _, port = listener.rpartition(":")
-            addresses.append((host.strip("[]"), int(port)))
+        addresses = [parse_address(listener) for listener in handle["listeners"]]
         deadline = time.monotonic() + READY_TIMEOUT_S
         delay = 0.01
         while True:
@@ -307,11 +310,9 @@ class ContainerBackend(HeldPortsBackend):
                         pass
             finally:
                 client.close()
-        holder = handle.get("holder")
+        holder = _identity(handle.get("holder"))
         if holder is not None:
-            identity = ProcessIdentity(holder["pid"], holder["start_time"])
-            self._stop_holder(stream_dir, identity)
-            terminate(identity, grace_s=0)
+            self._stop_holder(stream_dir, holder)  # asks it to go, then terminate()
 
 
 class HAProxyDockerBackend(ContainerBackend):
@@ -324,9 +325,7 @@ class HAProxyDockerBackend(ContainerBackend):
     def files(self, stream_dir, handle, *, targets, tls, peer_cert_file):
         backend = HAProxyBackend()
         if tls:
-            _ssl_files(stream_dir, tls)
-            pem = (stream_dir / "cert.pem").read_bytes() + (stream_dir / "key.pem").read_bytes()
-            write_private(stream_dir / "haproxy.pem", pem)
+            write_haproxy_pem(stream_dir)
         text = backend.config(handle, targets=targets, tls=tls, peer_cert_file=peer_cert_file,
                               binds=handle["listeners"], stats=f"{RUN_DIR}/haproxy.sock")
         write_private(stream_dir / "haproxy.cfg", text.encode())

@@ -28,7 +28,14 @@ from pathlib import Path
 from string import Template
 
 from scistream_proxy.backends import ProxyBackend, ProxyError, ProxySpec, connect_in_dir
-from scistream_proxy.process import ProcessIdentity, ProxyStartError, spawn_detached, terminate
+from scistream_proxy.native import format_address
+from scistream_proxy.process import (
+    ProcessIdentity,
+    ProxyStartError,
+    proc_stat,
+    spawn_detached,
+    terminate,
+)
 from scistream_proxy.tls import write_private
 
 __all__ = ["HAProxyBackend", "HeldPortsBackend", "NginxBackend", "StunnelBackend"]
@@ -37,10 +44,6 @@ HOLDER_LOG = "holder.log"
 PROXY_LOG = "proxy.log"
 PROCESS_FILE = "proxy-process.json"  # written as soon as the proxy runs: stop finds it
 READY_TIMEOUT_S = 10.0
-
-
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def render_template(name: str, **values: object) -> str:
@@ -105,14 +108,6 @@ def _identity(record: dict | None) -> ProcessIdentity | None:
     return ProcessIdentity(int(record["pid"]), int(record["start_time"]))
 
 
-def _proc_stat(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rindex(")") + 2:].split()
-
-
 def stop_session(sid: int, not_before: int) -> None:
     """Kill what is left of a proxy's session (worker processes whose master died).
 
@@ -123,7 +118,7 @@ def stop_session(sid: int, not_before: int) -> None:
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
-        stat = _proc_stat(int(proc.name))
+        stat = proc_stat(int(proc.name))
         if stat is None or int(stat[3]) != sid or int(stat[19]) < not_before:
             continue
         terminate(ProcessIdentity(int(proc.name), int(stat[19])), grace_s=0)
@@ -304,6 +299,13 @@ class StunnelBackend(HeldPortsBackend):
                 "ready": {"kind": "log", "pattern": "Configuration successful"}}
 
 
+def write_haproxy_pem(stream_dir: Path) -> None:
+    """HAProxy takes certificate and key from one file: ``haproxy.pem`` (0600)."""
+    _ssl_files(stream_dir, True)
+    pem = (stream_dir / "cert.pem").read_bytes() + (stream_dir / "key.pem").read_bytes()
+    write_private(stream_dir / "haproxy.pem", pem)
+
+
 class HAProxyBackend(HeldPortsBackend):
     """HAProxy in TCP mode: listeners bound as ``fd@N``, counters on its stats socket."""
 
@@ -333,9 +335,7 @@ class HAProxyBackend(HeldPortsBackend):
 
     def _write_tls(self, stream_dir: Path, handle: dict, tls: bool, peer_fp: str | None) -> None:
         if tls:
-            _ssl_files(stream_dir, tls)
-            pem = (stream_dir / "cert.pem").read_bytes() + (stream_dir / "key.pem").read_bytes()
-            write_private(stream_dir / "haproxy.pem", pem)
+            write_haproxy_pem(stream_dir)
             handle["peer_fp"] = peer_fp
 
     def connect(self, handle, stream_dir, *, targets, tls, peer_cert_file, peer_fingerprint):

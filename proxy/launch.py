@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from scistream_proxy.process import ready_reporter
+
 FD_BASE = 3
 
 
@@ -135,9 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-fd", type=int, required=True)
     args = parser.parse_args(argv)
 
-    def report(message: dict) -> None:
-        os.write(args.ready_fd, json.dumps(message).encode() + b"\n")
-        os.close(args.ready_fd)
+    report = ready_reporter(args.ready_fd)
 
     try:
         spec = json.loads(args.spec.read_text())

@@ -55,6 +55,11 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def format_address(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 host in brackets: the inverse of :func:`parse_address`."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class TokenBucket:
     """Stream-wide rate limit shared by all connections; ``rate_kbps`` 0 = unlimited."""
 

@@ -29,6 +29,8 @@ from pathlib import Path
 __all__ = [
     "LAUNCH_ENV",
     "become_daemon",
+    "proc_stat",
+    "ready_reporter",
     "LaunchPlan",
     "ProcessIdentity",
     "ProxyStartError",
@@ -61,21 +63,22 @@ class ProcessIdentity:
 
     def alive(self) -> bool:
         """True while this very process runs (not a zombie, not a reused pid)."""
-        stat = _stat(self.pid)
+        stat = proc_stat(self.pid)
         return stat is not None and stat[0] != "Z" and int(stat[19]) == self.start_time
 
 
-def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after the command name: [state, ppid, ...]."""
+def proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name: [state, ppid, pgrp, session,
+    ...], start time at index 19; None if there is no such process (or it went away)."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
+    except OSError:
         return None
     return raw[raw.rindex(")") + 2 :].split()
 
 
 def _start_time(pid: int) -> int | None:
-    stat = _stat(pid)
+    stat = proc_stat(pid)
     return None if stat is None else int(stat[19])
 
 
@@ -180,14 +183,10 @@ def survival_report(plan: LaunchPlan | None = None, cgroup: str | None = None) -
     return report
 
 
-def become_daemon(ready_fd: int, *, foreground: bool = False):
-    """The program's side of :func:`spawn_detached`: fork away from the starter (which
-    the gateway reaps; the daemon is reparented and outlives it) unless ``foreground``,
-    ignore SIGHUP, and return ``report(message)``, which writes the one JSON line on
-    ``ready_fd`` (``{"pid": P}`` or ``{"error": "..."}``) and closes it."""
-    if not foreground and os.fork() > 0:
-        os._exit(0)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+def ready_reporter(ready_fd: int):
+    """The program's side of the :func:`spawn_detached` handshake: ``report(message)``
+    writes the one JSON line on ``ready_fd`` (``{"pid": P}`` or ``{"error": "..."}``)
+    and closes it; nothing if ``ready_fd`` is negative (started by hand)."""
 
     def report(message: dict) -> None:
         if ready_fd >= 0:
@@ -195,6 +194,16 @@ def become_daemon(ready_fd: int, *, foreground: bool = False):
             os.close(ready_fd)
 
     return report
+
+
+def become_daemon(ready_fd: int, *, foreground: bool = False):
+    """Fork away from the starter (which the gateway reaps; the daemon is reparented
+    and outlives it) unless ``foreground``, ignore SIGHUP, and return the
+    :func:`ready_reporter` of ``ready_fd``."""
+    if not foreground and os.fork() > 0:
+        os._exit(0)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    return ready_reporter(ready_fd)
 
 
 def spawn_detached(

@@ -125,8 +125,7 @@ def consumer_listeners(gateway: Gateway, uid: str, hello_key: SecretStr | str) -
 
 def _hello(gateway: Gateway, uid: str, hello_key: SecretStr | str, role: str,
            app_listeners: list[str] | None) -> list[str]:
-    key = hello_key.get_secret_value() if isinstance(hello_key, SecretStr) else hello_key
-    request: dict = {"uid": uid, "key": key, "role": role}
-    if app_listeners is not None:
-        request["app_listeners"] = app_listeners
-    return gateway.call("hello", request)["listeners"]
+    from scistream_prefect.tasks.streams import send_app_hello
+
+    # The task's own function, called directly: no flow or task run is needed next to an app.
+    return send_app_hello.fn(gateway, uid, hello_key, role, app_listeners)["listeners"]
