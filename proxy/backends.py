@@ -10,11 +10,14 @@ that the gateway stores in its state database:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
+import stat
 import sys
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +85,11 @@ class ProxyBackend(ABC):
     def stop(self, handle: dict, stream_dir: Path) -> None:
         """Stop the proxy if it runs; safe to call again."""
 
+    def abandon(self, stream_dir: Path, uid: str) -> None:
+        """Stop whatever this backend may have started for this stream without a handle
+        having been recorded (a worker died mid-reserve); idempotent."""
+        return None
+
 
 def connect_in_dir(sock: socket.socket, stream_dir: Path, name: str) -> None:
     """Connect ``sock`` to the unix socket ``name`` in ``stream_dir``.
@@ -97,13 +105,28 @@ def connect_in_dir(sock: socket.socket, stream_dir: Path, name: str) -> None:
         os.close(dir_fd)
 
 
-def control_request(stream_dir: Path, request: dict, timeout_s: float = 5.0) -> dict:
-    """One JSON request/reply over a native proxy's control socket."""
+def control_request(stream_dir: Path, request: dict, timeout_s: float = 5.0,
+                    name: str = native.CONTROL_SOCKET, fds: list[int] = ()) -> dict:
+    """One JSON request/reply over a unix control socket ``name`` in ``stream_dir``
+    (a native relay's by default), with ``fds`` passed along (SCM_RIGHTS).
+
+    Raises:
+        ProxyError: no reply (the error of a socket nobody listens on is a
+            ``ConnectionRefusedError`` or ``FileNotFoundError`` as ``__cause__``).
+    """
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout_s)
         try:
-            connect_in_dir(sock, stream_dir, native.CONTROL_SOCKET)
-            sock.sendall(json.dumps(request).encode() + b"\n")
+            connect_in_dir(sock, stream_dir, name)
+        except OSError as exc:
+            raise ProxyError(f"proxy control socket: {exc}") from exc
+        try:
+            line = json.dumps(request).encode() + b"\n"
+            batches = [fds[i:i + native.FDS_PER_MESSAGE]
+                       for i in range(0, len(fds), native.FDS_PER_MESSAGE)] or [[]]
+            socket.send_fds(sock, [line], batches[0]) if fds else sock.sendall(line)
+            for batch in batches[1:]:
+                socket.send_fds(sock, [b"+"], batch)
             line = sock.makefile("rb").readline()
         except OSError as exc:
             raise ProxyError(f"proxy control socket: {exc}") from None
@@ -112,38 +135,81 @@ def control_request(stream_dir: Path, request: dict, timeout_s: float = 5.0) -> 
     return json.loads(line)
 
 
+@contextmanager
+def _relay_lock(relay_dir: Path):
+    """Serialise starting, adding to and stopping a gateway's relay (all its workers)."""
+    fd = os.open(relay_dir / native.LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(mode=0o700, exist_ok=True)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise ProxyError(f"{path} must be a directory of uid {os.getuid()} with mode 0700")
+    return path
+
+
 class NativeBackend(ProxyBackend):
-    """This project's relay (``scistream_proxy.native``), one daemon per stream end."""
+    """This project's relay (``scistream_proxy.native``): one process per gateway state
+    directory hosts every native stream of that gateway; it starts with the first
+    stream and exits with the last. A stream's handle is the relay's pid and start
+    time; the relay knows the stream by its directory's name."""
 
     name = "native"
     supports_rate = True
 
     def start(self, spec: ProxySpec) -> dict:
+        relay_dir = _private_dir(native.relay_dir_of(spec.stream_dir))
         config = {
             "uid": spec.uid,
             "role": spec.role,
-            "listen_fds": [s.fileno() for s in spec.sockets],
             "rate": spec.rate,
             "cert": spec.cert_file,
             "key": spec.key_file,
             **spec.timeouts,
         }
+        fds = [s.fileno() for s in spec.sockets]
+        with _relay_lock(relay_dir):
+            try:
+                reply = control_request(relay_dir, {
+                    "op": "add", "stream_dir": str(spec.stream_dir), "config": config,
+                    "count": len(fds)}, fds=fds)
+            except ProxyError as exc:
+                if not isinstance(exc.__cause__, (ConnectionRefusedError, FileNotFoundError)):
+                    raise
+                return self._start_relay(relay_dir, spec, {**config, "listen_fds": fds})
+        if not reply.get("ok"):
+            raise ProxyError(f"native relay refused the stream: {reply.get('error', reply)}")
+        identity = ProcessIdentity.of(int(reply["pid"]))
+        if identity is None:
+            raise ProxyError("native relay took the stream and exited")
+        return {"pid": identity.pid, "start_time": identity.start_time}
+
+    @staticmethod
+    def _start_relay(relay_dir: Path, spec: ProxySpec, config: dict) -> dict:
+        """No relay runs for this gateway: start one with this stream as its first."""
         (spec.stream_dir / native.CONFIG_FILE).write_text(json.dumps(config))
         try:
             identity = spawn_detached(
                 [sys.executable, "-P", "-m", "scistream_proxy.native_daemon",
-                 "--stream-dir", str(spec.stream_dir)],
-                cwd=spec.stream_dir,
-                log_path=spec.stream_dir / "proxy.log",
-                pass_fds=tuple(s.fileno() for s in spec.sockets),
+                 "--relay-dir", str(relay_dir), "--stream-dir", str(spec.stream_dir)],
+                cwd=relay_dir,
+                log_path=relay_dir / native.LOG_FILE,
+                pass_fds=tuple(config["listen_fds"]),
+                env={"OPENSSL_CONF": str(native.OPENSSL_CONF_FILE)},
             )
         except ProxyStartError as exc:
             raise ProxyError(f"native proxy failed to start: {exc}") from None
         return {"pid": identity.pid, "start_time": identity.start_time}
 
     def connect(self, handle, stream_dir, *, targets, tls, peer_cert_file, peer_fingerprint):
-        reply = control_request(stream_dir, {
-            "op": "connect", "targets": targets, "tls": tls,
+        reply = control_request(native.relay_dir_of(stream_dir), {
+            "op": "connect", "stream": stream_dir.name, "targets": targets, "tls": tls,
             "peer_cert": peer_cert_file, "peer_fingerprint": peer_fingerprint,
         })
         if not reply.get("ok"):
@@ -154,9 +220,13 @@ class NativeBackend(ProxyBackend):
         if not identity.alive():
             return {"alive": False, "bytes": None, "pid": identity.pid}
         try:
-            reply = control_request(stream_dir, {"op": "status"}, timeout_s=2.0)
+            reply = control_request(native.relay_dir_of(stream_dir),
+                                    {"op": "status", "stream": stream_dir.name}, timeout_s=2.0)
         except ProxyError as exc:
             return {"alive": True, "bytes": None, "pid": identity.pid, "detail": str(exc)}
+        if reply.get("unknown"):  # the relay runs, but no longer (or never) held this stream
+            return {"alive": False, "bytes": None, "pid": identity.pid,
+                    "detail": reply.get("error")}
         return {
             "alive": True,
             "pid": identity.pid,
@@ -165,19 +235,45 @@ class NativeBackend(ProxyBackend):
                 "active": reply["connections_active"],
                 "total": reply["connections_total"],
                 "failed": reply["connections_failed"],
+                "spliced": reply["connections_spliced"],
+                "ktls": reply["connections_ktls"],
             },
             "last_error": reply["last_error"],
         }
 
     def stop(self, handle, stream_dir):
         identity = ProcessIdentity(handle["pid"], handle["start_time"])
-        if not identity.alive():
-            return
-        try:
-            control_request(stream_dir, {"op": "stop"}, timeout_s=2.0)
-        except ProxyError:
-            pass  # wedged or half-dead: terminate() below escalates to signals
-        terminate(identity)
+        if identity.alive():
+            self._drop(stream_dir, identity)
+
+    def abandon(self, stream_dir: Path, uid: str) -> None:
+        relay_dir = native.relay_dir_of(stream_dir)
+        if relay_dir.is_dir():
+            self._drop(stream_dir, None)
+
+    @staticmethod
+    def _drop(stream_dir: Path, identity: ProcessIdentity | None) -> None:
+        """Take the stream out of its relay; wait for the relay to exit if it was the
+        last. ``identity`` None: whichever relay runs now (abandon)."""
+        relay_dir = native.relay_dir_of(stream_dir)
+        with _relay_lock(relay_dir):
+            if identity is not None and not identity.alive():
+                return
+            try:
+                reply = control_request(relay_dir, {"op": "stop", "stream": stream_dir.name},
+                                        timeout_s=10.0)
+            except ProxyError:
+                if identity is not None:
+                    # Wedged: a relay that cannot answer serves no stream; its end shows
+                    # as dead in every stream's status.
+                    terminate(identity)
+                return
+            if not reply.get("exiting"):
+                return
+            pid = reply.get("pid")
+            exiting = identity or (ProcessIdentity.of(pid) if pid else None)
+        if exiting is not None:
+            terminate(exiting)  # it exits by itself; this waits, then signals
 
 
 def _all_backends() -> dict[str, ProxyBackend]:

@@ -1,23 +1,34 @@
-"""The native S2DS: a detached relay daemon for one stream, TLS on the gateway-to-gateway hop.
+"""The native S2DS: one detached relay process per gateway, hosting every native stream.
 
-Lifecycle (driven by ``scistream_proxy.launcher``):
+Lifecycle (driven by ``scistream_proxy.backends.NativeBackend``):
 
-1. started at ``reserve`` with its listening sockets already bound by the gateway and
-   passed as inherited descriptors, so the kernel holds the stream's ports from the
-   first moment; it forks once more so it outlives whatever started it, opens its
-   control socket and reports ``{"pid": ...}`` on the ready pipe;
-2. ``connect`` (over the control socket) gives it its targets and the peer's pinned
-   certificate; only then does it accept. Connections that arrive earlier wait in the
-   kernel's backlog;
-3. ``status`` reports counters; ``stop`` ends it.
+1. the first ``reserve`` of a gateway starts the relay (``spawn_detached``) with that
+   stream's listening sockets, already bound by the gateway, as inherited descriptors,
+   so the kernel holds the stream's ports from the first moment; the relay works in
+   the gateway's ``relay`` directory (0700, beside ``streams``), opens its control
+   socket there and reports ``{"pid": ...}`` on the ready pipe;
+2. every later ``reserve`` hands its listening sockets to the running relay over that
+   control socket (SCM_RIGHTS, op ``add``); starting, adding and stopping streams are
+   serialised by an flock in the relay directory, so a stream never joins a relay that
+   is exiting;
+3. ``connect`` (keyed by the stream's name) gives a stream its targets and the peer's
+   pinned certificate; only then does it accept. Connections that arrive earlier wait
+   in the kernel's backlog;
+4. ``status`` reports a stream's counters; ``stop`` closes its listeners and cuts its
+   connections (a reset to the app, a TLS hop without close_notify: truncation); the
+   relay exits when its last stream is stopped, so nothing runs without a live stream.
 
-Roles: a ``PROD`` proxy accepts TLS from the peer gateway and connects in plain TCP to
-the producer app; a ``CONS`` proxy accepts plain TCP from the consumer app and connects
+Roles: a ``PROD`` stream accepts TLS from the peer gateway and connects in plain TCP to
+the producer app; a ``CONS`` stream accepts plain TCP from the consumer app and connects
 over TLS to the peer gateway. Connection *i* of listener *i* goes to ``targets[i % n]``.
 
 Each relayed connection is one thread that owns both of its sockets, so an SSL object
 is never used by two threads at once (OpenSSL forbids it; TLS 1.3 reads can write).
-Byte moves release the GIL (socket calls, OpenSSL), so connections use all cores.
+Byte moves release the GIL (socket calls, OpenSSL, splice), so connections use all
+cores. Fast paths: a connection that is plain TCP on both sides moves its bytes with
+``splice(2)`` through a pipe, never through user space; a TLS hop uses kernel TLS where
+the kernel offers it (see :func:`ktls_available`); the relay's OpenSSL prefers
+AES-128-GCM (see :data:`OPENSSL_CONF_FILE`).
 
 End of data in either direction ends the connection in order: everything already
 received is delivered, the end is signalled (FIN on a plain hop, TLS close_notify on
@@ -29,6 +40,8 @@ FIN) is a truncation: the app side is reset, never closed cleanly.
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import json
 import os
 import selectors
@@ -44,10 +57,28 @@ from scistream_proxy.process import become_daemon
 from scistream_proxy.tls import fingerprint_of_der, pinned_context
 
 BUFFER_SIZE = 64 * 1024
-CONTROL_SOCKET = "control.sock"
+CONTROL_SOCKET = "relay.sock"
+LOCK_FILE = "relay.lock"
+LOG_FILE = "relay.log"
 CONFIG_FILE = "proxy.json"
+RELAY_DIR = "relay"
+# The relay's own OpenSSL configuration, set as OPENSSL_CONF when it is started (it must
+# be set before OpenSSL initialises): TLS 1.3 suites in the order AES-128-GCM,
+# AES-256-GCM, ChaCha20. AES-128-GCM is a mandatory TLS 1.3 suite and is cheaper than
+# OpenSSL's default first choice, AES-256-GCM.
+OPENSSL_CONF_FILE = Path(__file__).parent / "templates" / "relay-openssl.cnf"
 # How long an ended connection waits for its peer to close before it is cut.
 DRAIN_TIMEOUT_S = 10.0
+# At most this many descriptors per SCM_RIGHTS message (the kernel's SCM_MAX_FD is 253).
+FDS_PER_MESSAGE = 250
+
+# Kernel TLS: the TCP upper-layer protocol "tls" and OpenSSL's SSL_OP_ENABLE_KTLS
+# (OpenSSL 3; Python 3.11's ssl has no name for it).
+TCP_ULP = 31
+SOL_TLS = 282
+TLS_TX, TLS_RX = 1, 2
+OP_ENABLE_KTLS = 0x8
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -58,6 +89,53 @@ def parse_address(address: str) -> tuple[str, int]:
 def format_address(host: str, port: int) -> str:
     """``host:port``, with an IPv6 host in brackets: the inverse of :func:`parse_address`."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def relay_dir_of(stream_dir: Path) -> Path:
+    """The relay directory of the gateway that owns ``stream_dir`` (``<state>/streams/<uid>``
+    -> ``<state>/relay``)."""
+    return stream_dir.parent.parent / RELAY_DIR
+
+
+_ktls: str | None | bool = False  # False: not probed yet
+
+
+def ktls_available() -> str | None:
+    """None if this kernel offers kernel TLS (the TCP ULP ``tls``), else what is missing.
+
+    Probed once per process on an unconnected socket: the kernel looks the ULP up by
+    name first (ENOENT: no such ULP, not built or not loadable) and only then finds the
+    socket is not connected (ENOTCONN: the ULP exists).
+    """
+    global _ktls
+    if _ktls is False:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
+                _ktls = None
+            except OSError as exc:
+                if exc.errno == errno.ENOTCONN:
+                    _ktls = None
+                elif exc.errno == errno.ENOENT:
+                    _ktls = "kernel has no tls ULP (CONFIG_TLS, module tls)"
+                else:
+                    _ktls = f"kernel tls ULP probe failed: {exc}"
+    return _ktls  # type: ignore[return-value]
+
+
+def ktls_engaged(sock: socket.socket) -> tuple[bool, bool]:
+    """Whether the kernel does this connection's TLS record layer: (send, receive).
+
+    The kernel answers the TLS_TX/TLS_RX getsockopt only once keys were installed.
+    """
+    engaged = []
+    for direction in (TLS_TX, TLS_RX):
+        try:
+            socket.socket.getsockopt(sock, SOL_TLS, direction, 4)
+            engaged.append(True)
+        except OSError:
+            engaged.append(False)
+    return engaged[0], engaged[1]
 
 
 class TokenBucket:
@@ -95,6 +173,9 @@ class Counters:
         self.live: set[tuple[_Half, _Half]] = set()  # (app -> peer, peer -> app)
         self.total = 0
         self.failed = 0
+        self.spliced = 0  # connections moved with splice(2)
+        self.ktls_tx = 0  # connections whose TLS records the kernel writes / reads
+        self.ktls_rx = 0
         self.last_error = ""
 
     def track(self, halves: tuple[_Half, _Half]) -> None:
@@ -117,6 +198,8 @@ class Counters:
                 "connections_active": len(self.live),
                 "connections_total": self.total,
                 "connections_failed": self.failed,
+                "connections_spliced": self.spliced,
+                "connections_ktls": {"tx": self.ktls_tx, "rx": self.ktls_rx},
                 "last_error": self.last_error,
             }
 
@@ -139,6 +222,9 @@ class _Half:
     @property
     def finished(self) -> bool:
         return self.eof and self.start == self.end
+
+    def close(self) -> None:
+        pass
 
     def run(self) -> None:
         """Move bytes until a socket would block; record what to wait for."""
@@ -175,6 +261,63 @@ class _Half:
             self.start, self.end = 0, n
 
 
+class _SpliceHalf:
+    """One direction of a plain-TCP connection: src -> pipe -> dst with splice(2), so the
+    bytes stay in the kernel. ``pending`` bytes sit in the pipe, not yet sent."""
+
+    __slots__ = ("src", "dst", "pipe_r", "pipe_w", "pending", "eof", "wait", "moved",
+                 "bucket")
+
+    def __init__(self, src: socket.socket, dst: socket.socket, bucket: TokenBucket | None):
+        self.src, self.dst = src, dst
+        self.pipe_r, self.pipe_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:  # a pipe holds 64 KiB by default; ask for what one read may bring
+            fcntl.fcntl(self.pipe_w, fcntl.F_SETPIPE_SZ, BUFFER_SIZE)
+        except OSError:
+            pass
+        self.pending = 0
+        self.eof = False
+        self.wait: tuple[socket.socket, int] | None = None
+        self.moved = 0
+        self.bucket = bucket
+
+    @property
+    def finished(self) -> bool:
+        return self.eof and self.pending == 0
+
+    def close(self) -> None:
+        os.close(self.pipe_r)
+        os.close(self.pipe_w)
+
+    def run(self) -> None:
+        self.wait = None
+        src, dst = self.src.fileno(), self.dst.fileno()
+        while True:
+            if self.pending:
+                try:  # a short splice leaves the rest in the pipe for the next round
+                    n = os.splice(self.pipe_r, dst, self.pending, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    self.wait = (self.dst, selectors.EVENT_WRITE)
+                    return
+                self.pending -= n
+                self.moved += n
+                continue
+            if self.eof:
+                return
+            size = BUFFER_SIZE if self.bucket is None else self.bucket.chunk()
+            try:
+                n = os.splice(src, self.pipe_w, size, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                self.wait = (self.src, selectors.EVENT_READ)
+                return
+            if n == 0:
+                self.eof = True
+                continue
+            if self.bucket is not None:
+                self.bucket.take(n)
+            self.pending = n
+
+
 def _abort(*socks: socket.socket) -> None:
     """Close with a reset, so the app sees an error rather than a clean end of data."""
     for sock in socks:
@@ -188,12 +331,13 @@ def _abort(*socks: socket.socket) -> None:
             pass
 
 
-def _finish(src: socket.socket, dst: socket.socket, delivered: bool) -> None:
-    """src said end-of-data and all of it reached dst: end dst, drain, close both.
+def _finish(src: socket.socket, dst: socket.socket, delivered: bool) -> bool:
+    """src said end-of-data and all of it reached dst: end dst and drain it.
 
     Draining dst (reading until it closes) keeps a reset from destroying bytes we
     delivered that it has not read yet; if we delivered nothing, a plain dst is cut
-    at once, so a sender learns promptly that its receiver went away.
+    at once (returns False: the caller resets it), so a sender learns promptly that
+    its receiver went away. Returns True when both may be closed normally.
     """
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     if isinstance(src, ssl.SSLSocket):
@@ -208,7 +352,7 @@ def _finish(src: socket.socket, dst: socket.socket, delivered: bool) -> None:
             dst.settimeout(DRAIN_TIMEOUT_S)
             dst.unwrap()
         elif not delivered:
-            _abort(dst)
+            return False
         else:
             dst.shutdown(socket.SHUT_WR)
             dst.settimeout(DRAIN_TIMEOUT_S)
@@ -217,23 +361,32 @@ def _finish(src: socket.socket, dst: socket.socket, delivered: bool) -> None:
                 pass
     except (OSError, ValueError):
         pass
-    for sock in (src, dst):
-        try:
-            sock.close()
-        except OSError:
-            pass
+    return True
 
 
 def relay(a: socket.socket, b: socket.socket, bucket: TokenBucket | None,
-          counters: Counters) -> None:
+          counters: Counters) -> bool:
     """Relay between ``a`` (app side) and ``b`` until one side ends, counting bytes live.
 
-    Raises whatever the sockets raise (reset, TLS truncation); the caller aborts.
+    Plain TCP on both sides moves with splice(2). Returns True when the connection
+    ended in order (both sockets may be closed normally), False when the caller must
+    reset them. Raises whatever the sockets raise (reset, TLS truncation); the caller
+    resets both.
     """
     a.setblocking(False)
     b.setblocking(False)
-    ab, ba = _Half(a, b, bucket), _Half(b, a, bucket)
+    plain = not isinstance(a, ssl.SSLSocket) and not isinstance(b, ssl.SSLSocket)
+    kind = _SpliceHalf if plain else _Half
+    ab = kind(a, b, bucket)
+    try:
+        ba = kind(b, a, bucket)
+    except BaseException:
+        ab.close()
+        raise
     counters.track((ab, ba))
+    if plain:
+        with counters.lock:
+            counters.spliced += 1
     sel = selectors.DefaultSelector()
     registered: dict[socket.socket, int] = {}
     try:
@@ -244,8 +397,7 @@ def relay(a: socket.socket, b: socket.socket, bucket: TokenBucket | None,
                 if half.finished:
                     a.setblocking(True)
                     b.setblocking(True)
-                    _finish(half.src, half.dst, delivered=half.moved > 0)
-                    return
+                    return _finish(half.src, half.dst, delivered=half.moved > 0)
             wanted: dict[socket.socket, int] = {a: 0, b: 0}
             for half in (ab, ba):
                 if half.wait is not None:
@@ -265,15 +417,31 @@ def relay(a: socket.socket, b: socket.socket, bucket: TokenBucket | None,
     finally:
         sel.close()
         counters.settle((ab, ba))
+        ab.close()
+        ba.close()
 
 
-class NativeProxy:
-    """One stream's relay: listeners, accept threads, connection threads, counters."""
+class _Connection:
+    """The sockets of one relayed connection, so that ``stop`` can cut it from another
+    thread. Its thread forgets it (under the stream's lock) before closing the sockets,
+    so a cut never reaches a descriptor number that was closed and reused."""
 
-    def __init__(self, stream_dir: Path, config: dict):
+    __slots__ = ("socks", "cut")
+
+    def __init__(self, sock: socket.socket):
+        self.socks = [sock]
+        self.cut = False
+
+
+class Stream:
+    """One stream end inside the relay: listeners, accept threads, connection threads."""
+
+    def __init__(self, name: str, stream_dir: Path, config: dict,
+                 listeners: list[socket.socket], log) -> None:
+        self.name = name
         self.dir = stream_dir
         self.role = config["role"]
-        self.listeners = [socket.socket(fileno=fd) for fd in config["listen_fds"]]
+        self.listeners = listeners
         self.counters = Counters()
         self.bucket = TokenBucket(config["rate"]) if config.get("rate") else None
         self.handshake_timeout = float(config.get("handshake_timeout_s", 30))
@@ -285,6 +453,10 @@ class NativeProxy:
         self.peer_fingerprint = ""
         self.state = "waiting"
         self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.connections: set[_Connection] = set()
+        self.accept_threads: list[threading.Thread] = []
+        self.log = log
 
     # -- control operations -------------------------------------------------
     def connect(self, request: dict) -> dict:
@@ -299,16 +471,44 @@ class NativeProxy:
                 key_path=self.key_path,
                 peer_cert_path=self.dir / request["peer_cert"],
             )
+            if ktls_available() is None:
+                self.context.options |= OP_ENABLE_KTLS
         for index, listener in enumerate(self.listeners):
-            threading.Thread(
+            thread = threading.Thread(
                 target=self._accept_loop, args=(index, listener), daemon=True,
-                name=f"accept-{index}",
-            ).start()
+                name=f"accept-{self.name}-{index}",
+            )
+            self.accept_threads.append(thread)
+            thread.start()
         self.state = "running"
         return {"ok": True, "state": self.state}
 
     def status(self) -> dict:
-        return {"ok": True, "state": self.state, "pid": os.getpid(), **self.counters.snapshot()}
+        return {"ok": True, "state": self.state, "pid": os.getpid(),
+                **self.counters.snapshot()}
+
+    def stop(self) -> None:
+        """Free the ports and cut every connection (the apps see a reset; the peer
+        gateway sees its TLS hop end without close_notify: truncation)."""
+        self.stopping.set()
+        self.state = "stopped"
+        for listener in self.listeners:
+            try:  # wakes a thread blocked in accept(); the port is freed by its close
+                listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for thread in self.accept_threads:
+            thread.join(timeout=5)
+        for listener in self.listeners:
+            listener.close()  # the accept threads closed theirs; these never ran
+        with self.lock:
+            for conn in self.connections:
+                conn.cut = True
+                for sock in conn.socks:
+                    try:  # the socket layer's shutdown: never touches an SSL object
+                        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                    except OSError:
+                        pass
 
     # -- data path ------------------------------------------------------------
     def _accept_loop(self, index: int, listener: socket.socket) -> None:
@@ -317,12 +517,17 @@ class NativeProxy:
                 conn, _ = listener.accept()
             except OSError:
                 if self.stopping.is_set():
-                    return
+                    break
                 time.sleep(0.05)  # EMFILE and friends: back off rather than spin
                 continue
+            if self.stopping.is_set():
+                _abort(conn)
+                break
             threading.Thread(
-                target=self._serve, args=(index, conn), daemon=True, name=f"conn-{index}"
+                target=self._serve, args=(index, conn), daemon=True,
+                name=f"conn-{self.name}-{index}",
             ).start()
+        listener.close()
 
     def _secure(self, sock: socket.socket, server_side: bool) -> ssl.SSLSocket:
         sock.settimeout(self.handshake_timeout)
@@ -332,78 +537,168 @@ class NativeProxy:
         presented = tls.getpeercert(binary_form=True)
         if presented is None or fingerprint_of_der(presented) != self.peer_fingerprint:
             raise ssl.SSLError("peer certificate does not match the pinned fingerprint")
+        tx, rx = ktls_engaged(tls)
+        if tx or rx:
+            with self.counters.lock:
+                self.counters.ktls_tx += tx
+                self.counters.ktls_rx += rx
         return tls
+
+    def _hold(self, conn: _Connection, *socks: socket.socket) -> None:
+        """Record the connection's current sockets; raise if the stream was stopped."""
+        with self.lock:
+            conn.socks = list(socks)
+            if conn.cut:
+                raise ConnectionAbortedError("stream stopped")
 
     def _serve(self, index: int, inbound: socket.socket) -> None:
         c = self.counters
         with c.lock:
             c.total += 1
-        outbound = None
+        conn = _Connection(inbound)
+        with self.lock:
+            self.connections.add(conn)
+        orderly = False
         try:
             inbound.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             target = self.targets[index % len(self.targets)]
             if self.role == "PROD":
                 if self.context is not None:
                     inbound = self._secure(inbound, server_side=True)
+                    self._hold(conn, inbound)
                 outbound = socket.create_connection(target, timeout=self.connect_timeout)
+                self._hold(conn, inbound, outbound)
                 app_side, peer_side = outbound, inbound
             else:
                 outbound = socket.create_connection(target, timeout=self.connect_timeout)
+                self._hold(conn, inbound, outbound)
                 if self.context is not None:
                     outbound = self._secure(outbound, server_side=False)
+                    self._hold(conn, inbound, outbound)
                 app_side, peer_side = inbound, outbound
             outbound.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            relay(app_side, peer_side, self.bucket, c)
+            orderly = relay(app_side, peer_side, self.bucket, c)
         except Exception as exc:  # noqa: BLE001 - any failure ends this connection only
-            with c.lock:
-                c.failed += 1
-                c.last_error = f"connection {index}: {type(exc).__name__}: {exc}"
-            print(c.last_error, file=sys.stderr, flush=True)
-            _abort(*(s for s in (inbound, outbound) if s is not None))
+            if not conn.cut:
+                with c.lock:
+                    c.failed += 1
+                    c.last_error = f"connection {index}: {type(exc).__name__}: {exc}"
+                self.log(f"{self.name}: {c.last_error}")
+        finally:
+            with self.lock:
+                self.connections.discard(conn)
+                socks, cut = conn.socks, conn.cut
+            if orderly and not cut:
+                for sock in socks:
+                    try:
+                        sock.close()
+                    except OSError:
+                        pass
+            else:
+                _abort(*socks)
 
-    def stop(self) -> None:
-        """Mark the relay stopped; the process then exits and the kernel closes every
-        socket at once, so the apps see the stream cut (a TLS hop without close_notify
-        is reported as truncated on the other gateway)."""
-        self.stopping.set()
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
-def serve_control(proxy: NativeProxy, control: socket.socket) -> None:
-    """Answer one JSON request per control connection until told to stop."""
-    while True:
-        conn, _ = control.accept()
-        with conn:
-            conn.settimeout(5)
-            try:
-                request = json.loads(conn.makefile("rb").readline())
-                op = request.get("op")
-                if op == "connect":
-                    reply = proxy.connect(request)
-                elif op == "status":
-                    reply = proxy.status()
-                elif op == "stop":
-                    reply = {"ok": True}
-                else:
-                    reply = {"ok": False, "error": f"unknown op {op!r}"}
-            except Exception as exc:  # noqa: BLE001 - report, keep serving
-                reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-                op = None
-            try:
-                conn.sendall(json.dumps(reply).encode() + b"\n")
-            except OSError:
-                pass
-        if op == "stop":
-            proxy.stop()
-            return
+def _load_stream(stream_dir: Path, config: dict, listeners: list[socket.socket]) -> Stream:
+    return Stream(stream_dir.name, stream_dir, config, listeners, _log)
+
+
+class Relay:
+    """Every native stream of one gateway; answers the control socket until the last
+    stream is stopped."""
+
+    def __init__(self, control: socket.socket):
+        self.control = control
+        self.streams: dict[str, Stream] = {}
+
+    def handle(self, conn: socket.socket) -> dict:
+        """Answer one request; the reply says ``exiting`` when no stream is left."""
+        data, fds = b"", []
+        while b"\n" not in data:
+            chunk, more, _, _ = socket.recv_fds(conn, 1 << 16, FDS_PER_MESSAGE)
+            if not chunk:
+                break
+            data += chunk
+            fds += more
+        try:
+            request = json.loads(data)
+            op = request.get("op")
+            if op == "add":
+                count = int(request["count"])
+                while len(fds) < count:  # further batches, one marker byte each
+                    chunk, more, _, _ = socket.recv_fds(conn, 1, FDS_PER_MESSAGE)
+                    if not chunk:
+                        raise ConnectionError("control connection closed mid-add")
+                    fds += more
+                listeners = [socket.socket(fileno=fd) for fd in fds]
+                fds = []
+                return self.add(Path(request["stream_dir"]), request["config"], listeners)
+            stream = self.streams.get(request.get("stream", ""))
+            if op == "stop":
+                if stream is not None:
+                    stream.stop()
+                    del self.streams[stream.name]
+                return {"ok": True, "known": stream is not None, "pid": os.getpid(),
+                        "exiting": not self.streams}
+            if stream is None:
+                return {"ok": False, "unknown": True,
+                        "error": f"no stream {request.get('stream')!r} in this relay"}
+            if op == "connect":
+                return stream.connect(request)
+            if op == "status":
+                return stream.status()
+            return {"ok": False, "error": f"unknown op {op!r}"}
+        finally:
+            for fd in fds:  # descriptors of a request that failed
+                os.close(fd)
+
+    def add(self, stream_dir: Path, config: dict, listeners: list[socket.socket]) -> dict:
+        name = stream_dir.name
+        if name in self.streams:
+            for sock in listeners:
+                sock.close()
+            return {"ok": False, "error": f"stream {name} is already in this relay"}
+        self.streams[name] = _load_stream(stream_dir, config, listeners)
+        return {"ok": True, "pid": os.getpid()}
+
+    def serve(self) -> None:
+        """One JSON request per control connection, until no stream is left."""
+        while True:
+            conn, _ = self.control.accept()
+            with conn:
+                conn.settimeout(10)
+                try:
+                    reply = self.handle(conn)
+                except Exception as exc:  # noqa: BLE001 - report, keep serving
+                    reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                exiting = bool(reply.get("exiting"))
+                if exiting:
+                    # Gone from the directory before the stopper (holding the relay lock)
+                    # hears back, so the next reserve starts a new relay.
+                    Path(CONTROL_SOCKET).unlink(missing_ok=True)
+                    self.control.close()
+                try:
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
+                except OSError:
+                    pass
+            if exiting:
+                return
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m scistream_proxy.native_daemon",
-        description="Run one stream's native S2DS relay (started by a gateway, not by hand).",
+        description="Run a gateway's native S2DS relay, which hosts every native stream of "
+        "that gateway (started by the gateway, not by hand).",
     )
+    parser.add_argument("--relay-dir", required=True, type=Path,
+                        help="the gateway's relay directory (control socket, lock, log)")
     parser.add_argument("--stream-dir", required=True, type=Path,
-                        help="the stream's private directory holding proxy.json and keys")
+                        help="the first stream's private directory holding proxy.json and "
+                        "keys; its listening sockets are inherited")
     parser.add_argument("--ready-fd", type=int, default=-1,
                         help="inherited pipe to report readiness on")
     parser.add_argument("--foreground", action="store_true",
@@ -414,21 +709,22 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
 
     try:
-        # Work inside the stream directory: the control socket is bound by a short
+        # Work inside the relay directory: the control socket is bound by a short
         # relative name (AF_UNIX paths are limited to 108 bytes).
-        os.chdir(args.stream_dir)
-        config = json.loads(Path(CONFIG_FILE).read_text())
-        proxy = NativeProxy(args.stream_dir.resolve(), config)
+        os.chdir(args.relay_dir)
+        stream_dir = args.stream_dir.resolve()
+        config = json.loads((stream_dir / CONFIG_FILE).read_text())
+        listeners = [socket.socket(fileno=fd) for fd in config["listen_fds"]]
         control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        control_path = Path(CONTROL_SOCKET)
-        control_path.unlink(missing_ok=True)
+        Path(CONTROL_SOCKET).unlink(missing_ok=True)  # of a relay that was killed
         control.bind(CONTROL_SOCKET)
-        control.listen(16)
+        control.listen(64)
+        server = Relay(control)
+        server.add(stream_dir, config, listeners)
     except Exception as exc:  # noqa: BLE001 - the starter gets the reason
         report({"error": f"{type(exc).__name__}: {exc}"})
         return 1
     report({"pid": os.getpid()})
-    serve_control(proxy, control)
-    control_path.unlink(missing_ok=True)
+    server.serve()
     sys.stderr.flush()
     os._exit(0)  # no interpreter teardown while relay threads still hold sockets

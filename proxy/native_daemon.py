@@ -1,4 +1,4 @@
-"""Entry point of the native relay daemon: ``python -m scistream_proxy.native_daemon``.
+"""Entry point of a gateway's native relay: ``python -m scistream_proxy.native_daemon``.
 
 Kept apart from ``native`` so that running it never re-imports a module the package
 already loaded.

@@ -208,7 +208,7 @@ def become_daemon(ready_fd: int, *, foreground: bool = False):
 
 def spawn_detached(
     argv: list[str], *, cwd: Path, log_path: Path, pass_fds: tuple[int, ...] = (),
-    ready_timeout_s: float = 10.0, plan: LaunchPlan | None = None,
+    ready_timeout_s: float = 10.0, plan: LaunchPlan | None = None, env: dict | None = None,
 ) -> ProcessIdentity:
     """Start ``argv`` (which must fork away and report on ``--ready-fd``) and wait until ready.
 
@@ -217,7 +217,8 @@ def spawn_detached(
     that reported. Its own session, no stdin, output to ``log_path`` (mode 0600).
     Where systemd is usable (see :func:`launch_plan`) it runs in a transient scope unit;
     if making the scope fails and ``SCISTREAM_PROXY_LAUNCH`` is not ``systemd``, it is
-    started directly instead, with a note in ``log_path``.
+    started directly instead, with a note in ``log_path``. ``env`` adds to (or
+    overrides) the environment the program inherits.
     """
     plan = plan or launch_plan()
     if plan.required and plan.mode != "systemd":
@@ -226,7 +227,7 @@ def spawn_detached(
     if plan.mode == "systemd":
         try:
             return _spawn(argv, cwd=cwd, log_path=log_path, pass_fds=pass_fds,
-                          ready_timeout_s=ready_timeout_s, plan=plan)
+                          ready_timeout_s=ready_timeout_s, plan=plan, env=env)
         except _ScopeFailed as exc:
             if plan.required:
                 raise ProxyStartError(
@@ -235,7 +236,7 @@ def spawn_detached(
             with open(log_path, "a") as log:
                 log.write(f"scistream: systemd scope failed ({exc}); starting directly\n")
     return _spawn(argv, cwd=cwd, log_path=log_path, pass_fds=pass_fds,
-                  ready_timeout_s=ready_timeout_s, plan=None)
+                  ready_timeout_s=ready_timeout_s, plan=None, env=env)
 
 
 class _ScopeFailed(Exception):
@@ -244,15 +245,16 @@ class _ScopeFailed(Exception):
 
 def _spawn(
     argv: list[str], *, cwd: Path, log_path: Path, pass_fds: tuple[int, ...],
-    ready_timeout_s: float, plan: LaunchPlan | None,
+    ready_timeout_s: float, plan: LaunchPlan | None, env: dict | None = None,
 ) -> ProcessIdentity:
     read_fd, write_fd = os.pipe()
     command = [*argv, "--ready-fd", str(write_fd)]
-    env = None
+    extra = {**(env or {})}
     if plan is not None:
         command = scope_command(command, user=plan.user, description=f"scistream proxy {cwd}",
                                 systemd_run=plan.systemd_run)
-        env = {**os.environ, **(plan.env or {})}
+        extra.update(plan.env or {})
+    env = {**os.environ, **extra} if extra else None
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         starter = subprocess.Popen(
