@@ -142,7 +142,7 @@ def test_many_connections_on_one_stream_keep_every_byte(gateways, tls):
         _release(producer, consumer, uid)
         server.close()
     assert all(r is not None and hashlib.sha256(r).digest() == hashlib.sha256(p).digest()
-               for r, p in zip(results, payloads))
+               for r, p in zip(results, payloads, strict=True))
     for status in statuses:
         assert status["connections"]["total"] == 64
         assert status["connections"]["failed"] == 0

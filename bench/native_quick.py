@@ -1,0 +1,174 @@
+"""Quick side-by-side check of the native relay: iperf3 through each backend's chain vs
+direct, and the native relay's idle memory per stream.
+
+    .venv/bin/python bench/native_quick.py [--backends native,haproxy,nginx,stunnel]
+        [--conns 1,4,64] [--rounds 3] [--seconds 3] [--idle-streams 1,20] [--json]
+
+Each backend runs on its own pair of local gateways (app -> consumer-side proxy ->
+TLS or plain -> producer-side proxy -> iperf3 server); every configuration runs once
+per round, in the same order each round (A B C ... A B C ...), and the median of the
+rounds is reported with its ratio to direct iperf3 from the same run. Memory: RSS of
+the native relay processes with N idle streams open (per stream = (RSS at N - RSS at
+1) / (N - 1)). The full benchmark (every backend, CPU, plots) is bench/dataplane.py;
+this one is the native proxy's own quick loop. Needs iperf3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from scistream_prefect import LocalGateway
+from scistream_proxy.backends import BACKENDS
+from scistream_proxy.leaks import proxy_pids
+from scistream_proxy.native import parse_address
+
+
+def open_chain(producer, consumer, app_listeners: list[str], tls: bool) -> tuple[str, list]:
+    uid, key = str(uuid.uuid4()), secrets.token_urlsafe(16)
+    request = {"uid": uid, "num_conn": len(app_listeners),
+               "key_sha256": hashlib.sha256(key.encode()).hexdigest()}
+    prod = producer.call("reserve", {**request, "role": "PROD"})
+    cons = consumer.call("reserve", {**request, "role": "CONS"})
+    producer.call("hello", {"uid": uid, "key": key, "role": "PROD",
+                            "app_listeners": app_listeners})
+    for gw, peer in ((producer, cons), (consumer, prod)):
+        extra = ({"peer_certificate": peer["certificate"],
+                  "peer_fingerprint": peer["cert_fingerprint"]} if tls else {"tls": False})
+        gw.call("connect", {"uid": uid, "remote_listeners": peer["listeners"], **extra})
+    return uid, cons["listeners"]
+
+
+def iperf3(address: str, conns: int, seconds: float) -> float:
+    host, port = parse_address(address)
+    out = subprocess.run(["iperf3", "-c", host, "-p", str(port), "-P", str(conns),
+                          "-t", str(seconds), "-J"], capture_output=True, text=True,
+                         timeout=seconds + 60)
+    result = json.loads(out.stdout)
+    if "error" in result:
+        raise RuntimeError(f"iperf3 via {address}: {result['error']}")
+    return result["end"]["sum_received"]["bits_per_second"] / 1e9
+
+
+def rss_kib(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
+
+
+def idle_memory(root: Path, port_base: int, counts: list[int]) -> dict:
+    """RSS of both gateways' native relays with N idle (connected, no traffic) streams."""
+    producer = LocalGateway.create("mem-p", root / "mem-p",
+                                   port_range=(port_base, port_base + 299))
+    consumer = LocalGateway.create("mem-c", root / "mem-c",
+                                   port_range=(port_base + 300, port_base + 599))
+    uids, found = [], {}
+    try:
+        for n in sorted(counts):
+            while len(uids) < n:
+                uids.append(open_chain(producer, consumer, ["127.0.0.1:9"], True)[0])
+            time.sleep(0.5)
+            pids = proxy_pids(under=root)
+            found[n] = {"processes": len(pids), "rss_kib": rss_kib(pids)}
+    finally:
+        for uid in uids:
+            for gw in (producer, consumer):
+                gw.call("release", {"uid": uid})
+    lo, hi = min(counts), max(counts)
+    # Two stream ends (one per gateway) per stream.
+    per_end = (found[hi]["rss_kib"] - found[lo]["rss_kib"]) / (hi - lo) / 2 if hi > lo else None
+    return {"by_streams": found, "per_stream_end_kib": per_end}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backends", default="native,haproxy,nginx,stunnel")
+    parser.add_argument("--conns", default="1,4,64")
+    parser.add_argument("--modes", default="tls,plain")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3)
+    parser.add_argument("--idle-streams", default="1,20",
+                        help="stream counts for the memory figure ('' to skip)")
+    parser.add_argument("--port-base", type=int, default=31000)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if shutil.which("iperf3") is None:
+        parser.error("needs iperf3 (apt-get install iperf3)")
+    conns = [int(c) for c in args.conns.split(",")]
+    backends = [b for b in args.backends.split(",") if b]
+    modes = [m == "tls" for m in args.modes.split(",") if m]
+    results: dict = {"gbit_s": {}, "skipped": {}}
+    with tempfile.TemporaryDirectory(prefix="scistream-native-quick-") as tmp:
+        root = Path(tmp)
+        server = subprocess.Popen(["iperf3", "-s", "-p", str(args.port_base), "-B", "127.0.0.1"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        target = f"127.0.0.1:{args.port_base}"
+        chains: dict[str, str] = {"direct": target}
+        opened = []
+        try:
+            time.sleep(0.3)
+            for index, name in enumerate(backends):
+                reason = BACKENDS[name].unavailable_reason()
+                if reason:
+                    results["skipped"][name] = reason
+                    continue
+                base = args.port_base + 10 + 80 * index
+                producer = LocalGateway.create(f"{name}-p", root / f"{name}-p",
+                                               port_range=(base, base + 39), backend=name)
+                consumer = LocalGateway.create(f"{name}-c", root / f"{name}-c",
+                                               port_range=(base + 40, base + 79), backend=name)
+                for tls in modes:
+                    if not tls and not BACKENDS[name].supports_plain:
+                        continue
+                    uid, listeners = open_chain(producer, consumer, [target], tls)
+                    opened.append((producer, consumer, uid))
+                    chains[f"{name}-{'tls' if tls else 'plain'}"] = listeners[0]
+            runs: dict = {(c, n): [] for c in chains for n in conns}
+            for _ in range(args.rounds):
+                for n in conns:
+                    for chain, address in chains.items():
+                        runs[(chain, n)].append(iperf3(address, n, args.seconds))
+            for (chain, n), values in runs.items():
+                results["gbit_s"].setdefault(chain, {})[n] = {
+                    "median": statistics.median(values), "runs": values}
+        finally:
+            for producer, consumer, uid in opened:
+                for gw in (producer, consumer):
+                    gw.call("release", {"uid": uid})
+            server.kill()
+            server.wait()
+        if args.idle_streams and "native" in backends:
+            counts = [int(c) for c in args.idle_streams.split(",")]
+            results["native_idle_memory"] = idle_memory(root, args.port_base + 1000, counts)
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    direct = results["gbit_s"]["direct"]
+    print(f"{'chain':16}" + "".join(f"{n:>9} conn  /direct" for n in conns))
+    for chain, by_n in results["gbit_s"].items():
+        cells = "".join(f"{by_n[n]['median']:9.2f} Gbit/s "
+                        f"{by_n[n]['median'] / direct[n]['median']:5.2f}" for n in conns)
+        print(f"{chain:16}{cells}")
+    for name, reason in results["skipped"].items():
+        print(f"{name}: skipped ({reason})")
+    if "native_idle_memory" in results:
+        print("native idle memory:", json.dumps(results["native_idle_memory"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
