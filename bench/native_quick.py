@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import os
 import time
 import uuid
 from pathlib import Path
@@ -32,6 +33,7 @@ from scistream_prefect import LocalGateway
 from scistream_proxy.backends import BACKENDS
 from scistream_proxy.leaks import proxy_pids
 from scistream_proxy.native import parse_address
+from scistream_proxy.process import proc_stat
 
 
 def open_chain(producer, consumer, app_listeners: list[str], tls: bool) -> tuple[str, list]:
@@ -49,15 +51,29 @@ def open_chain(producer, consumer, app_listeners: list[str], tls: bool) -> tuple
     return uid, cons["listeners"]
 
 
-def iperf3(address: str, conns: int, seconds: float) -> float:
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of ``pids`` so far."""
+    ticks = 0
+    for pid in pids:
+        stat = proc_stat(pid)
+        if stat is not None:
+            ticks += int(stat[11]) + int(stat[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def iperf3(address: str, conns: int, seconds: float, proxies: list[int]) -> tuple[float, float]:
+    """(Gbit/s received, proxy CPU seconds per GB moved)."""
     host, port = parse_address(address)
+    before = cpu_seconds(proxies)
     out = subprocess.run(["iperf3", "-c", host, "-p", str(port), "-P", str(conns),
                           "-t", str(seconds), "-J"], capture_output=True, text=True,
                          timeout=seconds + 60)
+    used = cpu_seconds(proxies) - before
     result = json.loads(out.stdout)
     if "error" in result:
         raise RuntimeError(f"iperf3 via {address}: {result['error']}")
-    return result["end"]["sum_received"]["bits_per_second"] / 1e9
+    received = result["end"]["sum_received"]
+    return received["bits_per_second"] / 1e9, used / (received["bytes"] / 1e9)
 
 
 def rss_kib(pids: list[int]) -> int:
@@ -118,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         target = f"127.0.0.1:{args.port_base}"
         chains: dict[str, str] = {"direct": target}
+        roots: dict[str, Path] = {}
         opened = []
         try:
             time.sleep(0.3)
@@ -127,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                     results["skipped"][name] = reason
                     continue
                 base = args.port_base + 10 + 80 * index
-                producer = LocalGateway.create(f"{name}-p", root / f"{name}-p",
+                producer = LocalGateway.create(f"{name}-p", root / name / "p",
                                                port_range=(base, base + 39), backend=name)
-                consumer = LocalGateway.create(f"{name}-c", root / f"{name}-c",
+                consumer = LocalGateway.create(f"{name}-c", root / name / "c",
                                                port_range=(base + 40, base + 79), backend=name)
                 for tls in modes:
                     if not tls and not BACKENDS[name].supports_plain:
@@ -137,14 +154,19 @@ def main(argv: list[str] | None = None) -> int:
                     uid, listeners = open_chain(producer, consumer, [target], tls)
                     opened.append((producer, consumer, uid))
                     chains[f"{name}-{'tls' if tls else 'plain'}"] = listeners[0]
+                    roots[f"{name}-{'tls' if tls else 'plain'}"] = root / name
+            proxies = {chain: proxy_pids(under=path) for chain, path in roots.items()}
             runs: dict = {(c, n): [] for c in chains for n in conns}
             for _ in range(args.rounds):
                 for n in conns:
                     for chain, address in chains.items():
-                        runs[(chain, n)].append(iperf3(address, n, args.seconds))
+                        runs[(chain, n)].append(
+                            iperf3(address, n, args.seconds, proxies.get(chain, [])))
             for (chain, n), values in runs.items():
+                rates = [v[0] for v in values]
                 results["gbit_s"].setdefault(chain, {})[n] = {
-                    "median": statistics.median(values), "runs": values}
+                    "median": statistics.median(rates), "runs": rates,
+                    "proxy_cpu_s_per_gb": statistics.median(v[1] for v in values)}
         finally:
             for producer, consumer, uid in opened:
                 for gw in (producer, consumer):
@@ -158,10 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results))
         return 0
     direct = results["gbit_s"]["direct"]
-    print(f"{'chain':16}" + "".join(f"{n:>9} conn  /direct" for n in conns))
+    print(f"{'chain':16}" + "".join(f"{n:>9} conn  /direct cpu-s/GB" for n in conns))
     for chain, by_n in results["gbit_s"].items():
         cells = "".join(f"{by_n[n]['median']:9.2f} Gbit/s "
-                        f"{by_n[n]['median'] / direct[n]['median']:5.2f}" for n in conns)
+                        f"{by_n[n]['median'] / direct[n]['median']:5.2f} "
+                        f"{by_n[n]['proxy_cpu_s_per_gb']:8.2f}" for n in conns)
         print(f"{chain:16}{cells}")
     for name, reason in results["skipped"].items():
         print(f"{name}: skipped ({reason})")

@@ -57,6 +57,7 @@ from scistream_proxy.process import become_daemon
 from scistream_proxy.tls import fingerprint_of_der, pinned_context
 
 BUFFER_SIZE = 64 * 1024
+_RECORD = 16 * 1024  # the largest TLS record's plaintext
 CONTROL_SOCKET = "relay.sock"
 LOCK_FILE = "relay.lock"
 LOG_FILE = "relay.log"
@@ -207,10 +208,12 @@ class Counters:
 class _Half:
     """One direction of a relayed connection: src -> dst through a reused buffer."""
 
-    __slots__ = ("src", "dst", "buf", "view", "start", "end", "eof", "wait", "moved", "bucket")
+    __slots__ = ("src", "dst", "buf", "view", "start", "end", "eof", "wait", "moved", "bucket",
+                 "coalesce")
 
     def __init__(self, src: socket.socket, dst: socket.socket, bucket: TokenBucket | None):
         self.src, self.dst = src, dst
+        self.coalesce = isinstance(src, ssl.SSLSocket)
         self.buf = bytearray(BUFFER_SIZE)
         self.view = memoryview(self.buf)
         self.start = self.end = 0
@@ -256,9 +259,25 @@ class _Half:
             if n == 0:
                 self.eof = True
                 continue
+            self.start, self.end = 0, n
             if self.bucket is not None:
                 self.bucket.take(n)
-            self.start, self.end = 0, n
+            elif self.coalesce:
+                self._fill()
+
+    def _fill(self) -> None:
+        """A TLS read returns at most one record (16 KiB): read on while records are
+        there, so the plain side gets one large send instead of several small ones
+        (fewer system calls and packets on both ends)."""
+        while self.end <= BUFFER_SIZE - _RECORD:
+            try:
+                n = self.src.recv_into(self.view[self.end :])
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return
+            if n == 0:
+                self.eof = True
+                return
+            self.end += n
 
 
 class _SpliceHalf:
@@ -658,9 +677,11 @@ class Relay:
     def add(self, stream_dir: Path, config: dict, listeners: list[socket.socket]) -> dict:
         name = stream_dir.name
         if name in self.streams:
-            for sock in listeners:
-                sock.close()
-            return {"ok": False, "error": f"stream {name} is already in this relay"}
+            # The gateway adds a stream only when it has no record of one by that name:
+            # this one was taken over by a reserve whose worker died before recording
+            # it, and is abandoned. Its ports are the gateway's to give again.
+            _log(f"{name}: replacing an abandoned stream of the same name")
+            self.streams.pop(name).stop()
         self.streams[name] = _load_stream(stream_dir, config, listeners)
         return {"ok": True, "pid": os.getpid()}
 

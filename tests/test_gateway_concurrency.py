@@ -67,7 +67,8 @@ def test_fifty_processes_reserving_at_once_never_share_a_port(tmp_path, monkeypa
         assert all(sorted(by_uid[u]) == sorted(r["listeners"]) for u, r in granted.items())
         stream_dirs = {p.name for p in (settings.state_dir / "streams").iterdir()}
         assert stream_dirs == set(granted)
-        assert len(proxy_pids(under=tmp_path)) == 45
+        # One native relay holds every stream of the gateway.
+        assert len(proxy_pids(under=tmp_path)) == 1
     finally:
         from scistream_gateway.functions import release
 

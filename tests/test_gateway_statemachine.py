@@ -158,11 +158,15 @@ class GatewayMachine(RuleBasedStateMachine):
         s = self.active.get(uid)
         if s is None or s["killed"]:
             return
-        os.kill(self.identities[uid].pid, signal.SIGKILL)
+        identity = self.identities[uid]
+        os.kill(identity.pid, signal.SIGKILL)
         deadline = time.monotonic() + 5
-        while self.identities[uid].alive() and time.monotonic() < deadline:
+        while identity.alive() and time.monotonic() < deadline:
             time.sleep(0.01)
-        s["killed"] = True
+        # The native relay hosts every stream of the gateway: they all lose their proxy.
+        for other, t in self.active.items():
+            if self.identities[other] == identity:
+                t["killed"] = True
 
     @rule(uid=uids)
     def status(self, uid):
@@ -214,10 +218,12 @@ class GatewayMachine(RuleBasedStateMachine):
             if not s["killed"]:
                 assert self.identities[uid].alive()
                 assert not any(port_is_free(f"127.0.0.1:{p}") for p in by_uid[uid])
+        serving = {self.identities[uid] for uid, s in self.active.items() if not s["killed"]}
         for uid in self.ended:
             assert not (self.settings.state_dir / "streams" / uid).exists()
             assert uid not in by_uid
-            if uid in self.identities:
+            # Its proxy (the gateway's relay) runs on only while it serves another stream.
+            if uid in self.identities and self.identities[uid] not in serving:
                 assert not self.identities[uid].alive()
 
 
