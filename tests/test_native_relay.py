@@ -328,7 +328,7 @@ def test_a_killed_relay_shows_in_every_stream_and_the_next_reserve_starts_anothe
         server.close()
 
 
-def _start_and_die(stream_dir: str, port: int, kept: int) -> None:
+def _start_and_die(stream_dir: str, port: int) -> None:
     """A worker's reserve that dies right after the relay took the stream."""
     sock = socket.create_server(("127.0.0.1", port))
     directory = Path(stream_dir)
@@ -348,7 +348,7 @@ def test_abandon_drops_a_stream_whose_handle_was_never_recorded(gateways, others
     stream_dir.mkdir(mode=0o700, parents=True)
     port = 31000 + others
     worker = multiprocessing.get_context("fork").Process(
-        target=_start_and_die, args=(str(stream_dir), port, others))
+        target=_start_and_die, args=(str(stream_dir), port))
     worker.start()
     worker.join(timeout=60)
     try:
@@ -367,4 +367,33 @@ def test_abandon_drops_a_stream_whose_handle_was_never_recorded(gateways, others
         for uid_, _ in kept:
             _release(producer, consumer, uid_)
         server.close()
+        shutil.rmtree(stream_dir)
+
+
+def test_a_retried_reserve_replaces_the_stream_a_dead_worker_left_in_the_relay(gateways):
+    _, consumer = gateways
+    state_dir = Path(consumer.settings_path).parent
+    uid = str(uuid.uuid4())
+    stream_dir = state_dir / "streams" / uid
+    stream_dir.mkdir(mode=0o700, parents=True)
+    worker = multiprocessing.get_context("fork").Process(
+        target=_start_and_die, args=(str(stream_dir), 31010))
+    worker.start()
+    worker.join(timeout=60)
+    backend = NativeBackend()
+    try:
+        assert worker.exitcode == -signal.SIGKILL
+        assert not port_is_free("127.0.0.1:31010")
+        again = socket.create_server(("127.0.0.1", 31011))
+        handle = backend.start(ProxySpec(uid=uid, role="CONS", stream_dir=stream_dir,
+                                         sockets=[again]))
+        again.close()
+        assert port_is_free("127.0.0.1:31010")  # the abandoned one's port
+        assert not port_is_free("127.0.0.1:31011")
+        assert backend.status(handle, stream_dir)["alive"]
+        backend.stop(handle, stream_dir)
+        assert port_is_free("127.0.0.1:31011")
+        assert proxy_pids(under=state_dir) == []
+    finally:
+        backend.abandon(stream_dir, uid)
         shutil.rmtree(stream_dir)
