@@ -164,9 +164,14 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.rounds):
                 for n in conns:
                     for chain, address in chains.items():
-                        runs[(chain, n)].append(
-                            iperf3(address, n, args.seconds, proxies.get(chain, [])))
+                        try:
+                            runs[(chain, n)].append(
+                                iperf3(address, n, args.seconds, proxies.get(chain, [])))
+                        except RuntimeError as exc:
+                            results.setdefault("errors", []).append(f"{chain} x{n}: {exc}")
             for (chain, n), values in runs.items():
+                if not values:
+                    continue
                 rates = [v[0] for v in values]
                 results["gbit_s"].setdefault(chain, {})[n] = {
                     "median": statistics.median(rates), "runs": rates,
@@ -186,10 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     direct = results["gbit_s"]["direct"]
     print(f"{'chain':16}" + "".join(f"{n:>9} conn  /direct cpu-s/GB" for n in conns))
     for chain, by_n in results["gbit_s"].items():
+        if set(by_n) != set(conns) or set(direct) != set(conns):
+            print(f"{chain:16} {json.dumps(by_n)}")
+            continue
         cells = "".join(f"{by_n[n]['median']:9.2f} Gbit/s "
                         f"{by_n[n]['median'] / direct[n]['median']:5.2f} "
                         f"{by_n[n]['proxy_cpu_s_per_gb']:8.2f}" for n in conns)
         print(f"{chain:16}{cells}")
+    for error in results.get("errors", []):
+        print("error:", error)
     for name, reason in results["skipped"].items():
         print(f"{name}: skipped ({reason})")
     if "native_idle_memory" in results:
