@@ -34,9 +34,11 @@ from scistream_prefect import LocalGateway  # noqa: E402
 from scistream_proxy import apps  # noqa: E402
 from scistream_proxy.leaks import proxy_pids  # noqa: E402
 
-# Each gateway a test creates gets its own 40-port slice, below the kernel's ephemeral
-# range (32768-60999), so no outgoing connection can take a port a test expects free.
-_PORT_SLICES = itertools.count(22000, 40)
+# Each gateway a test creates gets its own 40-port slice of 22000-28999, below the kernel's
+# ephemeral range (32768-60999), so no outgoing connection can take a port a test expects
+# free. The slices go round: a test's gateways are gone before 175 later gateways exist,
+# and the ranges tests name themselves (29000 and up, 10000-21999) are never reached.
+_PORT_SLICES = itertools.cycle(range(22000, 29000, 40))
 
 
 @pytest.fixture(scope="session", autouse=True)
