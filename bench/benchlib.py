@@ -1,0 +1,515 @@
+"""What the benchmarks share: two-gateway chains, iperf3 runs, A B A B rounds,
+distributions, proxy CPU and memory read from /proc, and the result files.
+
+Every figure a benchmark prints comes from a function here or from its own script; no
+figure is ever written by hand. Results go to ``bench/results/<name>.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+from scistream_prefect import LocalGateway  # noqa: E402
+from scistream_proxy.leaks import port_is_free, proxy_pids  # noqa: E402
+from scistream_proxy.native import parse_address  # noqa: E402
+
+RESULTS_DIR = Path(__file__).parent / "results"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# -- chains of two local gateways ------------------------------------------------------
+
+def gateway_pair(name: str, root: Path, port_base: int, ports: int, *, backend: str = "native",
+                 workers: int = 2) -> tuple[LocalGateway, LocalGateway]:
+    """A producer and a consumer gateway on loopback; ports ``port_base`` ..
+    ``port_base + 2 * ports - 1`` (the producer's half first)."""
+    producer = LocalGateway.create(f"{name}-p", root / name / "p", backend=backend,
+                                   port_range=(port_base, port_base + ports - 1))
+    consumer = LocalGateway.create(f"{name}-c", root / name / "c", backend=backend,
+                                   port_range=(port_base + ports, port_base + 2 * ports - 1))
+    return (LocalGateway(settings_path=producer.settings_path, workers=workers),
+            LocalGateway(settings_path=consumer.settings_path, workers=workers))
+
+
+def warm_up(*gateways: LocalGateway) -> None:
+    """Start every gateway's workers (a gateway's workers are long-lived, as an endpoint's)."""
+    with ThreadPoolExecutor(len(gateways)) as pool:
+        for future in [pool.submit(gw.warm_up) for gw in gateways]:
+            future.result()
+
+
+@dataclass
+class Chain:
+    """One open stream, opened with direct gateway calls (no Prefect)."""
+
+    producer: LocalGateway
+    consumer: LocalGateway
+    uid: str
+    prod: dict
+    cons: dict
+    seconds: float  # first reserve to both proxies listening
+
+    @property
+    def listeners(self) -> list[str]:
+        """Where the consumer app connects."""
+        return self.cons["listeners"]
+
+    def release(self) -> None:
+        release(self.producer, self.consumer, self.uid)
+
+
+def open_chain(producer, consumer, app_listeners: list[str], *, tls: bool = True,
+               num_conn: int | None = None) -> Chain:
+    """reserve ‖ reserve -> hello -> connect ‖ connect, as the client flow does it; on a
+    failure both ends are released and the failure raised."""
+    uid, key = str(uuid.uuid4()), secrets.token_urlsafe(16)
+    request = {"uid": uid, "num_conn": num_conn or len(app_listeners),
+               "key_sha256": hashlib.sha256(key.encode()).hexdigest()}
+    started = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            prod_f = pool.submit(producer.call, "reserve", {**request, "role": "PROD"})
+            cons_f = pool.submit(consumer.call, "reserve", {**request, "role": "CONS"})
+            prod, cons = prod_f.result(), cons_f.result()
+            producer.call("hello", {"uid": uid, "key": key, "role": "PROD",
+                                    "app_listeners": app_listeners})
+
+            def connect(gw, peer: dict) -> dict:
+                extra = ({"peer_certificate": peer["certificate"],
+                          "peer_fingerprint": peer["cert_fingerprint"]} if tls
+                         else {"tls": False})
+                return gw.call("connect", {"uid": uid, "remote_listeners": peer["listeners"],
+                                           **extra})
+
+            for future in [pool.submit(connect, producer, cons),
+                           pool.submit(connect, consumer, prod)]:
+                future.result()
+    except BaseException:
+        release(producer, consumer, uid)
+        raise
+    return Chain(producer, consumer, uid, prod, cons, time.perf_counter() - started)
+
+
+def release(producer, consumer, uid: str) -> None:
+    """Release both ends concurrently (idempotent)."""
+    with ThreadPoolExecutor(2) as pool:
+        for future in [pool.submit(gw.call, "release", {"uid": uid})
+                       for gw in (producer, consumer)]:
+            future.result()
+
+
+def container_reach_reason() -> str | None:
+    """Why host-networked containers cannot be reached from here: the Docker engine
+    runs in another network namespace than this process (``unshare --net``)."""
+    mine = os.readlink("/proc/self/ns/net")
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "comm").read_text().strip() == "dockerd" \
+                    and os.readlink(proc / "ns" / "net") != mine:
+                return "the Docker engine's host network is another network namespace " \
+                       "than this benchmark's"
+        except OSError:
+            continue
+    return None
+
+
+def backend_skip_reason(name: str) -> str | None:
+    """Why backend ``name`` cannot run in this benchmark, or None."""
+    from scistream_proxy.backends import BACKENDS
+
+    if name not in BACKENDS:
+        return f"unknown backend (known: {', '.join(BACKENDS)})"
+    reason = BACKENDS[name].unavailable_reason()
+    if reason is None and name.endswith("-docker"):
+        reason = container_reach_reason()
+    return reason
+
+
+# -- processes: CPU and memory from /proc ----------------------------------------------
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2:].split()  # fields from 3 (state) on
+
+
+def descendants(roots: Iterable[int]) -> set[int]:
+    """``roots`` and every process below them (nginx's and haproxy's workers)."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            stat = _stat(int(proc.name))
+            if stat is not None:
+                children.setdefault(int(stat[1]), []).append(int(proc.name))
+    found, todo = set(), [p for p in roots if p]
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(children.get(pid, []))
+    return found
+
+
+def chain_pids(chain: Chain) -> set[int]:
+    """The processes serving ``chain`` on both gateways: each end's proxy (from its
+    status, so containers count too), every process working in the stream's
+    directories (holders, workers), and their descendants. The native relay serves
+    all of its gateway's streams in one process, so it counts whole."""
+    pids = set()
+    for gw in (chain.producer, chain.consumer):
+        status = gw.call("status", {"uid": chain.uid})
+        if status.get("pid"):
+            pids.add(int(status["pid"]))
+        pids.update(proxy_pids(under=gw.settings.state_dir / "streams" / chain.uid))
+    return descendants(pids)
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """User + system CPU seconds ``pids`` used so far (gone processes count 0)."""
+    ticks = 0
+    for pid in pids:
+        stat = _stat(pid)
+        if stat is not None:
+            ticks += int(stat[11]) + int(stat[12])  # utime, stime
+    return ticks / CLK_TCK
+
+
+def memory_kib(pids: Iterable[int]) -> dict:
+    """Summed RSS and PSS (KiB) of ``pids``; PSS splits shared pages among their users,
+    so nginx's or haproxy's workers are not counted twice. PSS is None where
+    /proc/<pid>/smaps_rollup cannot be read."""
+    rss, pss = 0, 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    rss += int(line.split()[1])
+        except OSError:
+            continue
+        if pss is not None:
+            try:
+                text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+                pss += next(int(line.split()[1]) for line in text.splitlines()
+                            if line.startswith("Pss:"))
+            except (OSError, StopIteration):
+                pss = None
+    return {"rss_kib": rss, "pss_kib": pss}
+
+
+class MemorySampler:
+    """Peak RSS/PSS of ``pids`` sampled every ``interval_s`` while the ``with`` block runs."""
+
+    def __init__(self, pids: Iterable[int], interval_s: float = 0.25):
+        self.pids, self.interval_s = list(pids), interval_s
+        self.peak = {"rss_kib": 0, "pss_kib": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        now = memory_kib(self.pids)
+        for key in self.peak:
+            if now[key] is None or self.peak[key] is None:
+                self.peak[key] = None
+            else:
+                self.peak[key] = max(self.peak[key], now[key])
+
+    def _run(self) -> None:
+        self._sample()
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def __enter__(self) -> MemorySampler:
+        if self.pids:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pids:
+            self._stop.set()
+            self._thread.join()
+            self._sample()
+
+
+# -- iperf3 ----------------------------------------------------------------------------
+
+def iperf3_missing() -> str | None:
+    return None if shutil.which("iperf3") else "iperf3 is not installed (apt-get install iperf3)"
+
+
+class IperfServer:
+    """``iperf3 -s`` on 127.0.0.1:``port``, returned from ``with`` once it listens."""
+
+    def __init__(self, port: int):
+        self.address = f"127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> IperfServer:
+        host, port = parse_address(self.address)
+        self.proc = subprocess.Popen(["iperf3", "-s", "-B", host, "-p", str(port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while port_is_free(self.address):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr \
+                    else ""
+                self.__exit__()
+                raise RuntimeError(f"iperf3 server on {self.address} did not start: {err}")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+            if self.proc.stderr:
+                self.proc.stderr.close()
+
+
+def iperf3(address: str, conns: int, seconds: float, pids: Iterable[int] = ()) -> dict:
+    """One iperf3 run of ``conns`` parallel connections to ``address`` (client sends).
+
+    Returns Gbit/s received, bytes, the run's wall time, and the CPU share (100 = one
+    core) and peak memory of ``pids`` (the proxies) during the run. Raises
+    RuntimeError with iperf3's own message when the run fails.
+    """
+    pids = list(pids)
+    host, port = parse_address(address)
+    for _ in range(80):  # the server may still be tearing the previous test down
+        with MemorySampler(pids) as memory:
+            cpu_before, started = cpu_seconds(pids), time.perf_counter()
+            proc = subprocess.run(["iperf3", "-c", host, "-p", str(port), "-P", str(conns),
+                                   "-t", str(seconds), "-J"], capture_output=True, text=True,
+                                  timeout=seconds + 60)
+            wall = time.perf_counter() - started
+            cpu = cpu_seconds(pids) - cpu_before
+        try:
+            result = json.loads(proc.stdout)
+        except ValueError:
+            raise RuntimeError(f"iperf3 via {address} printed no JSON: "
+                               f"{(proc.stderr or proc.stdout)[-300:]}") from None
+        if "busy" not in result.get("error", ""):
+            break
+        time.sleep(0.25)
+    if "error" in result:
+        raise RuntimeError(f"iperf3 via {address}: {result['error']}")
+    received = result["end"]["sum_received"]
+    return {
+        "gbit_s": received["bits_per_second"] / 1e9,
+        "bytes": received["bytes"],
+        "retransmits": result["end"].get("sum_sent", {}).get("retransmits"),
+        "wall_s": wall,
+        "proxy_cpu_pct": 100 * cpu / wall if pids else None,
+        "proxy_cpu_s_per_gb": cpu / (received["bytes"] / 1e9) if pids else None,
+        "proxy_rss_kib": memory.peak["rss_kib"] if pids else None,
+        "proxy_pss_kib": memory.peak["pss_kib"] if pids else None,
+    }
+
+
+def tls_suite(address: str, openssl_conf: Path | None = None) -> str | None:
+    """The TLS version and suite the listener at ``address`` picks for an OpenSSL client
+    (configured by ``openssl_conf``, as the peer proxy would offer), from
+    ``openssl s_client``; no client certificate is sent, so a mutually authenticating
+    listener refuses the connection after the handshake and never reaches its app."""
+    if shutil.which("openssl") is None:
+        return None
+    env = dict(os.environ)
+    env.pop("OPENSSL_CONF", None)
+    if openssl_conf is not None:
+        env["OPENSSL_CONF"] = str(openssl_conf)
+    try:
+        proc = subprocess.run(["openssl", "s_client", "-connect", address, "-brief"],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=15, env=env)
+    except subprocess.TimeoutExpired:
+        return None
+    found = {}
+    for line in (proc.stderr + proc.stdout).splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("Protocol version", "Ciphersuite"):
+            found[key.strip()] = value.strip()
+    if "Ciphersuite" not in found:
+        return None
+    return f"{found.get('Protocol version', '?')} {found['Ciphersuite']}"
+
+
+# -- rounds and distributions ----------------------------------------------------------
+
+def alternate(rounds: int, configs: list, run: Callable, on_error: Callable | None = None) -> dict:
+    """Run every config once per round, in the same order each round (A B A B ...), so
+    drift in the machine's load spreads over all configs alike. Returns
+    ``{config: [results]}``; a run that raises RuntimeError is passed to ``on_error``
+    (and left out) when given, else raised."""
+    results: dict = {config: [] for config in configs}
+    for index in range(rounds):
+        for config in configs:
+            try:
+                results[config].append(run(config, index))
+            except RuntimeError as exc:
+                if on_error is None:
+                    raise
+                on_error(config, exc)
+    return results
+
+
+def distribution(values: list[float]) -> dict:
+    """n, p50, p90, p99, min, max, mean of ``values`` (percentiles by linear
+    interpolation between order statistics)."""
+    if not values:
+        return {"n": 0}
+    ordered = sorted(values)
+
+    def pct(q: float) -> float:
+        pos = (len(ordered) - 1) * q
+        lo = int(pos)
+        hi = min(lo + 1, len(ordered) - 1)
+        return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+    return {"n": len(ordered), "p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99),
+            "min": ordered[0], "max": ordered[-1], "mean": statistics.fmean(ordered)}
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return statistics.median(kept) if kept else None
+
+
+# -- the machine, and result files -----------------------------------------------------
+
+def _version(argv: list[str]) -> str | None:
+    if shutil.which(argv[0]) is None and not Path(argv[0]).exists():
+        return None
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    text = (proc.stdout or proc.stderr).strip().splitlines()
+    return text[0][:120] if text else None
+
+
+def machine() -> dict:
+    """What the figures depend on: cores, kernel, load, tool versions."""
+    import ssl
+
+    return {
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "openssl_python": ssl.OPENSSL_VERSION,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "iperf3": _version(["iperf3", "--version"]),
+        "stunnel": _version(["stunnel4", "-version"]),
+        "haproxy": _version(["/usr/sbin/haproxy", "-v"]),
+        "nginx": _version(["/usr/sbin/nginx", "-v"]),
+    }
+
+
+def write_json(path: Path, result: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def write_markdown(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.rstrip() + "\n")
+    return path
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join("" if c is None else str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot_bars(path: Path, groups: list[str], series: dict[str, list[float | None]], *,
+              title: str, ylabel: str) -> Path | None:
+    """Grouped bars: one group per ``groups`` entry, one bar per series in each.
+    None when matplotlib is not installed (``pip install 'scistream-prefect[bench]'``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install 'scistream-prefect[bench]')",
+              file=sys.stderr)
+        return None
+    width = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) + 0.25 * len(series)), 4.2))
+    for index, (label, values) in enumerate(series.items()):
+        xs = [g + (index - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, [v or 0.0 for v in values], width, label=label)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+@dataclass
+class Checks:
+    """Targets evaluated on measured figures: met, not met, or not measured."""
+
+    items: list[dict] = field(default_factory=list)
+
+    def add(self, target: str, value: float | None, threshold: float | None,
+            detail: str = "") -> None:
+        if value is None or threshold is None:
+            verdict = "not measured"
+        else:
+            verdict = "met" if value >= threshold else "not met"
+        self.items.append({"target": target, "verdict": verdict, "value": value,
+                           "threshold": threshold, "detail": detail})
+
+    def add_at_most(self, target: str, value: float | None, limit: float | None,
+                    detail: str = "") -> None:
+        if value is None or limit is None:
+            verdict = "not measured"
+        else:
+            verdict = "met" if value <= limit else "not met"
+        self.items.append({"target": target, "verdict": verdict, "value": value,
+                           "threshold": limit, "detail": detail})
+
+    def markdown(self) -> str:
+        rows = [[c["target"], f"**{c['verdict']}**", c["detail"]] for c in self.items]
+        return markdown_table(["target", "verdict", "measured"], rows)
+
+    def print(self) -> None:
+        for c in self.items:
+            print(f"  [{c['verdict']:>12}] {c['target']}: {c['detail']}")
+
+
+def run_label(quick: bool, argv: list[str]) -> str:
+    """The line every Markdown result starts with: when, how, and on what."""
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    kind = ("**quick run** (the `--quick` preset; few short rounds, figures are rough)"
+            if quick else "full run")
+    return (f"{kind}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+            f"{os.cpu_count()} CPUs, load average at the end {load}. "
+            f"Command: `{' '.join(['.venv/bin/python', *argv])}`")
