@@ -26,6 +26,7 @@ from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from scistream_prefect import LocalGateway  # noqa: E402
 from scistream_proxy.leaks import port_is_free, proxy_pids  # noqa: E402

@@ -1,0 +1,401 @@
+"""Control plane: how long a stream takes to open and release, how many sequential
+remote round trips that takes, and what many concurrent streams cost, with two local
+gateways on loopback.
+
+    .venv/bin/python bench/controlplane.py [--quick] [--open-runs 100]
+        [--session-runs 50] [--flow-runs 5] [--concurrent 50,200] [--backend native]
+        [--workers 4] [--port-base 16200] [--out bench/results] [--json]
+
+Measured, each as a distribution (n, p50, p90, p99, min, max):
+- open (direct calls): reserve ‖ reserve -> hello -> connect ‖ connect through the
+  gateway functions (Globus Compute serializer, worker processes, SQLite, real
+  proxies), from the first reserve until both proxies listen; then release.
+- inside a running flow: ``stream_session`` (the session's tasks) from entering the
+  ``with`` until the block runs, and its release when the block ends.
+- the ``open_stream`` and ``release_stream`` flow runs' own wall time (a flow run
+  carries Prefect's fixed per-run cost).
+- sequential remote round trips of each: every ``LocalGateway.call`` (the seam where
+  gateway functions run) is recorded with its start and end; calls that overlap in
+  time are one round trip. Counted, not assumed.
+- 50 and 200 streams opened at once on one gateway pair: time until all are open,
+  each one's setup time, release time, and the RSS / PSS of the proxy processes of
+  both gateways with them idle (per stream: above the figure with one stream open).
+
+``--quick`` takes a few minutes. Results: ``<out>/controlplane[-quick].{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import benchlib
+
+from prefect import flow  # noqa: E402 - benchlib sets Prefect's environment first
+
+from scistream_prefect import (  # noqa: E402
+    LocalGateway,
+    open_stream,
+    release_stream,
+    stream_session,
+)
+from scistream_proxy.leaks import proxy_pids  # noqa: E402
+
+IDLE_APP = ["127.0.0.1:9"]  # a hello needs the app's address; nothing connects to it here
+
+
+class CallRecorder:
+    """Records every ``LocalGateway.call`` (start, end, function) while active."""
+
+    def __init__(self):
+        self.calls: list[tuple[float, float, str]] = []
+        self._lock = threading.Lock()
+        self._original = None
+
+    def __enter__(self) -> CallRecorder:
+        original = self._original = LocalGateway.call
+        recorder = self
+
+        def call(gateway, function, request, timeout_s=None):
+            started = time.perf_counter()
+            try:
+                return original(gateway, function, request, timeout_s)
+            finally:
+                with recorder._lock:
+                    recorder.calls.append((started, time.perf_counter(), function))
+
+        LocalGateway.call = call
+        return self
+
+    def __exit__(self, *exc) -> None:
+        LocalGateway.call = self._original
+
+    def take(self) -> list[tuple[float, float, str]]:
+        with self._lock:
+            calls, self.calls = self.calls, []
+        return calls
+
+
+def round_trips(calls: list[tuple[float, float, str]]) -> list[list[str]]:
+    """Group calls into sequential round trips: a call that starts before every call
+    of the current group has ended runs concurrently with it, and joins it."""
+    groups: list[list[str]] = []
+    group_end = None
+    for start, end, function in sorted(calls):
+        if group_end is not None and start < group_end:
+            groups[-1].append(function)
+            group_end = max(group_end, end)
+        else:
+            groups.append([function])
+            group_end = end
+    return groups
+
+
+def sequence(groups: list[list[str]]) -> str:
+    return " → ".join(" ‖ ".join(sorted(g)) for g in groups)
+
+
+class TripCounter:
+    """Round-trip counts of repeated operations: {count: times seen} and each sequence."""
+
+    def __init__(self):
+        self.counts: dict[str, dict[int, int]] = {}
+        self.sequences: dict[str, dict[str, int]] = {}
+
+    def add(self, operation: str, calls) -> None:
+        groups = round_trips(calls)
+        by_count = self.counts.setdefault(operation, {})
+        by_count[len(groups)] = by_count.get(len(groups), 0) + 1
+        seqs = self.sequences.setdefault(operation, {})
+        seqs[sequence(groups)] = seqs.get(sequence(groups), 0) + 1
+
+    def result(self) -> dict:
+        return {op: {"round_trips": {str(k): v for k, v in sorted(counts.items())},
+                     "usual": max(counts, key=counts.get),
+                     "sequences": self.sequences[op]}
+                for op, counts in self.counts.items()}
+
+
+def direct_opens(producer, consumer, runs: int, recorder: CallRecorder,
+                 trips: TripCounter) -> dict:
+    opens, releases = [], []
+    for _ in range(runs):
+        recorder.take()
+        chain = benchlib.open_chain(producer, consumer, IDLE_APP)
+        opens.append(chain.seconds)
+        trips.add("open (direct calls)", recorder.take())
+        started = time.perf_counter()
+        chain.release()
+        releases.append(time.perf_counter() - started)
+        trips.add("release (direct calls)", recorder.take())
+    return {"open_s": benchlib.distribution(opens),
+            "release_s": benchlib.distribution(releases)}
+
+
+@flow(name="bench-controlplane-session")
+def session_runs(producer: LocalGateway, consumer: LocalGateway, runs: int) -> dict:
+    """``stream_session`` ``runs`` times inside this one running flow."""
+    recorder, trips = CallRecorder(), TripCounter()
+    enter, setup, leave = [], [], []
+    with recorder:
+        for _ in range(runs):
+            recorder.take()
+            started = time.perf_counter()
+            with stream_session(producer, consumer, num_conn=1, app_listeners=IDLE_APP) as s:
+                enter.append(time.perf_counter() - started)
+                setup.append(s.setup_s)
+                trips.add("stream_session open (tasks in a flow)", recorder.take())
+                ending = time.perf_counter()
+            leave.append(time.perf_counter() - ending)
+            trips.add("stream_session release (tasks in a flow)", recorder.take())
+    return {"enter_s": benchlib.distribution(enter),
+            "setup_s": benchlib.distribution(setup),
+            "release_s": benchlib.distribution(leave), "trips": trips.result()}
+
+
+def flow_runs(producer, consumer, runs: int, recorder: CallRecorder, trips: TripCounter) -> dict:
+    opens, releases = [], []
+    handle = open_stream(producer, consumer, num_conn=1, app_listeners=IDLE_APP)  # warm-up
+    release_stream(producer, consumer, handle.uid)
+    for _ in range(runs):
+        recorder.take()
+        started = time.perf_counter()
+        handle = open_stream(producer, consumer, num_conn=1, app_listeners=IDLE_APP)
+        opens.append(time.perf_counter() - started)
+        trips.add("open_stream flow run", recorder.take())
+        started = time.perf_counter()
+        release_stream(producer, consumer, handle.uid)
+        releases.append(time.perf_counter() - started)
+        trips.add("release_stream flow run", recorder.take())
+    return {"open_stream_s": benchlib.distribution(opens),
+            "release_stream_s": benchlib.distribution(releases)}
+
+
+def concurrent_streams(producer, consumer, counts: list[int], num_conn: int,
+                       root: Path) -> dict:
+    """Open each count of streams at once; memory of every proxy process of both
+    gateways with them idle, against the same with one stream."""
+
+    def memory() -> dict:
+        pids = benchlib.descendants(proxy_pids(under=root))
+        return {**benchlib.memory_kib(pids), "processes": len(pids)}
+
+    def open_one(_):
+        return benchlib.open_chain(producer, consumer, IDLE_APP * num_conn)
+
+    one = open_one(0)
+    time.sleep(0.5)
+    baseline = memory()
+    one.release()
+    out: dict = {"baseline_one_stream": baseline}
+    for count in counts:
+        started = time.perf_counter()
+        with ThreadPoolExecutor(count) as pool:
+            futures = [pool.submit(open_one, i) for i in range(count)]
+            chains, errors = [], []
+            for future in futures:
+                try:
+                    chains.append(future.result())
+                except Exception as exc:  # noqa: BLE001 - reported, the rest released
+                    errors.append(f"{type(exc).__name__}: {exc}")
+        all_open = time.perf_counter() - started
+        time.sleep(0.5)  # let every proxy settle into its idle state
+        mem = memory()
+        started = time.perf_counter()
+        with ThreadPoolExecutor(min(count, 32)) as pool:
+            list(pool.map(lambda c: c.release(), chains))
+        released = time.perf_counter() - started
+        extra = count - 1
+        per_stream = {key: (mem[key] - baseline[key]) / extra
+                      if extra and mem[key] is not None and baseline[key] is not None else None
+                      for key in ("rss_kib", "pss_kib")}
+        out[str(count)] = {
+            "opened": len(chains), "errors": errors[:5], "error_count": len(errors),
+            "all_open_s": all_open, "setup_s": benchlib.distribution([c.seconds for c in chains]),
+            "release_all_s": released, "memory": mem,
+            "per_stream_kib": per_stream,
+        }
+    return out
+
+
+def checks(result: dict) -> benchlib.Checks:
+    out = benchlib.Checks()
+    enter = result.get("session", {}).get("enter_s", {})
+    out.add_at_most("stream setup inside a running flow p50 <= 0.25 s", enter.get("p50"), 0.25,
+                    f"p50 {_fmt(enter.get('p50'), 3)} s over {enter.get('n', 0)} sessions")
+    counts = [int(k) for k in result.get("concurrent", {}) if k.isdigit()]
+    if counts:
+        top = result["concurrent"][str(max(counts))]
+        kib = top["per_stream_kib"]["rss_kib"]
+        mb = kib * 1024 / 1e6 if kib is not None else None
+        out.add_at_most(f"idle RSS per stream <= 12 MB ({result['config']['backend']})",
+                        mb, 12.0,
+                        f"{_fmt(mb)} MB per stream (both ends) with {max(counts)} idle streams")
+    else:
+        out.add_at_most("idle RSS per stream <= 12 MB", None, 12.0, "not run")
+    return out
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(result: dict, label_line: str) -> str:
+    lines = ["# Control plane benchmark", "", label_line, "",
+             f"Two local gateways on loopback, backend `{result['config']['backend']}`, "
+             f"{result['config']['workers']} worker processes each. Seconds. Method: "
+             "[docs/benchmarks.md](../../docs/benchmarks.md).", ""]
+    rows = []
+    for name, dist in result["timings"].items():
+        if dist.get("n"):
+            rows.append([name, dist["n"], *[_fmt(dist[k], 3)
+                                            for k in ("p50", "p90", "p99", "min", "max")]])
+    lines += [benchlib.markdown_table(["measure", "n", "p50", "p90", "p99", "min", "max"],
+                                      rows), ""]
+    rows = [[op, info["usual"], ", ".join(f"{k} × {v}" for k, v in info["round_trips"].items()),
+             "; ".join(info["sequences"])] for op, info in result["round_trips"].items()]
+    lines += ["Sequential remote round trips (calls at the gateway seam, overlapping ones "
+              "counted once):", "",
+              benchlib.markdown_table(["operation", "usual", "seen (count × runs)",
+                                       "sequence"], rows), ""]
+    concurrent = result.get("concurrent", {})
+    if concurrent:
+        base = concurrent["baseline_one_stream"]
+        lines += [f"Streams opened at once on one gateway pair ({result['config']['num_conn']} "
+                  "connection each); proxy memory of both gateways with them idle (one stream "
+                  f"open: RSS {base['rss_kib'] / 1024:.1f} MiB, {base['processes']} "
+                  "processes):", ""]
+        rows = []
+        for count, info in concurrent.items():
+            if not count.isdigit():
+                continue
+            mem, per = info["memory"], info["per_stream_kib"]
+            rows.append([count, f"{info['opened']}" + (f" ({info['error_count']} failed)"
+                                                       if info["error_count"] else ""),
+                         _fmt(info["all_open_s"]), _fmt(info["setup_s"].get("p50"), 3),
+                         _fmt(info["setup_s"].get("max"), 3), _fmt(info["release_all_s"]),
+                         f"{mem['rss_kib'] / 1024:.1f}",
+                         _fmt(mem["pss_kib"] / 1024 if mem["pss_kib"] is not None else None, 1),
+                         mem["processes"],
+                         _fmt(per["rss_kib"] * 1024 / 1e6 if per["rss_kib"] is not None
+                              else None)])
+        lines += [benchlib.markdown_table(
+            ["streams", "opened", "all open (s)", "setup p50", "setup max", "release all (s)",
+             "RSS MiB", "PSS MiB", "processes", "RSS per stream (MB)"], rows), ""]
+    lines += ["Targets:", "", benchlib.Checks(result["checks"]).markdown(), ""]
+    return "\n".join(lines)
+
+
+def run(args) -> dict:
+    result: dict = {
+        "bench": "controlplane", "quick": args.quick,
+        "config": {k: getattr(args, k) for k in ("open_runs", "session_runs", "flow_runs",
+                                                   "concurrent", "backend", "workers",
+                                                   "num_conn", "port_base")},
+        "machine": benchlib.machine(), "timings": {}, "round_trips": {},
+    }
+    started = time.monotonic()
+    biggest = max(args.concurrent, default=0) * args.num_conn
+    with tempfile.TemporaryDirectory(prefix="scistream-bench-controlplane-") as tmp:
+        root = Path(tmp)
+        producer, consumer = benchlib.gateway_pair("open", root, args.port_base, 20,
+                                                   backend=args.backend, workers=args.workers)
+        benchlib.warm_up(producer, consumer)
+        recorder, trips = CallRecorder(), TripCounter()
+        with recorder:
+            print(f"open/release with direct calls x{args.open_runs} ...", file=sys.stderr)
+            direct = direct_opens(producer, consumer, args.open_runs, recorder, trips)
+            if args.flow_runs:
+                print(f"open_stream/release_stream flow runs x{args.flow_runs} ...",
+                      file=sys.stderr)
+                flows = flow_runs(producer, consumer, args.flow_runs, recorder, trips)
+        result["timings"]["open, direct calls (reserve to both listening)"] = direct["open_s"]
+        result["timings"]["release, direct calls"] = direct["release_s"]
+        if args.session_runs:
+            print(f"stream_session inside a flow x{args.session_runs} ...", file=sys.stderr)
+            session = session_runs(producer, consumer, args.session_runs)
+            result["session"] = {k: v for k, v in session.items() if k != "trips"}
+            result["timings"]["stream_session open inside a flow (until the block runs)"] = \
+                session["enter_s"]
+            result["timings"]["  of which setup_s (first reserve to both listening)"] = \
+                session["setup_s"]
+            result["timings"]["stream_session release (block end to released)"] = \
+                session["release_s"]
+            result["round_trips"].update(session["trips"])
+        if args.flow_runs:
+            result["timings"]["open_stream flow run (wall)"] = flows["open_stream_s"]
+            result["timings"]["release_stream flow run (wall)"] = flows["release_stream_s"]
+        result["round_trips"].update(trips.result())
+        if args.concurrent:
+            print(f"concurrent streams {args.concurrent} ...", file=sys.stderr)
+            cproducer, cconsumer = benchlib.gateway_pair(
+                "many", root, args.port_base + 40, biggest + 10, backend=args.backend,
+                workers=args.workers)
+            benchlib.warm_up(cproducer, cconsumer)
+            result["concurrent"] = concurrent_streams(cproducer, cconsumer, args.concurrent,
+                                                      args.num_conn, root / "many")
+    result["checks"] = checks(result).items
+    result["seconds_total"] = round(time.monotonic() - started, 1)
+    return result
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="20 opens, 15 sessions, 2 flow runs (unless given)")
+    parser.add_argument("--open-runs", type=int, help="opens with direct calls (default 100)")
+    parser.add_argument("--session-runs", type=int,
+                        help="stream_session runs inside one flow (default 50)")
+    parser.add_argument("--flow-runs", type=int, help="open_stream flow runs (default 5)")
+    parser.add_argument("--concurrent", default="50,200",
+                        help="stream counts opened at once ('' to skip; default 50,200)")
+    parser.add_argument("--num-conn", type=int, default=1,
+                        help="connections per stream in the concurrent part")
+    parser.add_argument("--backend", default="native", help="S2DS backend (default native)")
+    parser.add_argument("--workers", type=int, default=4, help="worker processes per gateway")
+    parser.add_argument("--port-base", type=int, default=16200,
+                        help="the gateways' ports start here (40 + 2 x (largest count x "
+                        "num_conn + 10) ports)")
+    parser.add_argument("--out", type=Path, default=benchlib.RESULTS_DIR)
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args(argv)
+    defaults = {"open_runs": (100, 20), "session_runs": (50, 15), "flow_runs": (5, 2)}
+    for name, (full, quick) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    args.concurrent = [int(c) for c in args.concurrent.split(",") if c]
+    if args.open_runs < 1 or min(args.concurrent, default=2) < 2:
+        parser.error("--open-runs must be positive and --concurrent counts at least 2")
+    reason = benchlib.backend_skip_reason(args.backend)
+    if reason:
+        parser.error(f"backend {args.backend} cannot run here: {reason}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    stem = "controlplane-quick" if args.quick else "controlplane"
+    label_line = benchlib.run_label(args.quick, ["bench/controlplane.py",
+                                                 *(sys.argv[1:] if argv is None else argv)])
+    result["label"] = label_line
+    text = markdown(result, label_line)
+    files = [benchlib.write_json(args.out / f"{stem}.json", result),
+             benchlib.write_markdown(args.out / f"{stem}.md", text)]
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(text)
+        print("wrote", ", ".join(str(f) for f in files))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
