@@ -287,7 +287,7 @@ class IperfServer:
                 self.proc.stderr.close()
 
 
-def iperf3(address: str, conns: int, seconds: float, pids: Iterable[int] = ()) -> dict:
+def iperf3(address: str, conns: int, seconds: int, pids: Iterable[int] = ()) -> dict:
     """One iperf3 run of ``conns`` parallel connections to ``address`` (client sends).
 
     Returns Gbit/s received, bytes, the run's wall time, and the CPU share (100 = one

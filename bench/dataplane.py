@@ -267,7 +267,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="2 rounds of 2 s (unless --rounds/--seconds say otherwise)")
     parser.add_argument("--rounds", type=int, help="alternating rounds (default 5; quick 2)")
-    parser.add_argument("--seconds", type=float, help="iperf3 -t per run (default 5; quick 2)")
+    parser.add_argument("--seconds", type=int,
+                        help="iperf3 -t per run, whole seconds (default 5; quick 2)")
     parser.add_argument("--conns", default="1,4,64", help="iperf3 -P values (default 1,4,64)")
     parser.add_argument("--modes", default="tls,plain", help="tls, plain or both")
     parser.add_argument("--backends", default=",".join(ALL_BACKENDS),
@@ -280,7 +281,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (2 if args.quick else 5)
-    args.seconds = args.seconds or (2.0 if args.quick else 5.0)
+    args.seconds = args.seconds or (2 if args.quick else 5)
     args.conns = [int(c) for c in args.conns.split(",") if c]
     args.modes = [m for m in args.modes.split(",") if m]
     args.backends = [b for b in args.backends.split(",") if b]
