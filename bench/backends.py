@@ -15,54 +15,20 @@ images; backends that cannot run here are listed with the reason.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import secrets
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import benchlib
 from scistream_prefect import LocalGateway
 from scistream_prefect.cli import parse_size
 from scistream_proxy import apps
 from scistream_proxy.backends import BACKENDS
-
-
-def open_chain(producer, consumer, num_conn: int, app_listeners: list[str]) -> tuple[str, float]:
-    uid, key = str(uuid.uuid4()), secrets.token_urlsafe(16)
-    request = {"uid": uid, "num_conn": num_conn,
-               "key_sha256": hashlib.sha256(key.encode()).hexdigest()}
-    started = time.perf_counter()
-    with ThreadPoolExecutor(2) as pool:
-        prod_f = pool.submit(producer.call, "reserve", {**request, "role": "PROD"})
-        cons_f = pool.submit(consumer.call, "reserve", {**request, "role": "CONS"})
-        prod, cons = prod_f.result(), cons_f.result()
-        producer.call("hello", {"uid": uid, "key": key, "role": "PROD",
-                                "app_listeners": app_listeners})
-        futures = [
-            pool.submit(producer.call, "connect", {
-                "uid": uid, "remote_listeners": cons["listeners"],
-                "peer_certificate": cons["certificate"],
-                "peer_fingerprint": cons["cert_fingerprint"]}),
-            pool.submit(consumer.call, "connect", {
-                "uid": uid, "remote_listeners": prod["listeners"],
-                "peer_certificate": prod["certificate"],
-                "peer_fingerprint": prod["cert_fingerprint"]}),
-        ]
-        for future in futures:
-            future.result()
-    return uid, time.perf_counter() - started
-
-
-def release(producer, consumer, uid: str) -> None:
-    for gw in (producer, consumer):
-        gw.call("release", {"uid": uid})
 
 
 def bench_backend(name: str, root: Path, port_base: int, streams: int, rounds: int,
@@ -75,19 +41,19 @@ def bench_backend(name: str, root: Path, port_base: int, streams: int, rounds: i
     setups = []
     try:
         for _ in range(streams):
-            uid, seconds = open_chain(producer, consumer, num_conn, idle_listeners)
-            setups.append(seconds)
-            release(producer, consumer, uid)
+            chain = benchlib.open_chain(producer, consumer, idle_listeners, num_conn=num_conn)
+            setups.append(chain.seconds)
+            chain.release()
     finally:
         idle.kill()
         idle.wait()
     runs = []
     for _ in range(rounds):
         app, listeners = apps.start_producer(num_conn, total)
-        uid, _ = open_chain(producer, consumer, num_conn, listeners)
+        chain = benchlib.open_chain(producer, consumer, listeners, num_conn=num_conn)
         try:
             started = time.perf_counter()
-            out = subprocess.run([*apps.COMMAND, "consumer", *_listeners(consumer, uid)],
+            out = subprocess.run([*apps.COMMAND, "consumer", *chain.listeners],
                                  capture_output=True, text=True, check=True).stdout
             seconds = time.perf_counter() - started
             got = sum(c["bytes"] for c in apps.connection_results(out))
@@ -95,17 +61,13 @@ def bench_backend(name: str, root: Path, port_base: int, streams: int, rounds: i
                 raise RuntimeError(f"{name}: consumer got {got} of {total} bytes")
             runs.append(total * 8 / seconds / 1e9)
         finally:
-            release(producer, consumer, uid)
+            chain.release()
             app.wait(timeout=60)
     setups.sort()
     return {
         "setup_s": {"p50": statistics.median(setups), "max": setups[-1], "n": len(setups)},
         "throughput_gbit_s": statistics.median(runs), "runs": runs,
     }
-
-
-def _listeners(consumer, uid: str) -> list[str]:
-    return consumer.call("status", {"uid": uid})["listeners"]
 
 
 def main(argv: list[str] | None = None) -> int:

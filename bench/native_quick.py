@@ -16,77 +16,19 @@ this one is the native proxy's own quick loop. Needs iperf3.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import secrets
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import os
 import time
-import uuid
 from pathlib import Path
 
+import benchlib
 from scistream_prefect import LocalGateway
 from scistream_proxy.backends import BACKENDS
 from scistream_proxy.leaks import proxy_pids
-from scistream_proxy.native import parse_address
-from scistream_proxy.process import proc_stat
-
-
-def open_chain(producer, consumer, app_listeners: list[str], tls: bool) -> tuple[str, list]:
-    uid, key = str(uuid.uuid4()), secrets.token_urlsafe(16)
-    request = {"uid": uid, "num_conn": len(app_listeners),
-               "key_sha256": hashlib.sha256(key.encode()).hexdigest()}
-    prod = producer.call("reserve", {**request, "role": "PROD"})
-    cons = consumer.call("reserve", {**request, "role": "CONS"})
-    producer.call("hello", {"uid": uid, "key": key, "role": "PROD",
-                            "app_listeners": app_listeners})
-    for gw, peer in ((producer, cons), (consumer, prod)):
-        extra = ({"peer_certificate": peer["certificate"],
-                  "peer_fingerprint": peer["cert_fingerprint"]} if tls else {"tls": False})
-        gw.call("connect", {"uid": uid, "remote_listeners": peer["listeners"], **extra})
-    return uid, cons["listeners"]
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of ``pids`` so far."""
-    ticks = 0
-    for pid in pids:
-        stat = proc_stat(pid)
-        if stat is not None:
-            ticks += int(stat[11]) + int(stat[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def iperf3(address: str, conns: int, seconds: float, proxies: list[int]) -> tuple[float, float]:
-    """(Gbit/s received, proxy CPU seconds per GB moved)."""
-    host, port = parse_address(address)
-    for _ in range(40):  # the server finishes the previous test's teardown first
-        before = cpu_seconds(proxies)
-        out = subprocess.run(["iperf3", "-c", host, "-p", str(port), "-P", str(conns),
-                              "-t", str(seconds), "-J"], capture_output=True, text=True,
-                             timeout=seconds + 60)
-        used = cpu_seconds(proxies) - before
-        result = json.loads(out.stdout)
-        if "busy" not in result.get("error", ""):
-            break
-        time.sleep(0.25)
-    if "error" in result:
-        raise RuntimeError(f"iperf3 via {address}: {result['error']}")
-    received = result["end"]["sum_received"]
-    return received["bits_per_second"] / 1e9, used / (received["bytes"] / 1e9)
-
-
-def rss_kib(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1])
-    return total
 
 
 def idle_memory(root: Path, port_base: int, counts: list[int]) -> dict:
@@ -99,10 +41,10 @@ def idle_memory(root: Path, port_base: int, counts: list[int]) -> dict:
     try:
         for n in sorted(counts):
             while len(uids) < n:
-                uids.append(open_chain(producer, consumer, ["127.0.0.1:9"], True)[0])
+                uids.append(benchlib.open_chain(producer, consumer, ["127.0.0.1:9"]).uid)
             time.sleep(0.5)
             pids = proxy_pids(under=root)
-            found[n] = {"processes": len(pids), "rss_kib": rss_kib(pids)}
+            found[n] = {"processes": len(pids), "rss_kib": benchlib.memory_kib(pids)["rss_kib"]}
     finally:
         for uid in uids:
             for gw in (producer, consumer):
@@ -120,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conns", default="1,4,64")
     parser.add_argument("--modes", default="tls,plain")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=3)
+    parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--idle-streams", default="1,20",
                         help="stream counts for the memory figure ('' to skip)")
     parser.add_argument("--port-base", type=int, default=31000)
@@ -155,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
                 for tls in modes:
                     if not tls and not BACKENDS[name].supports_plain:
                         continue
-                    uid, listeners = open_chain(producer, consumer, [target], tls)
-                    opened.append((producer, consumer, uid))
-                    chains[f"{name}-{'tls' if tls else 'plain'}"] = listeners[0]
+                    chain = benchlib.open_chain(producer, consumer, [target], tls=tls)
+                    opened.append((producer, consumer, chain.uid))
+                    chains[f"{name}-{'tls' if tls else 'plain'}"] = chain.listeners[0]
                     roots[f"{name}-{'tls' if tls else 'plain'}"] = root / name
             proxies = {chain: proxy_pids(under=path) for chain, path in roots.items()}
             runs: dict = {(c, n): [] for c in chains for n in conns}
@@ -165,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                 for n in conns:
                     for chain, address in chains.items():
                         try:
-                            runs[(chain, n)].append(
-                                iperf3(address, n, args.seconds, proxies.get(chain, [])))
+                            measured = benchlib.iperf3(address, n, args.seconds,
+                                                       proxies.get(chain, []))
+                            runs[(chain, n)].append((measured["gbit_s"],
+                                                     measured["proxy_cpu_s_per_gb"] or 0.0))
                         except RuntimeError as exc:
                             results.setdefault("errors", []).append(f"{chain} x{n}: {exc}")
             for (chain, n), values in runs.items():
