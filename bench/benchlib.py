@@ -33,6 +33,7 @@ from scistream_proxy.leaks import port_is_free, proxy_pids  # noqa: E402
 from scistream_proxy.native import parse_address  # noqa: E402
 
 RESULTS_DIR = Path(__file__).parent / "results"
+README = Path(__file__).parent.parent / "README.md"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -437,6 +438,21 @@ def write_markdown(path: Path, text: str) -> Path:
     return path
 
 
+def update_readme(name: str, text: str, readme: Path = README) -> bool:
+    """Put ``text`` between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` in the
+    README (links made relative to the repository root); False if the markers are
+    missing."""
+    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    content = readme.read_text()
+    if begin not in content or end not in content:
+        return False
+    head, rest = content.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    text = text.replace("](../../", "](")
+    readme.write_text(f"{head}{begin}\n{text.strip()}\n{end}{tail}")
+    return True
+
+
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join("" if c is None else str(c) for c in row) + " |" for row in rows]
@@ -508,9 +524,13 @@ class Checks:
 
 def run_label(quick: bool, argv: list[str]) -> str:
     """The line every Markdown result starts with: when, how, and on what."""
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    loads = os.getloadavg()
+    load = ", ".join(f"{x:.2f}" for x in loads)
     kind = ("**quick run** (the `--quick` preset; few short rounds, figures are rough)"
             if quick else "full run")
+    busy = (" **The machine was busy** (load average above its CPU count: other work "
+            "shared the cores), so compare ratios within this run only."
+            if max(loads) > (os.cpu_count() or 1) else "")
     return (f"{kind}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-            f"{os.cpu_count()} CPUs, load average at the end {load}. "
+            f"{os.cpu_count()} CPUs, load average at the end {load}.{busy} "
             f"Command: `{' '.join(['.venv/bin/python', *argv])}`")

@@ -246,11 +246,12 @@ def _fmt(value, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def markdown(result: dict, label_line: str) -> str:
-    lines = ["# Control plane benchmark", "", label_line, "",
-             f"Two local gateways on loopback, backend `{result['config']['backend']}`, "
-             f"{result['config']['workers']} worker processes each. Seconds. Method: "
-             "[docs/benchmarks.md](../../docs/benchmarks.md).", ""]
+def markdown(result: dict, label_line: str, readme: bool = False) -> str:
+    lines = [] if readme else ["# Control plane benchmark", ""]
+    lines += [label_line, "",
+              f"Two local gateways on loopback, backend `{result['config']['backend']}`, "
+              f"{result['config']['workers']} worker processes each. Seconds. Method: "
+              "[docs/benchmarks.md](../../docs/benchmarks.md).", ""]
     rows = []
     for name, dist in result["timings"].items():
         if dist.get("n"):
@@ -365,6 +366,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "num_conn + 10) ports)")
     parser.add_argument("--out", type=Path, default=benchlib.RESULTS_DIR)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--update-readme", action="store_true",
+                        help="also put the tables in README.md")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="run nothing: write the Markdown of a saved result")
     args = parser.parse_args(argv)
     defaults = {"open_runs": (100, 20), "session_runs": (50, 15), "flow_runs": (5, 2)}
     for name, (full, quick) in defaults.items():
@@ -373,7 +378,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.concurrent = [int(c) for c in args.concurrent.split(",") if c]
     if args.open_runs < 1 or min(args.concurrent, default=2) < 2:
         parser.error("--open-runs must be positive and --concurrent counts at least 2")
-    reason = benchlib.backend_skip_reason(args.backend)
+    reason = None if args.render else benchlib.backend_skip_reason(args.backend)
     if reason:
         parser.error(f"backend {args.backend} cannot run here: {reason}")
     return args
@@ -381,14 +386,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = run(args)
-    stem = "controlplane-quick" if args.quick else "controlplane"
-    label_line = benchlib.run_label(args.quick, ["bench/controlplane.py",
-                                                 *(sys.argv[1:] if argv is None else argv)])
-    result["label"] = label_line
+    if args.render:
+        result = json.loads(args.render.read_text())
+        label_line = result["label"]
+    else:
+        result = run(args)
+        label_line = result["label"] = benchlib.run_label(
+            args.quick, ["bench/controlplane.py", *(sys.argv[1:] if argv is None else argv)])
+    stem = "controlplane-quick" if result["quick"] else "controlplane"
     text = markdown(result, label_line)
     files = [benchlib.write_json(args.out / f"{stem}.json", result),
              benchlib.write_markdown(args.out / f"{stem}.md", text)]
+    if args.update_readme and not benchlib.update_readme("controlplane",
+                                                         markdown(result, label_line, True)):
+        print("README.md has no <!-- bench:controlplane --> markers", file=sys.stderr)
     if args.json:
         print(json.dumps(result))
     else:

@@ -188,14 +188,16 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def markdown(result: dict, label_line: str) -> str:
+def markdown(result: dict, label_line: str, readme: bool = False) -> str:
+    """The result as Markdown; ``readme``: only the throughput and targets tables."""
     conns = result["config"]["conns"]
     res = result["results"]
     rounds = result["config"]["rounds"]
-    lines = ["# Data plane benchmark", "", label_line, "",
-             f"iperf3 for {result['config']['seconds']} s per run, median of {rounds} "
-             "alternating rounds; Gbit/s received (× direct from the same run). "
-             "Method: [docs/benchmarks.md](../../docs/benchmarks.md).", ""]
+    lines = [] if readme else ["# Data plane benchmark", ""]
+    lines += [label_line, "",
+              f"iperf3 for {result['config']['seconds']} s per run, median of {rounds} "
+              "alternating rounds; Gbit/s received (× direct from the same run). "
+              "Method: [docs/benchmarks.md](../../docs/benchmarks.md).", ""]
     rows = []
     for label, chain in result["chains"].items():
         cells = []
@@ -210,6 +212,10 @@ def markdown(result: dict, label_line: str) -> str:
         rows.append([label, chain.get("tls_suite") or "", *cells])
     lines += [benchlib.markdown_table(["chain", "TLS suite", *map(_conn_label, conns)], rows),
               ""]
+    if readme:
+        lines += ["Native proxy targets (ratios from this run):", "",
+                  benchlib.Checks(result["checks"]).markdown(), ""]
+        return "\n".join(lines)
     if result["native_vs"]:
         lines += ["Native ÷ each other backend (same mode, same run):", ""]
         rows = []
@@ -279,6 +285,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=benchlib.RESULTS_DIR,
                         help="directory of the result files (default bench/results)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--update-readme", action="store_true",
+                        help="also put the throughput and targets tables in README.md")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="run nothing: write the Markdown and plot of a saved result")
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (2 if args.quick else 5)
     args.seconds = args.seconds or (2 if args.quick else 5)
@@ -297,18 +307,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    missing = benchlib.iperf3_missing()
-    if missing:
-        print(f"dataplane: {missing}", file=sys.stderr)
-        return 2
-    result = run(args)
-    stem = "dataplane-quick" if args.quick else "dataplane"
-    label_line = benchlib.run_label(args.quick, ["bench/dataplane.py",
-                                                 *(sys.argv[1:] if argv is None else argv)])
-    result["label"] = label_line
+    if args.render:
+        result = json.loads(args.render.read_text())
+        label_line = result["label"]
+    else:
+        missing = benchlib.iperf3_missing()
+        if missing:
+            print(f"dataplane: {missing}", file=sys.stderr)
+            return 2
+        result = run(args)
+        label_line = result["label"] = benchlib.run_label(
+            args.quick, ["bench/dataplane.py", *(sys.argv[1:] if argv is None else argv)])
+    stem = "dataplane-quick" if result["quick"] else "dataplane"
     files = [benchlib.write_json(args.out / f"{stem}.json", result),
              benchlib.write_markdown(args.out / f"{stem}.md", markdown(result, label_line)),
              plot(result, args.out / f"{stem}.png")]
+    if args.update_readme and not benchlib.update_readme("dataplane",
+                                                         markdown(result, label_line, True)):
+        print("README.md has no <!-- bench:dataplane --> markers", file=sys.stderr)
     if args.json:
         print(json.dumps(result))
     else:
