@@ -65,6 +65,24 @@ def test_dataplane_bench_measures_every_chain_against_direct(gateway_root):
     png = out / "dataplane.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # A saved result renders again to the same tables, without running anything.
+    again = _run(gateway_root, "--render", str(out / "dataplane.json"), "--out",
+                 str(gateway_root / "again"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (gateway_root / "again" / "dataplane.md").read_text() == table
+
+
+def test_update_readme_replaces_only_between_its_markers(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    import benchlib
+
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:dataplane -->\nold\n<!-- /bench:dataplane -->\nrest\n")
+    assert benchlib.update_readme("dataplane", "new [m](../../docs/benchmarks.md)\n", readme)
+    assert readme.read_text() == ("intro\n<!-- bench:dataplane -->\nnew [m](docs/benchmarks.md)"
+                                  "\n<!-- /bench:dataplane -->\nrest\n")
+    assert not benchlib.update_readme("controlplane", "x", readme)
+
 
 def test_dataplane_bench_refuses_an_unknown_backend(tmp_path):
     proc = _run(tmp_path, "--backends", "native,squid")
