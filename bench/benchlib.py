@@ -118,6 +118,20 @@ def release(producer, consumer, uid: str) -> None:
             future.result()
 
 
+def stop_leftovers(root: Path) -> list[int]:
+    """Kill (by pid) every proxy process still working below ``root``, which only a run
+    that failed halfway leaves; return their pids so the run can say so."""
+    import signal
+
+    left = proxy_pids(under=root)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left
+
+
 def container_reach_reason() -> str | None:
     """Why host-networked containers cannot be reached from here: the Docker engine
     runs in another network namespace than this process (``unshare --net``)."""

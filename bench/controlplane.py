@@ -290,6 +290,8 @@ def markdown(result: dict, label_line: str, readme: bool = False) -> str:
             ["streams", "opened", "all open (s)", "setup p50", "setup max", "release all (s)",
              "RSS MiB", "PSS MiB", "processes", "RSS per stream (MB)"], rows), ""]
     lines += ["Targets:", "", benchlib.Checks(result["checks"]).markdown(), ""]
+    if result.get("errors"):
+        lines += ["Errors: " + "; ".join(result["errors"]), ""]
     return "\n".join(lines)
 
 
@@ -299,51 +301,59 @@ def run(args) -> dict:
         "config": {k: getattr(args, k) for k in ("open_runs", "session_runs", "flow_runs",
                                                    "concurrent", "backend", "workers",
                                                    "num_conn", "port_base")},
-        "machine": benchlib.machine(), "timings": {}, "round_trips": {},
+        "machine": benchlib.machine(), "timings": {}, "round_trips": {}, "errors": [],
     }
     started = time.monotonic()
-    biggest = max(args.concurrent, default=0) * args.num_conn
     with tempfile.TemporaryDirectory(prefix="scistream-bench-controlplane-") as tmp:
-        root = Path(tmp)
-        producer, consumer = benchlib.gateway_pair("open", root, args.port_base, 20,
-                                                   backend=args.backend, workers=args.workers)
-        benchlib.warm_up(producer, consumer)
-        recorder, trips = CallRecorder(), TripCounter()
-        with recorder:
-            print(f"open/release with direct calls x{args.open_runs} ...", file=sys.stderr)
-            direct = direct_opens(producer, consumer, args.open_runs, recorder, trips)
-            if args.flow_runs:
-                print(f"open_stream/release_stream flow runs x{args.flow_runs} ...",
-                      file=sys.stderr)
-                flows = flow_runs(producer, consumer, args.flow_runs, recorder, trips)
-        result["timings"]["open, direct calls (reserve to both listening)"] = direct["open_s"]
-        result["timings"]["release, direct calls"] = direct["release_s"]
-        if args.session_runs:
-            print(f"stream_session inside a flow x{args.session_runs} ...", file=sys.stderr)
-            session = session_runs(producer, consumer, args.session_runs)
-            result["session"] = {k: v for k, v in session.items() if k != "trips"}
-            result["timings"]["stream_session open inside a flow (until the block runs)"] = \
-                session["enter_s"]
-            result["timings"]["  of which setup_s (first reserve to both listening)"] = \
-                session["setup_s"]
-            result["timings"]["stream_session release (block end to released)"] = \
-                session["release_s"]
-            result["round_trips"].update(session["trips"])
-        if args.flow_runs:
-            result["timings"]["open_stream flow run (wall)"] = flows["open_stream_s"]
-            result["timings"]["release_stream flow run (wall)"] = flows["release_stream_s"]
-        result["round_trips"].update(trips.result())
-        if args.concurrent:
-            print(f"concurrent streams {args.concurrent} ...", file=sys.stderr)
-            cproducer, cconsumer = benchlib.gateway_pair(
-                "many", root, args.port_base + 40, biggest + 10, backend=args.backend,
-                workers=args.workers)
-            benchlib.warm_up(cproducer, cconsumer)
-            result["concurrent"] = concurrent_streams(cproducer, cconsumer, args.concurrent,
-                                                      args.num_conn, root / "many")
+        try:
+            measure(args, Path(tmp), result)
+        finally:
+            left = benchlib.stop_leftovers(Path(tmp))
+            if left:
+                result["errors"].append(f"proxy processes left after release, killed: {left}")
     result["checks"] = checks(result).items
     result["seconds_total"] = round(time.monotonic() - started, 1)
     return result
+
+
+def measure(args, root: Path, result: dict) -> None:
+    biggest = max(args.concurrent, default=0) * args.num_conn
+    producer, consumer = benchlib.gateway_pair("open", root, args.port_base, 20,
+                                               backend=args.backend, workers=args.workers)
+    benchlib.warm_up(producer, consumer)
+    recorder, trips = CallRecorder(), TripCounter()
+    with recorder:
+        print(f"open/release with direct calls x{args.open_runs} ...", file=sys.stderr)
+        direct = direct_opens(producer, consumer, args.open_runs, recorder, trips)
+        if args.flow_runs:
+            print(f"open_stream/release_stream flow runs x{args.flow_runs} ...",
+                  file=sys.stderr)
+            flows = flow_runs(producer, consumer, args.flow_runs, recorder, trips)
+    result["timings"]["open, direct calls (reserve to both listening)"] = direct["open_s"]
+    result["timings"]["release, direct calls"] = direct["release_s"]
+    if args.session_runs:
+        print(f"stream_session inside a flow x{args.session_runs} ...", file=sys.stderr)
+        session = session_runs(producer, consumer, args.session_runs)
+        result["session"] = {k: v for k, v in session.items() if k != "trips"}
+        result["timings"]["stream_session open inside a flow (until the block runs)"] = \
+            session["enter_s"]
+        result["timings"]["  of which setup_s (first reserve to both listening)"] = \
+            session["setup_s"]
+        result["timings"]["stream_session release (block end to released)"] = \
+            session["release_s"]
+        result["round_trips"].update(session["trips"])
+    if args.flow_runs:
+        result["timings"]["open_stream flow run (wall)"] = flows["open_stream_s"]
+        result["timings"]["release_stream flow run (wall)"] = flows["release_stream_s"]
+    result["round_trips"].update(trips.result())
+    if args.concurrent:
+        print(f"concurrent streams {args.concurrent} ...", file=sys.stderr)
+        cproducer, cconsumer = benchlib.gateway_pair(
+            "many", root, args.port_base + 40, biggest + 10, backend=args.backend,
+            workers=args.workers)
+        benchlib.warm_up(cproducer, cconsumer)
+        result["concurrent"] = concurrent_streams(cproducer, cconsumer, args.concurrent,
+                                                  args.num_conn, root / "many")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

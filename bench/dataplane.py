@@ -39,13 +39,12 @@ def _conn_label(n: int) -> str:
     return f"{n} conn" if n == 1 else f"{n} conns"
 
 
-def open_chains(args, root: Path, target: str, result: dict) -> tuple[dict, list]:
-    """One stream per usable backend and mode, to ``target``."""
+def open_chains(args, root: Path, target: str, result: dict, opened: list) -> dict:
+    """One stream per usable backend and mode, to ``target``; each goes on ``opened``."""
     from scistream_proxy.backends import BACKENDS
     from scistream_proxy.native import OPENSSL_CONF_FILE
 
     chains = {"direct": {"backend": "direct", "mode": "-", "address": target, "pids": []}}
-    opened = []
     for index, name in enumerate(args.backends):
         reason = benchlib.backend_skip_reason(name)
         if reason:
@@ -69,7 +68,7 @@ def open_chains(args, root: Path, target: str, result: dict) -> tuple[dict, list
             if mode == "tls":
                 chains[label]["tls_suite"] = benchlib.tls_suite(
                     chain.prod["listeners"][0], OPENSSL_CONF_FILE if name == "native" else None)
-    return chains, opened
+    return chains
 
 
 def run(args) -> dict:
@@ -86,7 +85,7 @@ def run(args) -> dict:
             benchlib.IperfServer(args.port_base) as server:
         opened: list = []
         try:
-            chains, opened = open_chains(args, Path(tmp), server.address, result)
+            chains = open_chains(args, Path(tmp), server.address, result, opened)
             configs = [(label, n) for n in args.conns for label in chains]
 
             def one(config, index):
@@ -105,6 +104,9 @@ def run(args) -> dict:
         finally:
             for chain in opened:
                 chain.release()
+            left = benchlib.stop_leftovers(Path(tmp))
+            if left:
+                result["errors"].append(f"proxy processes left after release, killed: {left}")
     result["chains"] = {label: {k: v for k, v in chain.items() if k not in ("address", "pids")}
                         | {"processes": len(chain["pids"])} for label, chain in chains.items()}
     summarize(result, runs, args.conns)
