@@ -21,7 +21,7 @@ Measured, each as a distribution (n, p50, p90, p99, min, max):
   each one's setup time, release time, and the RSS / PSS of the proxy processes of
   both gateways with them idle (per stream: above the figure with one stream open).
 
-``--quick`` takes a few minutes. Results: ``<out>/controlplane[-quick].{json,md}``.
+``--quick`` takes one or two minutes. Results: ``<out>/controlplane[-quick].{json,md}``.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ ends together) and peak RSS / PSS during the runs, and the TLS suite the produce
 listener picks. Container backends need a Docker engine whose host network is this
 process's; otherwise they are listed as skipped with the reason.
 
-``--quick`` (2 rounds of 2 s) takes about five minutes on two cores; the figures of a
+``--quick`` (2 rounds of 2 s) takes about three minutes on two cores; the figures of a
 quick run on a shared machine are rough. Results: ``<out>/dataplane[-quick].{json,md,png}``.
 """
 
