@@ -11,7 +11,8 @@ Measured, each as a distribution (n, p50, p90, p99, min, max):
   gateway functions (Globus Compute serializer, worker processes, SQLite, real
   proxies), from the first reserve until both proxies listen; then release.
 - inside a running flow: ``stream_session`` (the session's tasks) from entering the
-  ``with`` until the block runs, and its release when the block ends.
+  ``with`` until the block runs, and its release when the block ends. Direct opens
+  and sessions alternate (A B A B) inside one flow run.
 - the ``open_stream`` and ``release_stream`` flow runs' own wall time (a flow run
   carries Prefect's fixed per-run cost).
 - sequential remote round trips of each: every ``LocalGateway.call`` (the seam where
@@ -122,41 +123,41 @@ class TripCounter:
                 for op, counts in self.counts.items()}
 
 
-def direct_opens(producer, consumer, runs: int, recorder: CallRecorder,
-                 trips: TripCounter) -> dict:
-    opens, releases = [], []
-    for _ in range(runs):
-        recorder.take()
-        chain = benchlib.open_chain(producer, consumer, IDLE_APP)
-        opens.append(chain.seconds)
-        trips.add("open (direct calls)", recorder.take())
-        started = time.perf_counter()
-        chain.release()
-        releases.append(time.perf_counter() - started)
-        trips.add("release (direct calls)", recorder.take())
-    return {"open_s": benchlib.distribution(opens),
-            "release_s": benchlib.distribution(releases)}
-
-
-@flow(name="bench-controlplane-session")
-def session_runs(producer: LocalGateway, consumer: LocalGateway, runs: int) -> dict:
-    """``stream_session`` ``runs`` times inside this one running flow."""
+@flow(name="bench-controlplane-opens")
+def alternating_opens(producer: LocalGateway, consumer: LocalGateway, open_runs: int,
+                      session_runs: int) -> dict:
+    """Inside this one running flow, alternately (A B A B ...): a stream opened and
+    released with direct calls, and a ``stream_session`` (the session's tasks), until
+    each has run its count."""
     recorder, trips = CallRecorder(), TripCounter()
-    enter, setup, leave = [], [], []
+    opens, releases, enter, setup, leave = [], [], [], [], []
     with recorder:
-        for _ in range(runs):
-            recorder.take()
-            started = time.perf_counter()
-            with stream_session(producer, consumer, num_conn=1, app_listeners=IDLE_APP) as s:
-                enter.append(time.perf_counter() - started)
-                setup.append(s.setup_s)
-                trips.add("stream_session open (tasks in a flow)", recorder.take())
-                ending = time.perf_counter()
-            leave.append(time.perf_counter() - ending)
-            trips.add("stream_session release (tasks in a flow)", recorder.take())
-    return {"enter_s": benchlib.distribution(enter),
+        for index in range(max(open_runs, session_runs)):
+            if index < open_runs:
+                recorder.take()
+                chain = benchlib.open_chain(producer, consumer, IDLE_APP)
+                opens.append(chain.seconds)
+                trips.add("open (direct calls)", recorder.take())
+                started = time.perf_counter()
+                chain.release()
+                releases.append(time.perf_counter() - started)
+                trips.add("release (direct calls)", recorder.take())
+            if index < session_runs:
+                recorder.take()
+                started = time.perf_counter()
+                with stream_session(producer, consumer, num_conn=1,
+                                    app_listeners=IDLE_APP) as handle:
+                    enter.append(time.perf_counter() - started)
+                    setup.append(handle.setup_s)
+                    trips.add("stream_session open (tasks in a flow)", recorder.take())
+                    ending = time.perf_counter()
+                leave.append(time.perf_counter() - ending)
+                trips.add("stream_session release (tasks in a flow)", recorder.take())
+    return {"open_s": benchlib.distribution(opens),
+            "release_s": benchlib.distribution(releases),
+            "enter_s": benchlib.distribution(enter),
             "setup_s": benchlib.distribution(setup),
-            "release_s": benchlib.distribution(leave), "trips": trips.result()}
+            "session_release_s": benchlib.distribution(leave), "trips": trips.result()}
 
 
 def flow_runs(producer, consumer, runs: int, recorder: CallRecorder, trips: TripCounter) -> dict:
@@ -321,31 +322,26 @@ def measure(args, root: Path, result: dict) -> None:
     producer, consumer = benchlib.gateway_pair("open", root, args.port_base, 20,
                                                backend=args.backend, workers=args.workers)
     benchlib.warm_up(producer, consumer)
-    recorder, trips = CallRecorder(), TripCounter()
-    with recorder:
-        print(f"open/release with direct calls x{args.open_runs} ...", file=sys.stderr)
-        direct = direct_opens(producer, consumer, args.open_runs, recorder, trips)
-        if args.flow_runs:
-            print(f"open_stream/release_stream flow runs x{args.flow_runs} ...",
-                  file=sys.stderr)
-            flows = flow_runs(producer, consumer, args.flow_runs, recorder, trips)
-    result["timings"]["open, direct calls (reserve to both listening)"] = direct["open_s"]
-    result["timings"]["release, direct calls"] = direct["release_s"]
-    if args.session_runs:
-        print(f"stream_session inside a flow x{args.session_runs} ...", file=sys.stderr)
-        session = session_runs(producer, consumer, args.session_runs)
-        result["session"] = {k: v for k, v in session.items() if k != "trips"}
-        result["timings"]["stream_session open inside a flow (until the block runs)"] = \
-            session["enter_s"]
-        result["timings"]["  of which setup_s (first reserve to both listening)"] = \
-            session["setup_s"]
-        result["timings"]["stream_session release (block end to released)"] = \
-            session["release_s"]
-        result["round_trips"].update(session["trips"])
+    print(f"alternately: open/release with direct calls x{args.open_runs}, "
+          f"stream_session x{args.session_runs}, inside one flow ...", file=sys.stderr)
+    opens = alternating_opens(producer, consumer, args.open_runs, args.session_runs)
+    timings = result["timings"]
+    timings["open, direct calls (reserve to both listening)"] = opens["open_s"]
+    timings["release, direct calls"] = opens["release_s"]
+    timings["stream_session open inside a flow (until the block runs)"] = opens["enter_s"]
+    timings["  of which setup_s (first reserve to both listening)"] = opens["setup_s"]
+    timings["stream_session release (block end to released)"] = opens["session_release_s"]
+    result["session"] = {"enter_s": opens["enter_s"], "setup_s": opens["setup_s"],
+                         "release_s": opens["session_release_s"]}
+    result["round_trips"].update(opens["trips"])
     if args.flow_runs:
-        result["timings"]["open_stream flow run (wall)"] = flows["open_stream_s"]
-        result["timings"]["release_stream flow run (wall)"] = flows["release_stream_s"]
-    result["round_trips"].update(trips.result())
+        print(f"open_stream/release_stream flow runs x{args.flow_runs} ...", file=sys.stderr)
+        recorder, trips = CallRecorder(), TripCounter()
+        with recorder:
+            flows = flow_runs(producer, consumer, args.flow_runs, recorder, trips)
+        timings["open_stream flow run (wall)"] = flows["open_stream_s"]
+        timings["release_stream flow run (wall)"] = flows["release_stream_s"]
+        result["round_trips"].update(trips.result())
     if args.concurrent:
         print(f"concurrent streams {args.concurrent} ...", file=sys.stderr)
         cproducer, cconsumer = benchlib.gateway_pair(
@@ -386,8 +382,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
     args.concurrent = [int(c) for c in args.concurrent.split(",") if c]
-    if args.open_runs < 1 or min(args.concurrent, default=2) < 2:
-        parser.error("--open-runs must be positive and --concurrent counts at least 2")
+    if args.open_runs < 1 or args.session_runs < 0 or args.flow_runs < 0 \
+            or min(args.concurrent, default=2) < 2:
+        parser.error("--open-runs must be positive, --session-runs and --flow-runs not "
+                     "negative, --concurrent counts at least 2")
     reason = None if args.render else benchlib.backend_skip_reason(args.backend)
     if reason:
         parser.error(f"backend {args.backend} cannot run here: {reason}")
