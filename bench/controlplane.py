@@ -130,7 +130,7 @@ def alternating_opens(producer: LocalGateway, consumer: LocalGateway, open_runs:
     released with direct calls, and a ``stream_session`` (the session's tasks), until
     each has run its count."""
     recorder, trips = CallRecorder(), TripCounter()
-    opens, releases, enter, setup, leave = [], [], [], [], []
+    opens, releases, enter, setup, leave, leave_calls = [], [], [], [], [], []
     with recorder:
         for index in range(max(open_runs, session_runs)):
             if index < open_runs:
@@ -152,12 +152,17 @@ def alternating_opens(producer: LocalGateway, consumer: LocalGateway, open_runs:
                     trips.add("stream_session open (tasks in a flow)", recorder.take())
                     ending = time.perf_counter()
                 leave.append(time.perf_counter() - ending)
-                trips.add("stream_session release (tasks in a flow)", recorder.take())
+                calls = recorder.take()
+                if calls:
+                    leave_calls.append(max(c[1] for c in calls) - min(c[0] for c in calls))
+                trips.add("stream_session release (tasks in a flow)", calls)
     return {"open_s": benchlib.distribution(opens),
             "release_s": benchlib.distribution(releases),
             "enter_s": benchlib.distribution(enter),
             "setup_s": benchlib.distribution(setup),
-            "session_release_s": benchlib.distribution(leave), "trips": trips.result()}
+            "session_release_s": benchlib.distribution(leave),
+            "session_release_calls_s": benchlib.distribution(leave_calls),
+            "trips": trips.result()}
 
 
 def flow_runs(producer, consumer, runs: int, recorder: CallRecorder, trips: TripCounter) -> dict:
@@ -331,6 +336,8 @@ def measure(args, root: Path, result: dict) -> None:
     timings["stream_session open inside a flow (until the block runs)"] = opens["enter_s"]
     timings["  of which setup_s (first reserve to both listening)"] = opens["setup_s"]
     timings["stream_session release (block end to released)"] = opens["session_release_s"]
+    timings["  of which the release calls (first start to last end)"] = \
+        opens["session_release_calls_s"]
     result["session"] = {"enter_s": opens["enter_s"], "setup_s": opens["setup_s"],
                          "release_s": opens["session_release_s"]}
     result["round_trips"].update(opens["trips"])
