@@ -255,6 +255,8 @@ class LocalGateway(Block):
         """Run gateway function ``function`` on ``request``; raise its error, if any."""
         from scistream_gateway.functions import ALL
 
+        if function not in ALL:  # as GlobusComputeGateway.submit says it
+            raise BadFormat(f"no gateway function {function!r:.80}; known: {sorted(ALL)}")
         serializer = make_serializer()
         try:
             payload = serializer.pack_buffers([
