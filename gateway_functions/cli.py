@@ -173,8 +173,9 @@ def _cmd_register(args: argparse.Namespace) -> int:
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(text)
-        except OSError as exc:
-            raise BadFormat(f"cannot write --output {out}: {exc.strerror}") from None
+        except (OSError, ValueError) as exc:
+            raise BadFormat(f"cannot write --output {out}: "
+                            f"{getattr(exc, 'strerror', None) or exc}") from None
         print(f"wrote {out}", file=sys.stderr)
     for name, fid in ids.items():
         print(f"{name:13} {fid}")
@@ -201,8 +202,9 @@ def _cmd_render(args: argparse.Namespace) -> int:
         for name, text in files.items():
             (out / name).write_text(text)
             print(f"wrote {out / name}", file=sys.stderr)
-    except OSError as exc:
-        raise BadFormat(f"cannot write to --output-dir {out}: {exc.strerror}") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        raise BadFormat(f"cannot write to --output-dir {out}: "
+                        f"{getattr(exc, 'strerror', None) or exc}") from None
     return 0
 
 
@@ -248,6 +250,7 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.print_usage(sys.stderr)
+        message = " ".join(message.splitlines())  # one line, whatever the argument held
         print(f"{self.prog}: BAD_FORMAT: {message}", file=sys.stderr)
         sys.exit(2)
 
@@ -314,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     if debug:
         traceback.print_exc()
     sys.stdout.flush()
-    text = str(error).replace("\n", " ")
+    text = " ".join(str(error).splitlines())  # one line, whatever the message held
     print(f"scistream-gateway {args.command}: {text}", file=sys.stderr, flush=True)
     return 2
 

@@ -52,7 +52,7 @@ class GatewaySettings:
         """Read and check a settings file; a broken file is a ``SERVER_ERR`` naming the key."""
         try:
             table = tomllib.loads(Path(path).read_text()).get("gateway")
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # TOMLDecodeError is a ValueError; so is a NUL
             raise ServerError(f"gateway settings {path}: {exc}") from None
         if not isinstance(table, dict):
             raise ServerError(f"gateway settings {path}: no [gateway] table")

@@ -84,6 +84,7 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.print_usage(sys.stderr)
+        message = " ".join(message.splitlines())  # one line, whatever the argument held
         print(f"{self.prog}: BAD_FORMAT: {message}", file=sys.stderr)
         sys.exit(2)
 
@@ -425,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     # shutdown of its temporary server at exit).
     logging.disable(logging.CRITICAL)
     sys.stdout.flush()
-    text = str(error).replace("\n", " ")
+    text = " ".join(str(error).splitlines())  # one line, whatever the message held
     print(f"scistream {args.command}: {text}", file=sys.stderr, flush=True)
     return 2
 

@@ -264,7 +264,7 @@ class LocalGateway(Block):
                 serializer.serialize((request,)),
                 serializer.serialize({}),
             ])
-        except SerializationError as exc:
+        except (SerializationError, TypeError, ValueError, RecursionError) as exc:
             raise BadFormat(f"{function} request does not serialize: {exc}") from None
         timeout = self.call_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
