@@ -310,12 +310,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except SciStreamError as exc:
-        error = exc
+        error, trace = exc, traceback.format_exc()
     except Exception as exc:  # noqa: BLE001 - a bug or a broken host: still a coded line
         error = ServerError(f"unexpected {type(exc).__name__}: {exc}"
                             + ("" if debug else f" (run with {DEBUG_ENV}=1 for the traceback)"))
+        trace = traceback.format_exc()
     if debug:
-        traceback.print_exc()
+        print(trace, file=sys.stderr, end="")
     sys.stdout.flush()
     text = " ".join(str(error).splitlines())  # one line, whatever the message held
     print(f"scistream-gateway {args.command}: {text}", file=sys.stderr, flush=True)

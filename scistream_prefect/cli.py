@@ -416,12 +416,13 @@ def main(argv: list[str] | None = None) -> int:
             _console_without_tracebacks()
         return args.handler(args)
     except SciStreamError as exc:  # expected failures: a message with its code, no traceback
-        error = exc
+        error, trace = exc, traceback.format_exc()
     except Exception as exc:  # noqa: BLE001 - a bug or a broken environment: still coded
         error = ServerError(f"unexpected {type(exc).__name__}: {exc}"
                             + ("" if debug else f" (run with {DEBUG_ENV}=1 for the traceback)"))
+        trace = traceback.format_exc()
     if debug:
-        traceback.print_exc()
+        print(trace, file=sys.stderr, end="")
     # The verdict is the last line: nothing is logged after it (Prefect would log the
     # shutdown of its temporary server at exit).
     logging.disable(logging.CRITICAL)
