@@ -39,7 +39,12 @@ log = logging.getLogger("scistream_prefect")
 
 # Kept under these names for callers of the first version.
 _remember, _forget = remember_stream, forget_stream
-release_session_streams = release_run_streams
+
+
+def release_session_streams(flow, flow_run, state) -> None:
+    """Flow hook (``on_cancellation``, ``on_crashed``): release every stream a session of
+    ``flow_run`` left open; see :func:`scistream_prefect.recovery.release_run_streams`."""
+    release_run_streams(flow, flow_run, state)
 
 
 class _LeaseRenewer(threading.Thread):

@@ -150,10 +150,10 @@ def test_concurrent_tls_streams_carry_every_byte_and_leave_nothing(gateway_root)
     need = STREAMS * NUM_CONN * 4 + 1000  # sockets of the apps, the relays inherit it
     if soft < need:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
-    producer = LocalGateway.create("load-prod", gateway_root / "load-prod",
-                                   port_range=PROD_PORTS, workers=SETUP_THREADS // 2)
-    consumer = LocalGateway.create("load-cons", gateway_root / "load-cons",
-                                   port_range=CONS_PORTS, workers=SETUP_THREADS // 2)
+    producer, consumer = (
+        LocalGateway.create(name, gateway_root / name, port_range=ports).model_copy(
+            update={"workers": SETUP_THREADS // 2})
+        for name, ports in (("load-prod", PROD_PORTS), ("load-cons", CONS_PORTS)))
     app_sockets = []
     for _ in range(STREAMS):
         socks = []
