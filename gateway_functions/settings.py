@@ -66,7 +66,9 @@ class GatewaySettings:
                 values["port_min"], values["port_max"] = (int(p) for p in values.pop("port_range"))
             values["state_dir"] = Path(values["state_dir"]).expanduser()
             settings = cls(**values)
-        except (KeyError, TypeError, ValueError) as exc:
+        except KeyError as exc:
+            raise ServerError(f"gateway settings {path}: missing key {exc}") from None
+        except (TypeError, ValueError) as exc:
             raise ServerError(f"gateway settings {path}: {exc}") from None
         settings._check(path)
         return settings
