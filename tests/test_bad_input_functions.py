@@ -219,3 +219,21 @@ def test_a_task_refuses_a_bad_argument_and_changes_nothing(world, data):
     before = dump_state(world.state_dir)
     refused(lambda: task(**arguments))
     assert dump_state(world.state_dir) == before
+
+
+def test_a_refusal_is_not_retried_but_an_outage_may_be(world):
+    """The read-only tasks retry (twice, a second apart) only what may pass."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Failed
+
+    from scistream_gateway.errors import InvalidUid, Unavailable
+    from scistream_prefect.tasks.streams import retry_if_transient
+
+    assert retry_if_transient(None, None, Failed(data=Unavailable("state busy")))
+    assert retry_if_transient(None, None, Failed(data=OSError("connection reset")))
+    assert not retry_if_transient(None, None, Failed(data=InvalidUid("no such stream")))
+    state = tasks.get_stream_status(world.gateway, str(uuid.uuid4()), return_state=True)
+    assert state.is_failed()
+    with get_client(sync_client=True) as client:
+        run = client.read_task_run(state.state_details.task_run_id)
+    assert run.run_count == 1  # INVALID_UID: not retried

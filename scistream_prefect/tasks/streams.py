@@ -65,15 +65,16 @@ def _seconds(field: str, value: object, positive: bool = False) -> float:
 
 def retry_if_transient(task, task_run, state) -> bool:
     """Retry condition of the read-only tasks: not a refusal (bad input, no such uid)."""
-    try:
-        state.result()
-    except (Unavailable, Timeout):
+    error = state.data  # the engine's Failed state carries the exception
+    if not isinstance(error, BaseException):
+        try:
+            state.result()
+            return False
+        except BaseException as exc:  # noqa: BLE001 - classified below
+            error = exc
+    if isinstance(error, (Unavailable, Timeout)):
         return True
-    except SciStreamError:
-        return False
-    except Exception:  # noqa: BLE001 - a transport failure may pass
-        return True
-    return False
+    return not isinstance(error, SciStreamError)  # a transport failure may pass
 
 
 @task(name="reserve-gateway-ports", cache_policy=NO_CACHE)
