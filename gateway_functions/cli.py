@@ -11,7 +11,10 @@ Runs on the gateway node, needs no Prefect::
 Globus Compute SDK (interactive login, or a confidential client from
 ``GLOBUS_COMPUTE_CLIENT_ID`` / ``GLOBUS_COMPUTE_CLIENT_SECRET``) and writes a flat JSON
 object, function name -> UUID, that ``render-config`` and the client's
-``GlobusComputeGateway`` read. Exit codes: 0 ok, 1 a check failed, 2 bad usage or error.
+``GlobusComputeGateway`` read. Exit codes: 0 ok, 1 ``info --strict`` found warnings,
+2 an error, whose last line on standard error is ``scistream-gateway <command>: <CODE>:
+<message>`` with a SciStream code (``BAD_FORMAT`` for a bad argument or file). No
+traceback is shown unless ``SCISTREAM_DEBUG=1``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import os
 import re
 import sys
+import traceback
 import uuid
 from importlib import resources
 from pathlib import Path
@@ -155,17 +159,23 @@ def _set_scalar(text: str, key: str, value: object) -> str:
 
 # -- commands -------------------------------------------------------------------------
 def _cmd_register(args: argparse.Namespace) -> int:
+    from scistream_gateway.errors import BadFormat, Unavailable
+
     try:
         client = make_client()
         ids = register_functions(client, public=args.public, group=args.group)
     except Exception as exc:  # noqa: BLE001 - auth, network, service: say it plainly
-        print(f"scistream-gateway register: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+        raise Unavailable(f"registering with Globus Compute failed: "
+                          f"{type(exc).__name__}: {exc}") from None
     text = json.dumps(ids, indent=2) + "\n"
     if args.output:
         out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text)
+        except (OSError, ValueError) as exc:
+            raise BadFormat(f"cannot write --output {out}: "
+                            f"{getattr(exc, 'strerror', None) or exc}") from None
         print(f"wrote {out}", file=sys.stderr)
     for name, fid in ids.items():
         print(f"{name:13} {fid}")
@@ -173,6 +183,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
+    from scistream_gateway.errors import BadFormat
+
     try:
         ids = read_function_ids(args.functions)
         files = render_config(ids, multi_user=args.multi_user, display_name=args.display_name,
@@ -180,39 +192,43 @@ def _cmd_render(args: argparse.Namespace) -> int:
                               endpoint_dir=args.endpoint_dir or args.output_dir,
                               identity_mapping=args.identity_mapping)
     except ValueError as exc:
-        print(f"scistream-gateway render-config: {exc}", file=sys.stderr)
-        return 2
+        raise BadFormat(str(exc)) from None
     if args.output_dir is None:
         sys.stdout.write(files["config.yaml"])
         return 0
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in files.items():
-        (out / name).write_text(text)
-        print(f"wrote {out / name}", file=sys.stderr)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (out / name).write_text(text)
+            print(f"wrote {out / name}", file=sys.stderr)
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        raise BadFormat(f"cannot write to --output-dir {out}: "
+                        f"{getattr(exc, 'strerror', None) or exc}") from None
     return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from scistream_gateway.settings import CONFIG_ENV
+    from scistream_gateway.errors import BadFormat, Unavailable, error_from_wire
+    from scistream_gateway.settings import CONFIG_ENV, GatewaySettings
 
     settings = args.settings or os.environ.get(CONFIG_ENV)
     if not settings:
-        print(f"scistream-gateway info: give --settings or set {CONFIG_ENV}", file=sys.stderr)
-        return 2
+        raise BadFormat(f"give --settings or set {CONFIG_ENV}")
+    # A broken file is reported at once (SERVER_ERR naming the key, as the gateway
+    # would), not after starting an engine.
+    GatewaySettings.from_toml(Path(settings))
     try:
         from scistream_gateway.engine import engine_for
-
-        with engine_for(Path(settings), max_workers=1) as engine:
-            reply = engine.call("gateway_info", {})
     except ImportError as exc:
-        print(f"scistream-gateway info: needs the gateway extra ({exc})", file=sys.stderr)
-        return 2
+        raise Unavailable(f"needs the gateway extra ({exc})") from None
+    with engine_for(Path(settings), max_workers=1) as engine:
+        reply = engine.call("gateway_info", {})
     if args.json:
         print(json.dumps(reply, indent=2))
-    elif "error" in reply:
-        print(f"{reply['error']['code']}: {reply['error']['message']}")
-    else:
+    if "error" in reply:
+        raise error_from_wire(reply)
+    if not args.json:
         launch = reply["proxy_launch"]
         print(f"gateway {reply['name']} (scistream {reply['version']}), backend "
               f"{reply['backend']}")
@@ -223,14 +239,25 @@ def _cmd_info(args: argparse.Namespace) -> int:
               + (f" ({launch['reason']})" if launch["reason"] else ""))
         for warning in reply["warnings"]:
             print(f"  WARNING: {warning}")
-    if "error" in reply:
-        return 1
     return 1 if reply["warnings"] and args.strict else 0
+
+
+DEBUG_ENV = "SCISTREAM_DEBUG"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors end in a coded line: ``<prog>: BAD_FORMAT: <message>``."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        message = " ".join(message.splitlines())  # one line, whatever the argument held
+        print(f"{self.prog}: BAD_FORMAT: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``scistream-gateway``."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="scistream-gateway",
         description="Set up a SciStream gateway's Globus Compute endpoint.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -276,8 +303,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from scistream_gateway.errors import SciStreamError, ServerError
+
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    debug = os.environ.get(DEBUG_ENV) == "1"
+    try:
+        return args.run(args)
+    except SciStreamError as exc:
+        error, trace = exc, traceback.format_exc()
+    except Exception as exc:  # noqa: BLE001 - a bug or a broken host: still a coded line
+        error = ServerError(f"unexpected {type(exc).__name__}: {exc}"
+                            + ("" if debug else f" (run with {DEBUG_ENV}=1 for the traceback)"))
+        trace = traceback.format_exc()
+    if debug:
+        print(trace, file=sys.stderr, end="")
+    sys.stdout.flush()
+    text = " ".join(str(error).splitlines())  # one line, whatever the message held
+    print(f"scistream-gateway {args.command}: {text}", file=sys.stderr, flush=True)
+    return 2
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ class GatewaySettings:
         """Read and check a settings file; a broken file is a ``SERVER_ERR`` naming the key."""
         try:
             table = tomllib.loads(Path(path).read_text()).get("gateway")
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # TOMLDecodeError is a ValueError; so is a NUL
             raise ServerError(f"gateway settings {path}: {exc}") from None
         if not isinstance(table, dict):
             raise ServerError(f"gateway settings {path}: no [gateway] table")
@@ -66,7 +66,9 @@ class GatewaySettings:
                 values["port_min"], values["port_max"] = (int(p) for p in values.pop("port_range"))
             values["state_dir"] = Path(values["state_dir"]).expanduser()
             settings = cls(**values)
-        except (KeyError, TypeError, ValueError) as exc:
+        except KeyError as exc:
+            raise ServerError(f"gateway settings {path}: missing key {exc}") from None
+        except (TypeError, ValueError) as exc:
             raise ServerError(f"gateway settings {path}: {exc}") from None
         settings._check(path)
         return settings

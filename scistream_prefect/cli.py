@@ -1,16 +1,25 @@
 """The ``scistream`` command.
 
 Exit codes: 0 success; 1 the demo found a checksum mismatch or a leak; 2 a bad argument
-or a gateway error (printed as ``scistream <command>: <CODE>: <message>``, no traceback).
+or an error. The last line on standard error is then ``scistream <command>: <CODE>:
+<message>`` with a SciStream code: ``BAD_FORMAT`` for a bad argument, the gateway's code
+for a gateway error, ``SERVER_ERR`` for anything unexpected. No traceback is shown
+unless ``SCISTREAM_DEBUG=1``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import os
 import re
 import sys
+import traceback
+import uuid
+
+DEBUG_ENV = "SCISTREAM_DEBUG"
 
 _UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1024, "M": 10**6, "MB": 10**6,
           "MIB": 2**20, "G": 10**9, "GB": 10**9, "GIB": 2**30}
@@ -34,6 +43,82 @@ def _int_in(low: int, high: int):
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer in [{low}, {high}]")
         return value
     return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
+
+
+def _uid(text: str) -> str:
+    try:
+        canonical = str(uuid.UUID(text))
+    except ValueError:
+        canonical = None
+    if canonical != text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a lowercase canonical UUID")
+    return text
+
+
+def _address(text: str) -> str:
+    from scistream_gateway.errors import BadFormat
+    from scistream_gateway.validation import parse_address
+
+    try:
+        parse_address(text, "address")
+    except BadFormat as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+    return text
+
+
+_USES_PREFECT = {"demo", "open", "status", "release", "hello", "serve"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors end in a coded line: ``<prog>: BAD_FORMAT: <message>``."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        message = " ".join(message.splitlines())  # one line, whatever the argument held
+        print(f"{self.prog}: BAD_FORMAT: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+class _WithoutTraceback(logging.Formatter):
+    """A console formatter that leaves out tracebacks (Prefect logs one for every failed
+    task and flow run; the user gets the coded line instead)."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def _console_without_tracebacks() -> None:
+    """Every console handler Prefect configured prints log lines without tracebacks
+    (its API handler still sends them to the Prefect UI)."""
+    import prefect  # noqa: F401 - configures Prefect's logging
+
+    loggers = [logging.getLogger()] + [logger for logger in
+                                       logging.root.manager.loggerDict.values()
+                                       if isinstance(logger, logging.Logger)]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if (type(handler) is logging.StreamHandler or "Console" in type(handler).__name__) \
+                    and not isinstance(handler.formatter, _WithoutTraceback):
+                handler.setFormatter(_WithoutTraceback(handler.formatter))
 
 
 def _prefect_defaults() -> None:
@@ -74,8 +159,15 @@ def _print(args: argparse.Namespace, data: object, text: str) -> None:
 
 
 def _login(args: argparse.Namespace) -> int:
+    from scistream_gateway.errors import AuthError
     from scistream_prefect import auth
 
+    if not sys.stdin.isatty():
+        # The login flow asks for a code pasted back: without a terminal it would fail
+        # reading it (or wait for ever on a pipe).
+        raise AuthError("login needs a terminal (it asks you to paste a code); for headless "
+                        "runs use a GlobusCredentials block or SCISTREAM_GLOBUS_CLIENT_ID/"
+                        "_SECRET")
     auth.login(force=args.force)
     who = auth.whoami()
     print(f"logged in as {who.get('preferred_username')} ({who.get('sub')}); tokens in "
@@ -113,14 +205,14 @@ def _key(args: argparse.Namespace):
 
 
 def _hello(args: argparse.Namespace) -> int:
+    from scistream_gateway.errors import BadFormat
     from scistream_prefect.hello import consumer_listeners, send_hello
 
     gateway = _gateway(args.gateway)
     key = _key(args)
     if args.role == "PROD":
         if not args.app_listener:
-            raise _usage("hello", "a producer's hello gives --app-listener (where its app "
-                         "listens)")
+            raise BadFormat("a producer's hello gives --app-listener (where its app listens)")
         listeners = send_hello(gateway, args.uid, key, args.app_listener)
     else:
         listeners = consumer_listeners(gateway, args.uid, key)
@@ -130,11 +222,12 @@ def _hello(args: argparse.Namespace) -> int:
 
 
 def _open(args: argparse.Namespace) -> int:
+    from scistream_gateway.errors import BadFormat
     from scistream_prefect.flows.streams import open_stream
 
-    if not args.app_listener and not args.hello_key_block:
-        raise _usage("open", "give --app-listener (the flow sends the producer's hello), or "
-                     "--uid and --hello-key-block for a producer controller's own hello")
+    if not args.app_listener and not (args.uid and args.hello_key_block):
+        raise BadFormat("give --app-listener (the flow sends the producer's hello), or "
+                        "--uid and --hello-key-block for a producer controller's own hello")
     handle = open_stream(
         _gateway(args.producer), _gateway(args.consumer), num_conn=args.num_conn,
         rate=args.rate, app_listeners=args.app_listener or None, uid=args.uid,
@@ -184,14 +277,6 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-class _UsageError(Exception):
-    pass
-
-
-def _usage(command: str, message: str) -> _UsageError:
-    return _UsageError(f"scistream {command}: {message}")
-
-
 def _add_key_source(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--key-file", metavar="PATH",
@@ -208,7 +293,7 @@ GATEWAY_HELP = ("a saved gateway block's name, or the path of a local gateway's 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="scistream",
         description="SciStream on Prefect and Globus Compute: authenticated, fast TCP "
         "streams between facilities.",
@@ -264,10 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="parallel connections (default 4)")
     open_.add_argument("--rate", type=_int_in(0, 10**9), default=0,
                        help="rate limit in kbit/s (default 0: unlimited)")
-    open_.add_argument("--app-listener", action="append", metavar="HOST:PORT",
+    open_.add_argument("--app-listener", action="append", metavar="HOST:PORT", type=_address,
                        help="where the producer app listens (repeat for several); the flow "
                        "sends the producer's hello")
-    open_.add_argument("--uid", help="the stream's uid (default: a new UUID)")
+    open_.add_argument("--uid", type=_uid, help="the stream's uid (default: a new UUID)")
     open_.add_argument("--hello-key-block", metavar="NAME",
                        help="a Prefect Secret block holding the hello key, for a producer "
                        "controller that sends its own hello (scistream hello)")
@@ -275,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="turn OFF encryption between the gateways")
     open_.add_argument("--lease", type=_int_in(1, 10**7), metavar="SECONDS",
                        help="lease on both gateways (default: theirs)")
-    open_.add_argument("--hello-timeout", type=float, default=300.0, metavar="SECONDS",
+    open_.add_argument("--hello-timeout", type=_seconds, default=300.0, metavar="SECONDS",
                        help="how long to wait for the producer's hello (default 300)")
     open_.add_argument("--json", action="store_true", help="print the handle as one JSON object")
     open_.set_defaults(handler=_open)
@@ -287,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         cmd = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ". "
                              "Calls the gateways directly (no flow run).")
-        cmd.add_argument("uid", help="the stream's uid")
+        cmd.add_argument("uid", type=_uid, help="the stream's uid")
         cmd.add_argument("--gateway", action="append", required=True, metavar="GATEWAY",
                          help=GATEWAY_HELP + "; repeat for both ends")
         cmd.add_argument("--json", action="store_true", help="print one JSON object")
@@ -300,9 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(--role CONS) gets where its app connects. Prints one listener a line.",
     )
     hello.add_argument("--gateway", required=True, metavar="GATEWAY", help=GATEWAY_HELP)
-    hello.add_argument("--uid", required=True, help="the stream's uid")
+    hello.add_argument("--uid", required=True, type=_uid, help="the stream's uid")
     hello.add_argument("--role", required=True, choices=["PROD", "CONS"])
-    hello.add_argument("--app-listener", action="append", metavar="HOST:PORT",
+    hello.add_argument("--app-listener", action="append", metavar="HOST:PORT", type=_address,
                        help="(producer) where the app listens; repeat for several")
     hello.add_argument("--json", action="store_true", help="print one JSON object")
     _add_key_source(hello)
@@ -323,16 +408,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _prefect_defaults()
-    from scistream_gateway.errors import SciStreamError
+    debug = os.environ.get(DEBUG_ENV) == "1"
+    from scistream_gateway.errors import SciStreamError, ServerError
 
     try:
+        if not debug and args.command in _USES_PREFECT:
+            _console_without_tracebacks()
         return args.handler(args)
     except SciStreamError as exc:  # expected failures: a message with its code, no traceback
-        print(f"scistream {args.command}: {exc}", file=sys.stderr)
-        return 2
-    except _UsageError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+        error, trace = exc, traceback.format_exc()
+    except Exception as exc:  # noqa: BLE001 - a bug or a broken environment: still coded
+        error = ServerError(f"unexpected {type(exc).__name__}: {exc}"
+                            + ("" if debug else f" (run with {DEBUG_ENV}=1 for the traceback)"))
+        trace = traceback.format_exc()
+    if debug:
+        print(trace, file=sys.stderr, end="")
+    # The verdict is the last line: nothing is logged after it (Prefect would log the
+    # shutdown of its temporary server at exit).
+    logging.disable(logging.CRITICAL)
+    sys.stdout.flush()
+    text = " ".join(str(error).splitlines())  # one line, whatever the message held
+    print(f"scistream {args.command}: {text}", file=sys.stderr, flush=True)
+    return 2
 
 
 if __name__ == "__main__":

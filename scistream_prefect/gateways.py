@@ -255,6 +255,8 @@ class LocalGateway(Block):
         """Run gateway function ``function`` on ``request``; raise its error, if any."""
         from scistream_gateway.functions import ALL
 
+        if function not in ALL:  # as GlobusComputeGateway.submit says it
+            raise BadFormat(f"no gateway function {function!r:.80}; known: {sorted(ALL)}")
         serializer = make_serializer()
         try:
             payload = serializer.pack_buffers([
@@ -262,7 +264,7 @@ class LocalGateway(Block):
                 serializer.serialize((request,)),
                 serializer.serialize({}),
             ])
-        except SerializationError as exc:
+        except (SerializationError, TypeError, ValueError, RecursionError) as exc:
             raise BadFormat(f"{function} request does not serialize: {exc}") from None
         timeout = self.call_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout

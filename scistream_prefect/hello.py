@@ -89,8 +89,9 @@ def read_hello_key(key_file: str | os.PathLike | None = None, *, stdin: bool = F
                 raise BadFormat(f"key file {path} is readable by others (mode "
                                 f"{stat.S_IMODE(mode):o}): chmod 600 it")
             key = path.read_text()
-        except OSError as exc:
-            raise BadFormat(f"cannot read key file {path}: {exc.strerror}") from None
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the path, not UTF-8
+            raise BadFormat(f"cannot read key file {path}: "
+                            f"{getattr(exc, 'strerror', None) or exc}") from None
     elif stdin:
         key = sys.stdin.readline()
     else:

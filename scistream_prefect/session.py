@@ -4,12 +4,12 @@
 renews both leases from a background thread while the block runs, and releases both
 ends when the block ends: normally, by an exception, or by a ``KeyboardInterrupt``.
 
-A flow run that is *cancelled* may be killed before any ``finally`` runs (a served or
-worker-run deployment is a process that gets terminated). So the session also stores
-the identifiers needed to release (uid and the two gateways' fields, never the hello
-key) in a Prefect Variable named after the flow run, and
-:func:`release_session_streams` — given to the flow as its ``on_cancellation`` (and
-``on_crashed``) hook — releases from those. The gateways' own lease expiry is the last
+A flow run that is *cancelled* or killed may end before any ``finally`` runs (a served
+or worker-run deployment is a process that gets terminated). So the stream's
+identifiers (uid and the two gateways' fields, never the hello key) are stored before
+its first ``reserve`` (see :mod:`scistream_prefect.recovery`), and
+:func:`release_session_streams`, given to the flow as its ``on_cancellation`` and
+``on_crashed`` hook, releases from those. The gateways' own lease expiry is the last
 line: a stream whose client vanished is reaped when its lease runs out.
 """
 
@@ -23,55 +23,28 @@ from contextlib import contextmanager
 
 from prefect import get_run_logger
 from prefect.context import FlowRunContext
-from prefect.variables import Variable
 
-from scistream_prefect.compute import GlobusComputeGateway
 from scistream_prefect.flows.streams import StreamHandle, setup_stream, teardown_stream
-from scistream_prefect.gateways import Gateway, LocalGateway
+from scistream_prefect.gateways import Gateway
+from scistream_prefect.recovery import (
+    forget_stream,
+    gateway_record,
+    release_run_streams,
+    remember_stream,
+)
 
 __all__ = ["release_session_streams", "stream_session"]
 
 log = logging.getLogger("scistream_prefect")
 
-_BLOCKS = {cls.__name__: cls for cls in (LocalGateway, GlobusComputeGateway)}
-_VARIABLE_PREFIX = "scistream-session-"
-_REMEMBER_LOCK = threading.Lock()
+# Kept under these names for callers of the first version.
+_remember, _forget = remember_stream, forget_stream
 
 
-def _variable_name(flow_run_id) -> str:
-    return f"{_VARIABLE_PREFIX}{flow_run_id}"
-
-
-def _gateway_record(gateway: Gateway) -> dict:
-    name = type(gateway).__name__
-    if name not in _BLOCKS:
-        raise TypeError(f"a session needs a gateway block ({', '.join(_BLOCKS)}), "
-                        f"not {name}: a cancelled run must be able to rebuild it")
-    return {"block": name, "fields": gateway.model_dump(mode="json")}
-
-
-def _gateway_from_record(record: dict) -> Gateway:
-    return _BLOCKS[record["block"]](**record["fields"])
-
-
-def _remember(flow_run_id, uid: str, producer: Gateway, consumer: Gateway) -> None:
-    with _REMEMBER_LOCK:
-        name = _variable_name(flow_run_id)
-        streams = Variable.get(name, default=None) or {}
-        streams[uid] = {"producer": _gateway_record(producer),
-                        "consumer": _gateway_record(consumer)}
-        Variable.set(name, streams, overwrite=True)
-
-
-def _forget(flow_run_id, uid: str) -> None:
-    with _REMEMBER_LOCK:
-        name = _variable_name(flow_run_id)
-        streams = Variable.get(name, default=None) or {}
-        streams.pop(uid, None)
-        if streams:
-            Variable.set(name, streams, overwrite=True)
-        else:
-            Variable.unset(name)
+def release_session_streams(flow, flow_run, state) -> None:
+    """Flow hook (``on_cancellation``, ``on_crashed``): release every stream a session of
+    ``flow_run`` left open; see :func:`scistream_prefect.recovery.release_run_streams`."""
+    release_run_streams(flow, flow_run, state)
 
 
 class _LeaseRenewer(threading.Thread):
@@ -147,11 +120,14 @@ def stream_session(
                            "cancellation hook need the flow run)")
     flow_run_id = context.flow_run.id
     logger = get_run_logger()
-    handle = setup_stream(producer, consumer, lease_s=lease_s, **setup)
+    for gateway in (producer, consumer):
+        gateway_record(gateway)  # a TypeError now, before anything is reserved
+    # setup_stream stores the identifiers before its first reserve and, asked to keep
+    # them, leaves them stored until the release below.
+    handle = setup_stream(producer, consumer, lease_s=lease_s, keep_record=True, **setup)
     state = "RELEASED"
     renewer = None
     try:
-        _remember(flow_run_id, handle.uid, producer, consumer)
         interval = renew_every_s or max(1.0, (handle.lease_expires - time.time()) / 3)
         renewer = _LeaseRenewer(producer, consumer, handle.uid, interval, lease_s, logger)
         renewer.start()
@@ -164,28 +140,7 @@ def stream_session(
             renewer.stop()
         try:
             teardown_stream(producer, consumer, handle.uid, state=state)
-            _forget(flow_run_id, handle.uid)
+            forget_stream(flow_run_id, handle.uid)
         except Exception:  # noqa: BLE001 - the block's own exception is the one to raise
             logger.exception("releasing stream %s failed; the cancellation hook or the "
                              "lease expiry will release it", handle.uid)
-
-
-def release_session_streams(flow, flow_run, state) -> None:
-    """Flow hook: release every stream a session of ``flow_run`` left open.
-
-    Runs outside the flow's process when a deployment's run is cancelled, so it works
-    from the identifiers the session stored, with direct gateway calls (no tasks).
-    """
-    name = _variable_name(flow_run.id)
-    streams = Variable.get(name, default=None) or {}
-    for uid, record in streams.items():
-        for end in ("producer", "consumer"):
-            try:
-                gateway = _gateway_from_record(record[end])
-                gateway.call("release", {"uid": uid})
-                log.info("released stream %s on %s after the run ended %s", uid,
-                         gateway.label, state.type.value if state is not None else "")
-            except Exception as exc:  # noqa: BLE001 - try the other end and streams too
-                log.error("could not release stream %s (%s end): %s", uid, end, exc)
-    if streams:
-        Variable.unset(name)

@@ -246,5 +246,6 @@ def test_info_command_runs_gateway_info_on_the_engine(gateway_root, capsys):
     assert "proxies launched:" in text
     broken = gateway_root / "broken.toml"
     broken.write_text("[gateway]\nname = 'x'\n")
-    assert main(["info", "--settings", str(broken)]) == 1
-    assert "SERVER_ERR" in capsys.readouterr().out
+    assert main(["info", "--settings", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("scistream-gateway info: SERVER_ERR: gateway settings")

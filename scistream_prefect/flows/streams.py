@@ -8,19 +8,28 @@ no flow-run overhead); :func:`open_stream` is the same as a flow of its own.
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 import uuid
 
 from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
 from prefect.blocks.system import Secret
 from prefect.futures import wait
 from pydantic import BaseModel, Field, SecretStr
 
 from scistream_gateway.errors import BadFormat
+from scistream_gateway.validation import parse_address
 from scistream_prefect.artifacts import publish_listeners, publish_summary
 from scistream_prefect.compute import GlobusComputeGateway
 from scistream_prefect.gateways import Gateway, LocalGateway
+from scistream_prefect.recovery import (
+    forget_stream,
+    release_run_streams,
+    remember_stream,
+    rememberable,
+)
 from scistream_prefect.tasks.streams import (
     connect_gateway_proxy,
     release_gateway_stream,
@@ -64,11 +73,54 @@ def _key_and_uid(uid: str | None, hello_key: SecretStr | str | None,
     if app_listeners is None and (uid is None or hello_key is None):
         raise BadFormat("give app_listeners (the flow sends the producer's hello), or the uid "
                         "and hello key the producer's controller will use for its own hello")
+    if uid is not None:
+        try:
+            canonical = str(uuid.UUID(uid)) if isinstance(uid, str) else None
+        except ValueError:
+            canonical = None
+        if canonical != uid:
+            raise BadFormat(f"uid must be a lowercase canonical UUID, not {uid!r:.80}")
     if hello_key is None:
         hello_key = SecretStr(secrets.token_urlsafe(32))
     elif isinstance(hello_key, str):
         hello_key = SecretStr(hello_key)
+    elif not isinstance(hello_key, SecretStr):
+        raise BadFormat(f"hello_key must be a string, not {type(hello_key).__name__}")
+    if not hello_key.get_secret_value():
+        raise BadFormat("hello_key is empty")
     return uid or str(uuid.uuid4()), hello_key
+
+
+def _check_setup(producer: object, consumer: object, num_conn: object, rate: object,
+                 app_listeners: object, tls: object, lease_s: object,
+                 hello_timeout_s: object) -> None:
+    """Refuse a malformed request before anything is reserved (``BAD_FORMAT``)."""
+    for name, gateway in (("producer", producer), ("consumer", consumer)):
+        if not isinstance(gateway, Gateway):
+            raise BadFormat(f"{name} must be a gateway block, not {type(gateway).__name__}")
+
+    def integer(name: str, value: object, low: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise BadFormat(f"{name} must be an integer >= {low}, not {value!r:.80}")
+
+    integer("num_conn", num_conn, 1)
+    integer("rate", rate, 0)
+    if lease_s is not None:
+        integer("lease_s", lease_s, 1)
+    if not isinstance(tls, bool):
+        raise BadFormat(f"tls must be True or False, not {tls!r:.80}")
+    if (isinstance(hello_timeout_s, bool) or not isinstance(hello_timeout_s, (int, float))
+            or not math.isfinite(hello_timeout_s) or hello_timeout_s < 0):
+        raise BadFormat(f"hello_timeout_s must be a finite number >= 0, not "
+                        f"{hello_timeout_s!r:.80}")
+    if app_listeners is not None:
+        if isinstance(app_listeners, (str, bytes)) or not isinstance(app_listeners,
+                                                                    (list, tuple)):
+            raise BadFormat("app_listeners must be a list of 'host:port' strings")
+        if not app_listeners:
+            raise BadFormat("app_listeners is empty")
+        for address in app_listeners:
+            parse_address(address, "app_listeners")
 
 
 def setup_stream(
@@ -83,8 +135,15 @@ def setup_stream(
     tls: bool = True,
     lease_s: int | None = None,
     hello_timeout_s: float = 300.0,
+    keep_record: bool = False,
 ) -> StreamHandle:
     """Open a stream with tasks of the calling flow; on any failure, release both ends.
+
+    A malformed argument is ``BAD_FORMAT`` before anything is reserved. Inside a flow
+    run (with gateway blocks), the identifiers needed to release the stream are stored
+    before the first reserve (:mod:`scistream_prefect.recovery`), so the flow's
+    ``on_cancellation`` / ``on_crashed`` hook can release a stream whose run was
+    cancelled or killed halfway.
 
     Args:
         producer: the gateway in front of the producer app.
@@ -100,8 +159,19 @@ def setup_stream(
             ``tls=False`` turns it off and must be asked for by name.
         lease_s: lease on both gateways (their default when not given).
         hello_timeout_s: how long to wait for the producer's hello.
+        keep_record: keep the stored identifiers after a successful setup (a session
+            does, until it releases); by default they are dropped once the stream is
+            open, since it is then the caller's to release.
     """
+    _check_setup(producer, consumer, num_conn, rate, app_listeners, tls, lease_s,
+                 hello_timeout_s)
     uid, key = _key_and_uid(uid, hello_key, app_listeners)
+    context = FlowRunContext.get()
+    run_id = None
+    if context is not None and context.flow_run is not None and rememberable(producer,
+                                                                              consumer):
+        run_id = context.flow_run.id
+        remember_stream(run_id, uid, producer, consumer)
     started = time.perf_counter()
     reserve = {"uid": uid, "num_conn": num_conn, "hello_key": key, "rate": rate,
                "lease_s": lease_s}
@@ -127,9 +197,14 @@ def setup_stream(
     except BaseException:
         try:
             teardown_stream(producer, consumer, uid, state="FAILED (setup), released")
-        except Exception:  # noqa: BLE001 - the original failure is the one to raise
-            get_run_logger().exception("releasing stream %s after a failed setup failed", uid)
+            if run_id is not None:
+                forget_stream(run_id, uid)
+        except BaseException:  # noqa: BLE001 - the original failure is the one to raise
+            get_run_logger().exception("releasing stream %s after a failed setup failed; "
+                                       "the run's hook or the lease expiry will", uid)
         raise
+    if run_id is not None and not keep_record:
+        forget_stream(run_id, uid)
     handle = StreamHandle(
         uid=uid, producer=producer.label, consumer=consumer.label, num_conn=num_conn,
         listeners=cons["listeners"], producer_listeners=prod["listeners"], app_listeners=app,
@@ -161,7 +236,8 @@ def teardown_stream(producer: Gateway, consumer: Gateway, uid: str, *,
         future.result()
 
 
-@flow(name="open-stream")
+@flow(name="open-stream", on_cancellation=[release_run_streams],
+      on_crashed=[release_run_streams])
 def open_stream(
     producer: GatewayBlock,
     consumer: GatewayBlock,
@@ -176,7 +252,9 @@ def open_stream(
 ) -> StreamHandle:
     """Open a SciStream stream: reserve both ends, hello, connect both ends.
 
-    See :func:`setup_stream` for the parameters. A flow's parameters are recorded as
+    See :func:`setup_stream` for the parameters. A run that is cancelled or crashes
+    (its process killed) before the stream is open releases both ends in its hooks.
+    A flow's parameters are recorded as
     given, so the hello key is never one: ``hello_key_block`` names a Prefect
     ``Secret`` block that holds it (for a producer controller that sends its own
     hello); without it the flow generates a key, returned only inside the handle.

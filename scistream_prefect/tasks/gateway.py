@@ -6,11 +6,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from scistream_prefect.gateways import Gateway
+from scistream_prefect.tasks.streams import _gateway, retry_if_transient
 
 __all__ = ["get_gateway_info"]
 
 
-@task(name="get-gateway-info", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+@task(name="get-gateway-info", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
+      retry_condition_fn=retry_if_transient)
 def get_gateway_info(gateway: Gateway) -> dict:
     """Name, version, backends, addresses, free ports and active streams of a gateway.
 
@@ -34,4 +36,4 @@ def get_gateway_info(gateway: Gateway) -> dict:
             return get_gateway_info(gw)["free_ports"]
         ```
     """
-    return gateway.call("gateway_info", {})
+    return _gateway(gateway).call("gateway_info", {})

@@ -2,19 +2,22 @@
 
 Calls with side effects (reserve, connect, release) are never cached and never
 retried blindly; the gateway functions are idempotent per ``uid``, so a caller that
-lost a reply may call again with the same arguments.
+lost a reply may call again with the same arguments. A malformed argument is
+``BAD_FORMAT`` before any call; the read-only tasks retry only failures that may pass
+(``UNAVAILABLE``, ``TIMEOUT``, a broken transport), never a refusal.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import SecretStr
 
-from scistream_gateway.errors import Timeout
+from scistream_gateway.errors import BadFormat, SciStreamError, Timeout, Unavailable
 from scistream_prefect.gateways import Gateway
 
 __all__ = [
@@ -30,7 +33,48 @@ __all__ = [
 
 def _reveal(key: SecretStr | str) -> str:
     # Keys travel between tasks as SecretStr, so no record of a task run can show them.
-    return key.get_secret_value() if isinstance(key, SecretStr) else key
+    value = key.get_secret_value() if isinstance(key, SecretStr) else key
+    if not isinstance(value, str) or not value:
+        raise BadFormat("hello_key must be a non-empty string (or SecretStr)")
+    return value
+
+
+def _gateway(gateway: object) -> Gateway:
+    if not isinstance(gateway, Gateway):
+        raise BadFormat(f"gateway must be a gateway block (LocalGateway, "
+                        f"GlobusComputeGateway), not {type(gateway).__name__}")
+    return gateway
+
+
+def _addresses(field: str, value: object) -> list:
+    # A string is a sequence too: list("h:1") would send ['h', ':', '1'].
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise BadFormat(f"{field} must be a list of 'host:port' strings, not "
+                        f"{type(value).__name__}")
+    return list(value)
+
+
+def _seconds(field: str, value: object, positive: bool = False) -> float:
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value) and (value > 0 if positive else value >= 0))
+    if not ok:
+        raise BadFormat(f"{field} must be a finite number {'>' if positive else '>='} 0, "
+                        f"not {value!r:.80}")
+    return float(value)
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Retry condition of the read-only tasks: not a refusal (bad input, no such uid)."""
+    error = state.data  # the engine's Failed state carries the exception
+    if not isinstance(error, BaseException):
+        try:
+            state.result()
+            return False
+        except BaseException as exc:  # noqa: BLE001 - classified below
+            error = exc
+    if isinstance(error, (Unavailable, Timeout)):
+        return True
+    return not isinstance(error, SciStreamError)  # a transport failure may pass
 
 
 @task(name="reserve-gateway-ports", cache_policy=NO_CACHE)
@@ -74,6 +118,7 @@ def reserve_gateway_ports(
             return reply["listeners"]
         ```
     """
+    gateway = _gateway(gateway)
     request = {"uid": uid, "role": role, "num_conn": num_conn, "rate": rate,
                "key_sha256": hashlib.sha256(_reveal(hello_key).encode()).hexdigest()}
     if lease_s is not None:
@@ -118,9 +163,10 @@ def send_app_hello(
             return listeners
         ```
     """
+    gateway = _gateway(gateway)
     request = {"uid": uid, "key": _reveal(hello_key), "role": role}
     if app_listeners is not None:
-        request["app_listeners"] = list(app_listeners)
+        request["app_listeners"] = _addresses("app_listeners", app_listeners)
     return gateway.call("hello", request)
 
 
@@ -163,6 +209,10 @@ def wait_for_app_hello(
             return app_listeners
         ```
     """
+    gateway = _gateway(gateway)
+    max_wait_seconds = _seconds("max_wait_seconds", max_wait_seconds)
+    poll_frequency_seconds = _seconds("poll_frequency_seconds", poll_frequency_seconds,
+                                      positive=True)
     deadline = time.monotonic() + max_wait_seconds
     while True:
         remaining = deadline - time.monotonic()
@@ -221,13 +271,16 @@ def connect_gateway_proxy(
                 release_gateway_stream(gw, uid)
         ```
     """
-    request: dict = {"uid": uid, "remote_listeners": list(remote_listeners), "tls": tls}
+    gateway = _gateway(gateway)
+    request: dict = {"uid": uid, "remote_listeners": _addresses("remote_listeners",
+                                                                remote_listeners), "tls": tls}
     if tls:
         request.update(peer_fingerprint=peer_fingerprint, peer_certificate=peer_certificate)
     return gateway.call("connect", request)
 
 
-@task(name="get-stream-status", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+@task(name="get-stream-status", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
+      retry_condition_fn=retry_if_transient)
 def get_stream_status(gateway: Gateway, uid: str) -> dict:
     """State, proxy liveness and byte counters of one stream end (read-only, so retried).
 
@@ -258,10 +311,11 @@ def get_stream_status(gateway: Gateway, uid: str) -> dict:
             return state
         ```
     """
-    return gateway.call("status", {"uid": uid})
+    return _gateway(gateway).call("status", {"uid": uid})
 
 
-@task(name="renew-stream-lease", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+@task(name="renew-stream-lease", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
+      retry_condition_fn=retry_if_transient)
 def renew_stream_lease(gateway: Gateway, uid: str, lease_s: int | None = None) -> float:
     """Extend the lease of one stream end (retried: renewing twice is harmless).
 
@@ -290,13 +344,15 @@ def renew_stream_lease(gateway: Gateway, uid: str, lease_s: int | None = None) -
             return expires
         ```
     """
+    gateway = _gateway(gateway)
     request: dict = {"uid": uid}
     if lease_s is not None:
         request["lease_s"] = lease_s
     return gateway.call("renew", request)["lease_expires"]
 
 
-@task(name="release-gateway-stream", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+@task(name="release-gateway-stream", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
+      retry_condition_fn=retry_if_transient)
 def release_gateway_stream(gateway: Gateway, uid: str) -> bool:
     """Stop one end's proxy, free its ports, delete its keys (idempotent, so retried).
 
@@ -322,4 +378,4 @@ def release_gateway_stream(gateway: Gateway, uid: str) -> bool:
             assert release_gateway_stream(cons, uid)  # twice is fine
         ```
     """
-    return gateway.call("release", {"uid": uid})["released"]
+    return _gateway(gateway).call("release", {"uid": uid})["released"]

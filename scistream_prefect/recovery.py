@@ -1,0 +1,98 @@
+"""What a flow run needs to release its streams after it was cancelled or killed.
+
+A run that is cancelled or SIGKILLed may end before any ``finally`` of its own runs.
+So before the first ``reserve`` of a stream, the identifiers needed to release it (its
+uid and the two gateways' block fields, never the hello key) go into a Prefect
+Variable named after the flow run; :func:`release_run_streams`, the ``on_cancellation``
+and ``on_crashed`` hook of ``open-stream`` (and of a flow using a session), releases
+from them, in whichever process Prefect runs the hook. Written *before* the reserve:
+a run killed while it waits for the producer's hello already holds both ends.
+The gateways' lease expiry is the last line, for a client with no Prefect runner
+(``scistream open`` killed in a terminal).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from prefect.variables import Variable
+
+from scistream_prefect.compute import GlobusComputeGateway
+from scistream_prefect.gateways import Gateway, LocalGateway
+
+__all__ = ["forget_stream", "release_run_streams", "remember_stream", "rememberable"]
+
+log = logging.getLogger("scistream_prefect")
+
+_BLOCKS = {cls.__name__: cls for cls in (LocalGateway, GlobusComputeGateway)}
+_VARIABLE_PREFIX = "scistream-session-"
+_LOCK = threading.Lock()
+
+
+def variable_name(flow_run_id) -> str:
+    return f"{_VARIABLE_PREFIX}{flow_run_id}"
+
+
+def rememberable(*gateways: Gateway) -> bool:
+    """Whether a hook can rebuild these gateways from their fields (saved block kinds)."""
+    return all(type(gw).__name__ in _BLOCKS for gw in gateways)
+
+
+def gateway_record(gateway: Gateway) -> dict:
+    name = type(gateway).__name__
+    if name not in _BLOCKS:
+        raise TypeError(f"a session needs a gateway block ({', '.join(_BLOCKS)}), "
+                        f"not {name}: a cancelled run must be able to rebuild it")
+    return {"block": name, "fields": gateway.model_dump(mode="json")}
+
+
+def gateway_from_record(record: dict) -> Gateway:
+    return _BLOCKS[record["block"]](**record["fields"])
+
+
+def remember_stream(flow_run_id, uid: str, producer: Gateway, consumer: Gateway) -> None:
+    """Store what releasing stream ``uid`` needs, under the flow run's Variable."""
+    with _LOCK:
+        name = variable_name(flow_run_id)
+        streams = Variable.get(name, default=None) or {}
+        streams[uid] = {"producer": gateway_record(producer),
+                        "consumer": gateway_record(consumer)}
+        Variable.set(name, streams, overwrite=True)
+
+
+def forget_stream(flow_run_id, uid: str) -> None:
+    """Drop stream ``uid`` from the run's Variable (the Variable goes with its last one)."""
+    with _LOCK:
+        name = variable_name(flow_run_id)
+        streams = Variable.get(name, default=None) or {}
+        streams.pop(uid, None)
+        if streams:
+            Variable.set(name, streams, overwrite=True)
+        else:
+            Variable.unset(name)
+
+
+def release_run_streams(flow, flow_run, state) -> None:
+    """Flow hook: release every stream ``flow_run`` left recorded (cancelled, crashed).
+
+    Runs outside the flow's process when a deployment's run is cancelled or killed, so
+    it works from the stored identifiers, with direct gateway calls (no tasks). A
+    stream the run had already released is released again, harmlessly (idempotent).
+    """
+    name = variable_name(flow_run.id)
+    streams = Variable.get(name, default=None) or {}
+    failed = False
+    for uid, record in streams.items():
+        for end in ("producer", "consumer"):
+            try:
+                gateway = gateway_from_record(record[end])
+                gateway.call("release", {"uid": uid})
+                log.info("released stream %s on %s after the run ended %s", uid,
+                         gateway.label, state.type.value if state is not None else "")
+            except Exception as exc:  # noqa: BLE001 - try the other end and streams too
+                failed = True
+                log.error("could not release stream %s (%s end): %s; its lease expiry "
+                          "will", uid, end, exc)
+    if streams and not failed:
+        Variable.unset(name)
