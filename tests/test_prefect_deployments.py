@@ -55,7 +55,8 @@ class Served:
         self.log = log
         # TMPDIR: Prefect's runner keeps a directory per run under the temp dir
         # (runner_storage/); this keeps those in the test's own directory.
-        env = dict(_env(), TMPDIR=str(log.parent))
+        # PYTHONUNBUFFERED: what the runner logs is in the file when it happens.
+        env = dict(_env(), TMPDIR=str(log.parent), PYTHONUNBUFFERED="1")
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
                                          cwd=cwd, start_new_session=True)
