@@ -4,6 +4,10 @@ direct, and the native relay's idle memory per stream.
     .venv/bin/python bench/native_quick.py [--backends native,haproxy,nginx,stunnel]
         [--conns 1,4,64] [--rounds 3] [--seconds 3] [--idle-streams 1,20] [--json]
 
+A backend entry ``native+NAME=VALUE`` runs the native proxy with NAME=VALUE in its
+environment (e.g. ``native+SCISTREAM_NATIVE_TLS_IO=socket``), beside the others, so two
+variants of the relay are compared in one run.
+
 Each backend runs on its own pair of local gateways (app -> consumer-side proxy ->
 TLS or plain -> producer-side proxy -> iperf3 server); every configuration runs once
 per round, in the same order each round (A B C ... A B C ...), and the median of the
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -84,23 +89,33 @@ def main(argv: list[str] | None = None) -> int:
         opened = []
         try:
             time.sleep(0.3)
-            for index, name in enumerate(backends):
+            for index, entry in enumerate(backends):
+                # "native+NAME=VALUE+...": a variant whose proxies start with NAME=VALUE
+                # in their environment (e.g. a relay setting), beside the plain "native".
+                name, *settings = entry.split("+")
                 reason = BACKENDS[name].unavailable_reason()
                 if reason:
-                    results["skipped"][name] = reason
+                    results["skipped"][entry] = reason
                     continue
                 base = args.port_base + 10 + 80 * index
-                producer = LocalGateway.create(f"{name}-p", root / name / "p",
-                                               port_range=(base, base + 39), backend=name)
-                consumer = LocalGateway.create(f"{name}-c", root / name / "c",
-                                               port_range=(base + 40, base + 79), backend=name)
-                for tls in modes:
-                    if not tls and not BACKENDS[name].supports_plain:
-                        continue
-                    chain = benchlib.open_chain(producer, consumer, [target], tls=tls)
-                    opened.append((producer, consumer, chain.uid))
-                    chains[f"{name}-{'tls' if tls else 'plain'}"] = chain.listeners[0]
-                    roots[f"{name}-{'tls' if tls else 'plain'}"] = root / name
+                saved = dict(os.environ)
+                os.environ.update(setting.split("=", 1) for setting in settings)
+                try:
+                    producer = LocalGateway.create(f"g{index}-p", root / f"g{index}" / "p",
+                                                   port_range=(base, base + 39), backend=name)
+                    consumer = LocalGateway.create(f"g{index}-c", root / f"g{index}" / "c",
+                                                   port_range=(base + 40, base + 79),
+                                                   backend=name)
+                    for tls in modes:
+                        if not tls and not BACKENDS[name].supports_plain:
+                            continue
+                        chain = benchlib.open_chain(producer, consumer, [target], tls=tls)
+                        opened.append((producer, consumer, chain.uid))
+                        chains[f"{entry}-{'tls' if tls else 'plain'}"] = chain.listeners[0]
+                        roots[f"{entry}-{'tls' if tls else 'plain'}"] = root / f"g{index}"
+                finally:
+                    os.environ.clear()
+                    os.environ.update(saved)
             proxies = {chain: proxy_pids(under=path) for chain, path in roots.items()}
             runs: dict = {(c, n): [] for c in chains for n in conns}
             for _ in range(args.rounds):
@@ -133,15 +148,16 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results))
         return 0
     direct = results["gbit_s"]["direct"]
-    print(f"{'chain':16}" + "".join(f"{n:>9} conn  /direct cpu-s/GB" for n in conns))
+    width = max(16, *(len(chain) + 1 for chain in results["gbit_s"]))
+    print(f"{'chain':{width}}" + "".join(f"{n:>9} conn  /direct cpu-s/GB" for n in conns))
     for chain, by_n in results["gbit_s"].items():
         if set(by_n) != set(conns) or set(direct) != set(conns):
-            print(f"{chain:16} {json.dumps(by_n)}")
+            print(f"{chain:{width}} {json.dumps(by_n)}")
             continue
         cells = "".join(f"{by_n[n]['median']:9.2f} Gbit/s "
                         f"{by_n[n]['median'] / direct[n]['median']:5.2f} "
                         f"{by_n[n]['proxy_cpu_s_per_gb']:8.2f}" for n in conns)
-        print(f"{chain:16}{cells}")
+        print(f"{chain:{width}}{cells}")
     for error in results.get("errors", []):
         print("error:", error)
     for name, reason in results["skipped"].items():

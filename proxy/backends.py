@@ -201,7 +201,8 @@ class NativeBackend(ProxyBackend):
                 cwd=relay_dir,
                 log_path=relay_dir / native.LOG_FILE,
                 pass_fds=tuple(config["listen_fds"]),
-                env={"OPENSSL_CONF": str(native.OPENSSL_CONF_FILE)},
+                env={"OPENSSL_CONF": str(native.OPENSSL_CONF_FILE),
+                     "SCISTREAM_PROXY_RELAY": "1"},  # see scistream_proxy/__init__.py
             )
         except ProxyStartError as exc:
             raise ProxyError(f"native proxy failed to start: {exc}") from None
@@ -236,6 +237,7 @@ class NativeBackend(ProxyBackend):
                 "total": reply["connections_total"],
                 "failed": reply["connections_failed"],
                 "spliced": reply["connections_spliced"],
+                "bio": reply.get("connections_bio", 0),
                 "ktls": reply["connections_ktls"],
             },
             "last_error": reply["last_error"],

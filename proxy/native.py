@@ -57,6 +57,14 @@ from scistream_proxy.process import become_daemon
 from scistream_proxy.tls import fingerprint_of_der, pinned_context
 
 BUFFER_SIZE = 64 * 1024
+# A plain connection's pipe per direction (splice moves at most this much per call).
+PIPE_SIZE = int(os.environ.get("SCISTREAM_NATIVE_PIPE_SIZE", 64 * 1024))
+# The TLS hop through memory BIOs: one system call moves this much (many records).
+TLS_CHUNK = int(os.environ.get("SCISTREAM_NATIVE_TLS_CHUNK", 256 * 1024))
+# How a TLS hop does its socket I/O: "bio" (memory BIOs, the relay does the socket
+# calls in large batches) or "socket" (OpenSSL on the socket: one system call per
+# record, or kernel TLS). Default: "socket" where the kernel offers TLS, else "bio".
+TLS_IO_ENV = "SCISTREAM_NATIVE_TLS_IO"
 _RECORD = 16 * 1024  # the largest TLS record's plaintext
 CONTROL_SOCKET = "relay.sock"
 LOCK_FILE = "relay.lock"
@@ -175,6 +183,7 @@ class Counters:
         self.total = 0
         self.failed = 0
         self.spliced = 0  # connections moved with splice(2)
+        self.bio = 0  # connections whose TLS hop ran through memory BIOs
         self.ktls_tx = 0  # connections whose TLS records the kernel writes / reads
         self.ktls_rx = 0
         self.last_error = ""
@@ -200,6 +209,7 @@ class Counters:
                 "connections_total": self.total,
                 "connections_failed": self.failed,
                 "connections_spliced": self.spliced,
+                "connections_bio": self.bio,
                 "connections_ktls": {"tx": self.ktls_tx, "rx": self.ktls_rx},
                 "last_error": self.last_error,
             }
@@ -291,7 +301,7 @@ class _SpliceHalf:
         self.src, self.dst = src, dst
         self.pipe_r, self.pipe_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         try:  # a pipe holds 64 KiB by default; ask for what one read may bring
-            fcntl.fcntl(self.pipe_w, fcntl.F_SETPIPE_SZ, BUFFER_SIZE)
+            fcntl.fcntl(self.pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
             pass
         self.pending = 0
@@ -323,7 +333,7 @@ class _SpliceHalf:
                 continue
             if self.eof:
                 return
-            size = BUFFER_SIZE if self.bucket is None else self.bucket.chunk()
+            size = PIPE_SIZE if self.bucket is None else self.bucket.chunk()
             try:
                 n = os.splice(src, self.pipe_w, size, flags=_SPLICE_FLAGS)
             except BlockingIOError:
@@ -440,6 +450,255 @@ def relay(a: socket.socket, b: socket.socket, bucket: TokenBucket | None,
         ba.close()
 
 
+class _Moved:
+    """What one direction of a TLS-through-BIO connection moved (for the counters)."""
+
+    __slots__ = ("moved",)
+
+    def __init__(self) -> None:
+        self.moved = 0
+
+
+class TlsPeer:
+    """The TLS hop of a connection, driven through memory BIOs: the relay does the
+    socket calls itself, each moving many records, and OpenSSL only encrypts and
+    decrypts between memory buffers.
+
+    One object per connection, used by that connection's thread only (an SSL object
+    is never shared between threads). ``raw`` is the TCP socket of the hop.
+    """
+
+    __slots__ = ("raw", "obj", "incoming", "outgoing", "tx", "tx_off")
+
+    def __init__(self, raw: socket.socket, obj: ssl.SSLObject, incoming: ssl.MemoryBIO,
+                 outgoing: ssl.MemoryBIO):
+        self.raw, self.obj = raw, obj
+        self.incoming, self.outgoing = incoming, outgoing
+        self.tx: memoryview | None = None  # ciphertext taken from `outgoing`, not yet sent
+        self.tx_off = 0
+
+    @classmethod
+    def handshake(cls, context: ssl.SSLContext, raw: socket.socket, server_side: bool,
+                  timeout: float) -> TlsPeer:
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        peer = cls(raw, context.wrap_bio(incoming, outgoing, server_side=server_side),
+                   incoming, outgoing)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                peer.obj.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            except ssl.SSLError:
+                # A refused peer (not the pinned certificate) gets OpenSSL's alert, as
+                # from a socket handshake, before the caller resets the connection.
+                if peer.outgoing.pending:
+                    try:
+                        raw.settimeout(1.0)
+                        raw.sendall(peer.outgoing.read())
+                    except OSError:
+                        pass
+                raise
+            if peer.outgoing.pending:
+                raw.settimeout(max(0.001, deadline - time.monotonic()))
+                raw.sendall(peer.outgoing.read())
+            if done:
+                return peer
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("TLS handshake timed out")
+            raw.settimeout(remaining)
+            data = raw.recv(BUFFER_SIZE)
+            if not data:
+                raise ssl.SSLEOFError("the peer closed the connection during the handshake")
+            incoming.write(data)
+
+    def flush(self) -> bool:
+        """Send the pending ciphertext; False if the socket would block first."""
+        while True:
+            if self.tx is None:
+                if not self.outgoing.pending:
+                    return True
+                self.tx, self.tx_off = memoryview(self.outgoing.read()), 0
+            try:
+                self.tx_off += self.raw.send(self.tx[self.tx_off :])
+            except BlockingIOError:
+                return False
+            if self.tx_off == len(self.tx):
+                self.tx = None
+
+    @property
+    def flushed(self) -> bool:
+        return self.tx is None and not self.outgoing.pending
+
+    def close_blocking(self, deadline: float, wait_for_peer: bool) -> None:
+        """Send close_notify; with ``wait_for_peer``, read (discarding) until the peer's
+        arrives, the peer closes, or ``deadline``."""
+        self.raw.setblocking(True)
+        try:
+            try:
+                self.obj.unwrap()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            while True:
+                self.raw.settimeout(max(0.001, deadline - time.monotonic()))
+                if self.tx is not None:
+                    self.raw.sendall(self.tx[self.tx_off :])
+                    self.tx = None
+                if self.outgoing.pending:
+                    self.raw.sendall(self.outgoing.read())
+                if done or not wait_for_peer or time.monotonic() >= deadline:
+                    return
+                data = self.raw.recv(TLS_CHUNK)
+                if not data:
+                    return
+                self.incoming.write(data)
+                try:
+                    self.obj.unwrap()
+                    done = True
+                except ssl.SSLWantReadError:
+                    pass
+        except (OSError, ValueError):
+            pass
+
+
+def relay_tls(app: socket.socket, peer: TlsPeer, bucket: TokenBucket | None,
+              counters: Counters) -> bool:
+    """Relay between ``app`` (plain TCP) and ``peer`` (TLS through memory BIOs) until
+    one side ends; the same contract as :func:`relay`.
+
+    App -> peer: one ``recv_into`` of up to TLS_CHUNK, encrypted at once (several
+    records), sent with one ``send``. Peer -> app: one ``recv_into`` of ciphertext (any
+    number of records), decrypted record by record into one buffer, one ``send``.
+    """
+    raw = peer.raw
+    app.setblocking(False)
+    raw.setblocking(False)
+    up, down = _Moved(), _Moved()  # app -> peer (plaintext in), peer -> app (delivered)
+    counters.track((up, down))  # type: ignore[arg-type]
+    with counters.lock:
+        counters.bio += 1
+    obj, incoming = peer.obj, peer.incoming
+    inbuf = bytearray(TLS_CHUNK)  # plaintext from the app
+    inview = memoryview(inbuf)
+    cbuf = bytearray(TLS_CHUNK)  # ciphertext from the peer
+    cview = memoryview(cbuf)
+    pbuf = bytearray(TLS_CHUNK)  # plaintext for the app
+    pview = memoryview(pbuf)
+    pstart = pend = 0
+    up_eof = down_eof = raw_eof = False
+    sel = selectors.DefaultSelector()
+    registered = {app: 0, raw: 0}
+    try:
+        while True:
+            app_wants = raw_wants = 0
+            # App -> peer: read only when everything encrypted so far is sent.
+            while True:
+                if not peer.flush():
+                    raw_wants |= selectors.EVENT_WRITE
+                    break
+                if up_eof:
+                    break
+                size = TLS_CHUNK if bucket is None else bucket.chunk()
+                try:
+                    n = app.recv_into(inview[:size])
+                except BlockingIOError:
+                    app_wants |= selectors.EVENT_READ
+                    break
+                if n == 0:
+                    up_eof = True
+                    break
+                if bucket is not None:
+                    bucket.take(n)
+                obj.write(inview[:n])
+                up.moved += n
+            if up_eof and peer.flushed:
+                app.setblocking(True)
+                peer.close_blocking(time.monotonic() + DRAIN_TIMEOUT_S, wait_for_peer=True)
+                return True
+            # Peer -> app: read ciphertext only when everything decrypted is delivered.
+            while True:
+                if pstart < pend:
+                    try:
+                        n = app.send(pview[pstart:pend])
+                    except BlockingIOError:
+                        app_wants |= selectors.EVENT_WRITE
+                        break
+                    pstart += n
+                    down.moved += n
+                    continue
+                if down_eof:
+                    break
+                pstart = pend = 0
+                try:
+                    while pend <= TLS_CHUNK - _RECORD:
+                        n = obj.read(TLS_CHUNK - pend, pview[pend:])
+                        if n == 0:  # the peer's close_notify
+                            down_eof = True
+                            break
+                        pend += n
+                except ssl.SSLWantReadError:
+                    if raw_eof and not pend:
+                        raise ssl.SSLEOFError("TLS hop ended without close_notify") from None
+                if pend or down_eof:
+                    continue
+                size = TLS_CHUNK if bucket is None else bucket.chunk()
+                try:
+                    n = raw.recv_into(cview[:size])
+                except BlockingIOError:
+                    raw_wants |= selectors.EVENT_READ
+                    break
+                if n == 0:
+                    incoming.write_eof()  # the next read: close_notify seen, or truncation
+                    raw_eof = True
+                    continue
+                if bucket is not None:
+                    bucket.take(n)
+                incoming.write(cview[:n])
+            if not peer.flushed and not peer.flush():  # TLS 1.3 reads may write
+                raw_wants |= selectors.EVENT_WRITE
+            if down_eof and pstart == pend:
+                app.setblocking(True)
+                peer.close_blocking(time.monotonic() + 1.0, wait_for_peer=False)
+                if down.moved == 0:
+                    return False
+                app.shutdown(socket.SHUT_WR)
+                _drain(app, time.monotonic() + DRAIN_TIMEOUT_S)
+                return True
+            for sock, events in ((app, app_wants), (raw, raw_wants)):
+                old = registered[sock]
+                if events == old:
+                    continue
+                if not events:
+                    sel.unregister(sock)
+                elif not old:
+                    sel.register(sock, events)
+                else:
+                    sel.modify(sock, events)
+                registered[sock] = events
+            sel.select()
+    finally:
+        sel.close()
+        counters.settle((up, down))  # type: ignore[arg-type]
+
+
+def _drain(sock: socket.socket, deadline: float) -> None:
+    """Read (discarding) until ``sock`` closes or ``deadline``."""
+    sink = bytearray(BUFFER_SIZE)
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            sock.settimeout(remaining)
+            if not sock.recv_into(sink):
+                return
+    except (OSError, ValueError):
+        pass
+
+
 class _Connection:
     """The sockets of one relayed connection, so that ``stop`` can cut it from another
     thread. Its thread forgets it (under the stream's lock) before closing the sockets,
@@ -469,6 +728,7 @@ class Stream:
         self.key_path = stream_dir / config["key"]
         self.targets: list[tuple[str, int]] = []
         self.context: ssl.SSLContext | None = None
+        self.tls_io = "socket"
         self.peer_fingerprint = ""
         self.state = "waiting"
         self.stopping = threading.Event()
@@ -490,7 +750,8 @@ class Stream:
                 key_path=self.key_path,
                 peer_cert_path=self.dir / request["peer_cert"],
             )
-            if ktls_available() is None:
+            self.tls_io = tls_io_mode()
+            if self.tls_io == "socket" and ktls_available() is None:
                 self.context.options |= OP_ENABLE_KTLS
         for index, listener in enumerate(self.listeners):
             thread = threading.Thread(
@@ -548,20 +809,27 @@ class Stream:
             ).start()
         listener.close()
 
-    def _secure(self, sock: socket.socket, server_side: bool) -> ssl.SSLSocket:
-        sock.settimeout(self.handshake_timeout)
-        tls = self.context.wrap_socket(  # type: ignore[union-attr]
-            sock, server_side=server_side, suppress_ragged_eofs=False
-        )
-        presented = tls.getpeercert(binary_form=True)
+    def _secure(self, sock: socket.socket, server_side: bool) -> ssl.SSLSocket | TlsPeer:
+        """The TLS handshake on ``sock``, the peer's certificate checked against the pin."""
+        if self.tls_io == "bio":
+            peer = TlsPeer.handshake(self.context, sock, server_side,  # type: ignore[arg-type]
+                                     self.handshake_timeout)
+            presented = peer.obj.getpeercert(binary_form=True)
+        else:
+            sock.settimeout(self.handshake_timeout)
+            peer = self.context.wrap_socket(  # type: ignore[union-attr]
+                sock, server_side=server_side, suppress_ragged_eofs=False
+            )
+            presented = peer.getpeercert(binary_form=True)
         if presented is None or fingerprint_of_der(presented) != self.peer_fingerprint:
             raise ssl.SSLError("peer certificate does not match the pinned fingerprint")
-        tx, rx = ktls_engaged(tls)
-        if tx or rx:
-            with self.counters.lock:
-                self.counters.ktls_tx += tx
-                self.counters.ktls_rx += rx
-        return tls
+        if isinstance(peer, ssl.SSLSocket):
+            tx, rx = ktls_engaged(peer)
+            if tx or rx:
+                with self.counters.lock:
+                    self.counters.ktls_tx += tx
+                    self.counters.ktls_rx += rx
+        return peer
 
     def _hold(self, conn: _Connection, *socks: socket.socket) -> None:
         """Record the connection's current sockets; raise if the stream was stopped."""
@@ -582,21 +850,25 @@ class Stream:
             inbound.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             target = self.targets[index % len(self.targets)]
             if self.role == "PROD":
+                app_side = peer_side = inbound
                 if self.context is not None:
-                    inbound = self._secure(inbound, server_side=True)
-                    self._hold(conn, inbound)
-                outbound = socket.create_connection(target, timeout=self.connect_timeout)
-                self._hold(conn, inbound, outbound)
-                app_side, peer_side = outbound, inbound
+                    peer_side = self._secure(inbound, server_side=True)
+                    self._hold(conn, _raw(peer_side))
+                app_side = socket.create_connection(target, timeout=self.connect_timeout)
+                self._hold(conn, _raw(peer_side), app_side)
+                app_side.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             else:
-                outbound = socket.create_connection(target, timeout=self.connect_timeout)
-                self._hold(conn, inbound, outbound)
+                app_side = peer_side = inbound
+                peer_side = socket.create_connection(target, timeout=self.connect_timeout)
+                self._hold(conn, inbound, peer_side)
+                peer_side.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if self.context is not None:
-                    outbound = self._secure(outbound, server_side=False)
-                    self._hold(conn, inbound, outbound)
-                app_side, peer_side = inbound, outbound
-            outbound.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            orderly = relay(app_side, peer_side, self.bucket, c)
+                    peer_side = self._secure(peer_side, server_side=False)
+                    self._hold(conn, inbound, _raw(peer_side))
+            if isinstance(peer_side, TlsPeer):
+                orderly = relay_tls(app_side, peer_side, self.bucket, c)
+            else:
+                orderly = relay(app_side, peer_side, self.bucket, c)
         except Exception as exc:  # noqa: BLE001 - any failure ends this connection only
             if not conn.cut:
                 with c.lock:
@@ -615,6 +887,18 @@ class Stream:
                         pass
             else:
                 _abort(*socks)
+
+
+def _raw(peer: socket.socket | TlsPeer) -> socket.socket:
+    return peer.raw if isinstance(peer, TlsPeer) else peer
+
+
+def tls_io_mode() -> str:
+    """How TLS hops do their socket I/O (see :data:`TLS_IO_ENV`)."""
+    mode = os.environ.get(TLS_IO_ENV, "")
+    if mode in ("bio", "socket"):
+        return mode
+    return "socket" if ktls_available() is None else "bio"
 
 
 def _log(message: str) -> None:

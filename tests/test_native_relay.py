@@ -23,6 +23,7 @@ from scistream_proxy.backends import NativeBackend, ProxySpec
 from scistream_proxy.leaks import port_is_free, proxy_pids
 from scistream_proxy.native import (
     CONTROL_SOCKET,
+    TLS_IO_ENV,
     ktls_available,
     parse_address,
     relay_dir_of,
@@ -32,7 +33,19 @@ from scistream_proxy.process import ProcessIdentity
 from conftest import make_gateway
 
 KEY = "relay-test-key"
-MODES = [pytest.param(True, id="tls"), pytest.param(False, id="plain-splice")]
+# How a stream's connections move bytes: TLS through memory BIOs (the default where the
+# kernel has no TLS), TLS on the socket (OpenSSL's own socket I/O; kernel TLS where it
+# exists), or plain TCP both sides (splice).
+MODES = [pytest.param("bio", id="tls-bio"), pytest.param("socket", id="tls-socket"),
+         pytest.param(None, id="plain-splice")]
+
+
+@pytest.fixture(params=MODES)
+def mode(request, monkeypatch) -> str | None:
+    """The TLS I/O mode the relays started in this test use (None: a plain stream)."""
+    if request.param is not None:
+        monkeypatch.setenv(TLS_IO_ENV, request.param)
+    return request.param
 
 
 def _reserve(gw, role, uid, num_conn=1, rate=0):
@@ -119,10 +132,10 @@ def _relay_pid(gw) -> int:
     return pids[0]
 
 
-@pytest.mark.parametrize("tls", MODES)
-def test_many_connections_on_one_stream_keep_every_byte(gateways, tls):
+def test_many_connections_on_one_stream_keep_every_byte(gateways, mode):
     """64 connections at once through one listener, each echoed end to end."""
     producer, consumer = gateways
+    tls = mode is not None
     server = Server(_echo)
     uid, listeners = _open(producer, consumer, [server.address], tls=tls)
     payloads = [os.urandom(256 << 10) for _ in range(64)]
@@ -148,6 +161,7 @@ def test_many_connections_on_one_stream_keep_every_byte(gateways, tls):
         assert status["connections"]["failed"] == 0
         # Plain on both sides of a relay connection only when the stream has no TLS.
         assert status["connections"]["spliced"] == (0 if tls else 64)
+        assert status["connections"]["bio"] == (64 if mode == "bio" else 0)
 
 
 def _slow_sink(received: dict):
@@ -166,9 +180,9 @@ def _slow_sink(received: dict):
     return handler
 
 
-@pytest.mark.parametrize("tls", MODES)
-def test_half_close_from_the_consumer_delivers_everything_with_partial_writes(gateways, tls):
+def test_half_close_from_the_consumer_delivers_everything_with_partial_writes(gateways, mode):
     producer, consumer = gateways
+    tls = mode is not None
     received: dict = {}
     server = Server(_slow_sink(received))
     uid, listeners = _open(producer, consumer, [server.address], tls=tls)
@@ -191,9 +205,9 @@ def test_half_close_from_the_consumer_delivers_everything_with_partial_writes(ga
     assert received == {len(payload): hashlib.sha256(payload).hexdigest()}
 
 
-@pytest.mark.parametrize("tls", MODES)
-def test_half_close_from_the_producer_is_a_clean_end_after_every_byte(gateways, tls):
+def test_half_close_from_the_producer_is_a_clean_end_after_every_byte(gateways, mode):
     producer, consumer = gateways
+    tls = mode is not None
     payload = os.urandom((3 << 20) + 777)
 
     def send_and_end(conn):
@@ -217,9 +231,9 @@ def test_half_close_from_the_producer_is_a_clean_end_after_every_byte(gateways, 
     assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
 
 
-@pytest.mark.parametrize("tls", MODES)
-def test_rate_limited_stream_keeps_every_byte(gateways, tls):
+def test_rate_limited_stream_keeps_every_byte(gateways, mode):
     producer, consumer = gateways
+    tls = mode is not None
     server = Server(_echo)
     uid, listeners = _open(producer, consumer, [server.address], tls=tls, rate=40_000)
     payload = os.urandom(1 << 20)
@@ -231,6 +245,7 @@ def test_rate_limited_stream_keeps_every_byte(gateways, tls):
         server.close()
     assert hashlib.sha256(back).digest() == hashlib.sha256(payload).digest()
     assert status["connections"]["spliced"] == (0 if tls else 1)
+    assert status["connections"]["bio"] == (1 if mode == "bio" else 0)
 
 
 def test_tls_hop_negotiates_aes_128_gcm(gateways):
