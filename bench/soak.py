@@ -239,11 +239,12 @@ def echo_roundtrip(address: str, nbytes: int = ECHO_BYTES, timeout_s: float = 30
     return "ok" if hashlib.sha256(back).digest() == hashlib.sha256(payload).digest() else "corrupt"
 
 
-def _send_quietly(sock: socket.socket, payload: bytes) -> None:
+def _send_quietly(sock: socket.socket, payload: bytes, errors: list | None = None) -> None:
     try:
         sock.sendall(payload)
-    except OSError:
-        pass
+    except OSError as exc:
+        if errors is not None:
+            errors.append(type(exc).__name__)
 
 
 # -- lifecycles ----------------------------------------------------------------------------
@@ -451,16 +452,20 @@ class Slot:
         outcome: list[str] = []
 
         def stream() -> None:  # a transfer that runs until the proxy dies
+            # A reset is reported once per socket, to the send or the recv: watch both.
+            errors: list[str] = []
             try:
                 with socket.create_connection((host, int(port)), timeout=30) as sock:
                     sender = threading.Thread(target=_send_quietly,
-                                              args=(sock, b"x" * (256 << 20)), daemon=True)
+                                              args=(sock, b"x" * (256 << 20), errors),
+                                              daemon=True)
                     sender.start()
                     while sock.recv(1 << 20):
                         pass
-                    outcome.append("eof")
+                    sender.join(timeout=5)
             except OSError as exc:
-                outcome.append(f"error: {type(exc).__name__}")
+                errors.append(type(exc).__name__)
+            outcome.append(f"error: {errors[0]}" if errors else "eof")
 
         mover = threading.Thread(target=stream, daemon=True)
         mover.start()
@@ -482,7 +487,8 @@ class Slot:
         # A native consumer resets its app when the producer's proxy dies. Not when that
         # is nginx: its worker outlives a killed master, and relays until release.
         if role == "PROD" and cb == "native" and pb != "nginx" \
-                and outcome != ["error: ConnectionResetError"]:
+                and outcome not in (["error: ConnectionResetError"],
+                                    ["error: BrokenPipeError"]):
             problems.append(f"{label}: a native consumer gave the app {outcome or 'nothing'},"
                             " not a reset")
         if mover.is_alive():  # nginx workers outlive a killed master: release ends them
