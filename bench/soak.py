@@ -620,6 +620,8 @@ def run_soak(lifecycles: int, seed: int, backends: list[str], concurrency: int,
                 kinds[fault] += 1
                 violations.extend(f"#{index} {label}: {v}" for v in found)
                 unexpected.extend(f"#{index} {label}: {p}" for p in problems)
+                for line in [*found, *problems]:  # as they happen, not only at the end
+                    print(f"#{index} {label}: {line}", file=sys.stderr, flush=True)
                 done[0] += 1
                 if progress:
                     progress(done[0], lifecycles, len(violations), len(unexpected))
