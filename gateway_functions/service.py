@@ -543,7 +543,10 @@ class Gateway:
         directory = self.stream_dir(uid)
         try:
             self._fault_point("connect:marked")
-            status = backend.status(stream.proxy, directory)
+            try:
+                status = backend.status(stream.proxy, directory)
+            except ProxyUnavailable as exc:  # e.g. no container engine to ask
+                raise Unavailable(f"connect of stream {uid}: {exc}") from None
             if not status["alive"]:
                 with self.store.transaction():  # recorded, then reported
                     self.store.update(uid, state="FAILED", busy=None,
