@@ -14,7 +14,7 @@ drawn from ``--backends``, and one fault drawn per lifecycle:
   see ``scistream_gateway.service.FAULT_STEPS``; the client then retries or releases);
 - ``call-timeout`` (a call with a random timeout of 5-500 ms: the client kills the
   worker wherever it got to);
-- ``client-vanishes`` (a 1 s lease, never released); ``restart`` (every worker of both
+- ``client-vanishes`` (renewed for 1 s, never released); ``restart`` (every worker of both
   gateways killed, maybe a proxy killed or an orphan planted, meanwhile);
 - ``peer-unreachable``; ``wrong-key`` (hello); ``wrong-cert`` (an impostor's certificate).
 
@@ -386,9 +386,11 @@ class Slot:
                     # that timed out before it was recorded.
                     unexpected.append(f"{label}: {failed[1]!r}")
             elif fault == "client-vanishes":
-                listeners, failed = self.open(P, C, uid, key, lease_s=1)
+                listeners, failed = self.open(P, C, uid, key)
                 if failed:
                     unexpected.append(f"open failed at {failed[0]}: {failed[1]}")
+                for gw in (P, C):  # its last renew asked for 1 s; then it is gone
+                    gw.call("renew", {"uid": uid, "lease_s": 1})
                 time.sleep(1.3)
                 for gw in (P, C):
                     gw.call("gateway_info", {})
