@@ -525,3 +525,24 @@ def test_a_version_1_state_database_is_migrated_and_keeps_its_streams(tmp_path):
     again = Store(path)  # opening a current database changes nothing
     assert again.version() == 2 and again.get("u1").busy["pid"] == 1
     again.close()
+
+
+def test_a_backend_that_cannot_start_now_is_unavailable_and_leaves_nothing(gateway_root,
+                                                                           monkeypatch):
+    """What a backend needs is away at reserve (its container engine, say): UNAVAILABLE,
+    a request worth retrying, with the STARTING row, its ports and its files gone."""
+    from scistream_proxy.backends import ProxyUnavailable
+
+    def engine_away(self, spec):
+        raise ProxyUnavailable("no engine answers (injected)")
+
+    gw = make_gateway(gateway_root, "away-gw", size=4)
+    monkeypatch.setattr(NativeBackend, "start", engine_away)
+    uid = str(uuid.uuid4())
+    with Gateway(gw.settings) as gateway:
+        with pytest.raises(Unavailable, match="cannot start now: no engine answers"):
+            gateway.reserve(_request(uid, "CONS", num_conn=4))
+        assert gateway.store.get(uid) is None and gateway.store.used_ports() == set()
+    assert list((gw.settings.state_dir / "streams").iterdir()) == []
+    assert all(port_is_free(f"127.0.0.1:{p}") for p in range(gw.settings.port_min,
+                                                            gw.settings.port_max + 1))
