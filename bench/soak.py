@@ -481,6 +481,11 @@ class Slot:
         while identity.alive() and time.monotonic() < deadline:
             time.sleep(0.01)
         status = side.call("status", {"uid": uid})
+        # A container engine reports a container whose process was killed a moment later.
+        deadline = time.monotonic() + 10
+        while status["alive"] and backend in CONTAINER_BACKENDS and time.monotonic() < deadline:
+            time.sleep(0.1)
+            status = side.call("status", {"uid": uid})
         if (status["state"], status["alive"], status.get("error_code")) != (
                 "FAILED", False, "CONN_ERROR"):
             problems.append(f"{label}: status {status['state']} alive={status['alive']} "

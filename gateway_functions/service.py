@@ -203,6 +203,8 @@ class Gateway:
                     self._cleanup(replace(stream, proxy=None), "FAILED",
                                   f"the worker running connect died (pid {stream.busy['pid']})")
                 undone.append(stream.uid)
+        if undone:
+            self._log(f"undid the reserve/connect of dead workers: {undone}")
         return undone
 
     def reconcile(self, force: bool = False) -> dict:
@@ -234,7 +236,21 @@ class Gateway:
             done["orphans"] = self._remove_orphans(live)
             self.store.free_stray_ports()
         _RECONCILED.add(key)
+        if done["failed"] or done["orphans"]:
+            self._log(f"reconciled (worker {os.getpid()}): streams whose proxy was gone, "
+                      f"now FAILED: {done['failed']}; removed: {done['orphans']}")
         return done
+
+    def _log(self, line: str) -> None:
+        """A line for the operator in ``<state_dir>/gateway.log`` (beside the bug reports)."""
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        try:
+            fd = os.open(self.settings.state_dir / "gateway.log",
+                         os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with open(fd, "a") as fh:
+                fh.write(f"{stamp} {line}\n")
+        except OSError:
+            pass
 
     def _live_uids(self) -> set[str]:
         """Streams that may own a proxy, ports and files: in a holding state, not FAILED

@@ -376,6 +376,8 @@ def test_a_restart_reconciles_state_with_what_runs(gateway_root, echo):
         assert not orphan.exists() and not ghost.exists()
         assert NativeBackend.relay_streams(state) == [chain.uid]
         assert port_is_free(f"127.0.0.1:{ghost_port}")
+        log = (state / "gateway.log").read_text()
+        assert "reconciled" in log and ghost.name in log and orphan.name in log
         status = consumer.call("status", {"uid": chain.uid})
         assert status["state"] == "CONNECTED" and status["alive"]
         assert roundtrip(chain.cons["listeners"][0]) == b"p" * 100_000
