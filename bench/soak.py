@@ -455,6 +455,7 @@ class Slot:
 
         def stream() -> None:  # a transfer that runs until the proxy dies
             # A reset is reported once per socket, to the send or the recv: watch both.
+            # Recorded before the socket closes (the sender then meets EBADF).
             errors: list[str] = []
             try:
                 with socket.create_connection((host, int(port)), timeout=30) as sock:
@@ -462,12 +463,15 @@ class Slot:
                                               args=(sock, b"x" * (256 << 20), errors),
                                               daemon=True)
                     sender.start()
-                    while sock.recv(1 << 20):
-                        pass
-                    sender.join(timeout=5)
+                    try:
+                        while sock.recv(1 << 20):
+                            pass
+                        sender.join(timeout=5)
+                    except OSError as exc:
+                        errors.append(type(exc).__name__)
+                    outcome.append(f"error: {errors[0]}" if errors else "eof")
             except OSError as exc:
-                errors.append(type(exc).__name__)
-            outcome.append(f"error: {errors[0]}" if errors else "eof")
+                outcome.append(f"error: {type(exc).__name__}")
 
         mover = threading.Thread(target=stream, daemon=True)
         mover.start()
