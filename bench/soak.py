@@ -623,10 +623,13 @@ def run_soak(lifecycles: int, seed: int, backends: list[str], concurrency: int,
                 gw = slot.gws[key]
                 try:
                     gw.call("gateway_info", {})
+                    found += check_gateway(gw.settings.state_dir, "127.0.0.1",
+                                           slot.ranges[key],
+                                           docker=docker and key[0] in CONTAINER_BACKENDS)
                 except SciStreamError as exc:
                     found.append(f"gateway_info after {label}: {exc}")
-                found += check_gateway(gw.settings.state_dir, "127.0.0.1", slot.ranges[key],
-                                       docker=docker and key[0] in CONTAINER_BACKENDS)
+                except Exception:  # noqa: BLE001 - a check that could not run is reported
+                    problems.append(f"invariant check failed: {traceback.format_exc(limit=3)}")
             with lock:
                 faults[label] += 1
                 kinds[fault] += 1

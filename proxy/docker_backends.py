@@ -76,7 +76,9 @@ def docker_client(timeout_s: float = 30.0):
 def leftover_containers(client, **labels: str) -> list:
     """Containers (running or not) carrying this project's labels with these values."""
     filters = [f"{LABEL}.managed=1"] + [f"{LABEL}.{k}={v}" for k, v in labels.items()]
-    return client.containers.list(all=True, filters={"label": filters})
+    # ignore_removed: a container removed between the engine's list and its inspect
+    # (another stream's release, another gateway) is not an error.
+    return client.containers.list(all=True, filters={"label": filters}, ignore_removed=True)
 
 
 def _listening_inodes(host: str, port: int) -> set[int]:
