@@ -29,7 +29,8 @@ The codes are those of SciStream's draft protocol spec. Where each one comes fro
   capacity would be exceeded, or a gateway with a capacity is asked for no rate. The
   message says which.
 - ``CONN_ERROR``: a proxy could not be started (including no systemd scope where one
-  is required), refused ``connect``, or had died before ``connect``.
+  is required), refused ``connect``, or had died before ``connect``. ``status`` of a
+  ``FAILED`` stream carries it as ``error_code``, with ``last_error`` saying why.
 - ``BAD_FORMAT``: any malformed request (not an object, unknown or missing fields,
   uids, roles, addresses, numbers, lists), a repeated ``reserve`` with other
   parameters, or a uid used again after its stream ended.
@@ -42,9 +43,12 @@ The codes are those of SciStream's draft protocol spec. Where each one comes fro
   for a call or for a loop of ``wait_hello`` passes.
 - ``NOT_IMPLEMENTED``: a function name the gateway does not have (``wire.handle``), or
   a feature the configured proxy backend does not offer.
-- ``UNAVAILABLE``: the configured backend cannot run on this node, the gateway's own
-  address does not resolve, or its state database stayed locked by other workers for
-  longer than 60 s: the request was fine, try again later or elsewhere.
+- ``UNAVAILABLE``: the configured backend cannot run on this node (or what it needs,
+  such as its container engine, cannot be used right now), the gateway's own address
+  does not resolve, its state database stayed locked by other workers for longer than
+  60 s, or a reserve/connect of this uid is in progress (``release`` waits up to 30 s
+  for it first): the request was fine, try again later or elsewhere. A client whose
+  call's worker died (``LocalGateway``) gets it too.
 """
 
 from __future__ import annotations

@@ -8,6 +8,15 @@ checked before that: a malformed request is refused having changed nothing at al
 Admission control (``NO_RESOURCE``): ``num_conn`` up to the gateway's
 ``max_num_conn``, the sum of active rates up to ``rate_capacity``, and ports the
 kernel lets this gateway bind in its range.
+
+A worker can die anywhere (killed by its endpoint, the OOM killer, a client's
+timeout). So ``reserve`` and ``connect`` record which worker is working on a stream
+(``busy``) before they start or change a proxy, and clear it with the outcome; the
+next call on the gateway undoes the work of a dead one (:meth:`Gateway.reap`). The
+first call in each worker process also reconciles the state with what runs
+(:meth:`Gateway.reconcile`): after a restart, proxies that died are recorded as such,
+and what runs or lies in the state directory without a stream is removed.
+docs/faults.md describes each fault and what survives it.
 """
 
 from __future__ import annotations
@@ -17,8 +26,10 @@ import hashlib
 import hmac
 import os
 import shutil
+import signal
 import socket
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from scistream_gateway import __version__
@@ -33,16 +44,18 @@ from scistream_gateway.errors import (
     Unavailable,
 )
 from scistream_gateway.settings import GatewaySettings
-from scistream_gateway.store import Store, StreamRow
+from scistream_gateway.store import ACTIVE_STATES, STARTING, Store, StreamRow
 from scistream_gateway.validation import Request, format_address
 from scistream_proxy.backends import (
     BACKENDS,
+    NativeBackend,
     ProxyError,
     ProxySpec,
     ProxyUnavailable,
     get_backend,
 )
-from scistream_proxy.process import survival_report
+from scistream_proxy.leaks import working_dirs
+from scistream_proxy.process import ProcessIdentity, survival_report, terminate
 from scistream_proxy.tls import fingerprint_of_pem, generate_certificate
 
 __all__ = ["Gateway"]
@@ -52,6 +65,32 @@ MAX_RATE_KBPS = 10**9  # 1 Tbit/s: anything above is a typo, not a request
 MAX_NUM_CONN = 65535  # above this a num_conn is malformed; above max_num_conn, refused
 MAX_CERT_PEM = 8192
 CERT_FILE, KEY_FILE, PEER_CERT_FILE = "cert.pem", "key.pem", "peer.pem"
+RELEASE_WAIT_S = 30.0  # release waits this long for a reserve/connect of its uid to end
+
+# Test fault points: with SCISTREAM_TEST_FAULTS=1 in a worker's environment, a file
+# <state_dir>/test-faults/<step> makes the worker that reaches <step> remove the file
+# and SIGKILL itself there, so tests kill a real worker at an exact point.
+FAULTS_ENV = "SCISTREAM_TEST_FAULTS"
+FAULT_STEPS = ("reserve:recorded", "reserve:proxy-started", "connect:marked",
+               "connect:proxy-connected")
+
+# State directories this worker process has reconciled (its first call on each).
+# Module state on purpose: "once per worker process" is exactly its lifetime.
+_RECONCILED: set[str] = set()
+
+
+def _this_worker() -> dict:
+    """This worker process as recorded in ``busy``: pid and kernel start time."""
+    identity = ProcessIdentity.of(os.getpid())
+    return {"pid": identity.pid, "start_time": identity.start_time}
+
+
+NOBODY = {"pid": 0, "start_time": 0, "op": "undo"}  # a busy mark no process matches
+
+
+def _busy_alive(busy: dict | None) -> bool:
+    return busy is not None and ProcessIdentity(int(busy["pid"]),
+                                                int(busy["start_time"])).alive()
 
 
 def _make_private(directory: Path) -> None:
@@ -102,11 +141,25 @@ class Gateway:
             get_backend(stream.backend).stop(stream.proxy, self.stream_dir(stream.uid))
         shutil.rmtree(self.stream_dir(stream.uid), ignore_errors=True)
         self.store.free_ports(stream.uid)
-        self.store.update(stream.uid, state=state, proxy=None, key_sha256=None,
+        self.store.update(stream.uid, state=state, proxy=None, key_sha256=None, busy=None,
                           detail=detail or stream.detail)
 
+    def _fault_point(self, step: str) -> None:
+        """A test's fault injection (see FAULTS_ENV): die here if asked to."""
+        if os.environ.get(FAULTS_ENV) != "1":
+            return
+        try:
+            (self.settings.state_dir / "test-faults" / step).unlink()
+        except OSError:
+            return  # not asked, or another worker took this one
+        os.kill(os.getpid(), signal.SIGKILL)
+
     def reap(self) -> list[str]:
-        """Release every stream whose lease has expired; returns their uids."""
+        """What every call does first: undo the work of workers that died mid-reserve or
+        mid-connect, reconcile once per worker process, release every stream whose lease
+        has expired. Returns the uids whose lease expired."""
+        self.reap_abandoned()
+        self.reconcile()
         now = time.time()
         if not self.store.expired(now):  # the common case: a read, no write lock
             return []
@@ -119,6 +172,127 @@ class Gateway:
                     continue  # its container engine is away: reaped by a later call
                 uids.append(uid)
         return uids
+
+    def reap_abandoned(self) -> list[str]:
+        """Undo reserves and connects whose worker died (``busy`` names a dead process):
+        a STARTING stream is forgotten, whatever its worker may have started removed
+        (``abandon``) and its ports freed; a stream whose connect died turns FAILED
+        with its proxy stopped and its resources freed. Returns their uids."""
+        candidates = [st for st in self.store.busy_streams() if not _busy_alive(st.busy)]
+        if not candidates:
+            return []
+        undone = []
+        with self.store.transaction():
+            for stale in candidates:
+                stream = self.store.get(stale.uid)
+                if stream is None or stream.busy != stale.busy:
+                    continue  # another worker got here first
+                backend = get_backend(stream.backend)
+                directory = self.stream_dir(stream.uid)
+                try:
+                    if stream.proxy is not None:
+                        backend.stop(stream.proxy, directory)
+                    backend.abandon(directory, stream.uid)
+                except ProxyUnavailable:
+                    continue  # its container engine is away: a later call does it
+                shutil.rmtree(directory, ignore_errors=True)
+                if stream.state == STARTING:
+                    self.store.delete(stream.uid)
+                else:
+                    # Its proxy was stopped above (by its handle and by abandon).
+                    self._cleanup(replace(stream, proxy=None), "FAILED",
+                                  f"the worker running connect died (pid {stream.busy['pid']})")
+                undone.append(stream.uid)
+        if undone:
+            self._log(f"undid the reserve/connect of dead workers: {undone}")
+        return undone
+
+    def reconcile(self, force: bool = False) -> dict:
+        """Make the state match what runs: once per worker process (its first call on
+        this gateway), since a new worker may follow a restart of the endpoint or of the
+        node. Streams whose proxy is gone turn FAILED with their resources freed;
+        processes, relay streams, containers and stream directories that belong to no
+        stream are removed. Returns what was done (for tests and the log)."""
+        key = str(self.settings.state_dir)
+        done: dict = {"failed": [], "orphans": []}
+        if key in _RECONCILED and not force:
+            return done
+        with self.store.transaction():
+            live = self._live_uids()
+            for stream in self.store.active_streams(ACTIVE_STATES):
+                if stream.state == "FAILED" or stream.busy is not None or stream.proxy is None:
+                    continue
+                try:
+                    alive = get_backend(stream.backend).status(
+                        stream.proxy, self.stream_dir(stream.uid))["alive"]
+                except ProxyUnavailable:
+                    continue
+                if not alive:
+                    # stop() of a dead proxy still removes what it left (nginx workers).
+                    self._cleanup(stream, "FAILED",
+                                  "proxy not running when the gateway reconciled its state")
+                    live.discard(stream.uid)
+                    done["failed"].append(stream.uid)
+            done["orphans"] = self._remove_orphans(live)
+            self.store.free_stray_ports()
+        _RECONCILED.add(key)
+        if done["failed"] or done["orphans"]:
+            self._log(f"reconciled (worker {os.getpid()}): streams whose proxy was gone, "
+                      f"now FAILED: {done['failed']}; removed: {done['orphans']}")
+        return done
+
+    def _log(self, line: str) -> None:
+        """A line for the operator in ``<state_dir>/gateway.log`` (beside the bug reports)."""
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        try:
+            fd = os.open(self.settings.state_dir / "gateway.log",
+                         os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with open(fd, "a") as fh:
+                fh.write(f"{stamp} {line}\n")
+        except OSError:
+            pass
+
+    def _live_uids(self) -> set[str]:
+        """Streams that may own a proxy, ports and files: in a holding state, not FAILED
+        (a FAILED stream's proxy was stopped or died; its files go at release)."""
+        return {uid for uid, state in self.store.all_uids().items()
+                if state in (STARTING, "RESERVED", "HELLO", "CONNECTED")}
+
+    def _remove_orphans(self, live: set[str]) -> list[str]:
+        """Inside a transaction (so no reserve records a stream meanwhile): remove
+        what belongs to no live stream. Returns a description of each thing removed."""
+        removed = []
+        states = self.store.all_uids()
+        kept = live | {uid for uid, state in states.items() if state == "FAILED"}
+        # Processes working in a stream directory: port holders, stunnel, HAProxy, nginx.
+        for pid, cwd in working_dirs(self.streams_dir).items():
+            parts = Path(cwd).relative_to(self.streams_dir).parts
+            identity = ProcessIdentity.of(pid)
+            if parts and parts[0] not in live and identity is not None:
+                uid = parts[0]
+                terminate(identity, grace_s=0)
+                removed.append(f"process {pid} in streams/{uid}")
+        # Streams the gateway's native relay holds (never the relay itself: it serves
+        # the live ones, and exits by itself when the last one leaves).
+        for uid in NativeBackend.relay_streams(self.settings.state_dir) or []:
+            if uid not in live:
+                get_backend("native").abandon(self.stream_dir(uid), uid)
+                removed.append(f"relay stream {uid}")
+        # Containers labelled with one of this gateway's stream directories.
+        backends = {get_backend(self.settings.backend)} | {
+            get_backend(st.backend) for st in self.store.active_streams()}
+        for backend in backends:
+            try:
+                for uid in backend.orphans(self.streams_dir, live):
+                    removed.append(f"{backend.name} container of {uid}")
+            except ProxyUnavailable:
+                pass  # no engine to ask: the next worker's first call tries again
+        # Stream directories (keys, configs) of no stream that may still use them.
+        for directory in self.streams_dir.iterdir():
+            if directory.name not in kept:
+                shutil.rmtree(directory, ignore_errors=True)
+                removed.append(f"directory streams/{directory.name}")
+        return removed
 
     def _lease(self, request: Request) -> int:
         return request.integer("lease_s", 1, self.settings.max_lease_s,
@@ -224,6 +398,9 @@ class Gateway:
             if existing is not None:
                 same = (existing.role, existing.num_conn, existing.rate, existing.key_sha256) == (
                     role, num_conn, rate, key_sha256)
+                if existing.state == STARTING:  # its worker lives: reap_abandoned ran
+                    raise Unavailable(f"a reserve of stream {uid} is in progress on {s.name};"
+                                      " try again")
                 if not existing.active:
                     raise BadFormat(f"uid {uid} was already used on {s.name} "
                                     f"({existing.state}); a new stream needs a new uid")
@@ -241,39 +418,59 @@ class Gateway:
 
             host = s.wan_address if role == "PROD" else s.lan_address
             sockets = self._bind_listeners(host, num_conn, backend.reuseport)
-            directory = self.stream_dir(uid)
-            handle = None
+            ports = [sock.getsockname()[1] for sock in sockets]
+            # Recorded before anything starts: if this worker dies from here on, the
+            # next call finds the row busy with a dead worker and undoes the rest.
+            self.store.insert(StreamRow(
+                uid=uid, role=role, state=STARTING, num_conn=num_conn, rate=rate,
+                key_sha256=key_sha256, lease_expires=time.time() + lease_s,
+                listeners=[format_address(host, port) for port in ports],
+                app_listeners=[], remote_listeners=[], tls=True, cert_fingerprint="",
+                certificate="", backend=backend.name, proxy=None, ports=ports,
+                busy={**_this_worker(), "op": "reserve"},
+            ))
+        directory = self.stream_dir(uid)
+        handle = None
+        try:
+            self._fault_point("reserve:recorded")
+            shutil.rmtree(directory, ignore_errors=True)  # leftovers of a crashed call
+            directory.mkdir(mode=0o700)
+            certificate, fingerprint = generate_certificate(
+                f"scistream {role} {uid}", directory / KEY_FILE, directory / CERT_FILE,
+                datetime.timedelta(seconds=s.max_lease_s + 86400),
+            )
+            handle = backend.start(ProxySpec(
+                uid=uid, role=role, stream_dir=directory, sockets=sockets, rate=rate,
+                cert_file=CERT_FILE, key_file=KEY_FILE, gateway=s.name,
+            ))
+            for sock in sockets:  # the proxy holds its own copies now
+                sock.close()
+            self._fault_point("reserve:proxy-started")
+            with self.store.transaction():
+                self.store.update(uid, state="RESERVED", proxy=handle, busy=None,
+                                  cert_fingerprint=fingerprint, certificate=certificate,
+                                  lease_expires=time.time() + lease_s)
+                stream = self.store.get(uid)
+        except BaseException as exc:
+            for sock in sockets:
+                sock.close()
             try:
-                shutil.rmtree(directory, ignore_errors=True)  # leftovers of a crashed call
-                directory.mkdir(mode=0o700)
-                certificate, fingerprint = generate_certificate(
-                    f"scistream {role} {uid}", directory / KEY_FILE, directory / CERT_FILE,
-                    datetime.timedelta(seconds=s.max_lease_s + 86400),
-                )
-                handle = backend.start(ProxySpec(
-                    uid=uid, role=role, stream_dir=directory, sockets=sockets, rate=rate,
-                    cert_file=CERT_FILE, key_file=KEY_FILE, gateway=s.name,
-                ))
-                stream = StreamRow(
-                    uid=uid, role=role, state="RESERVED", num_conn=num_conn, rate=rate,
-                    key_sha256=key_sha256, lease_expires=time.time() + lease_s,
-                    listeners=[format_address(host, sock.getsockname()[1]) for sock in sockets],
-                    app_listeners=[], remote_listeners=[], tls=True,
-                    cert_fingerprint=fingerprint, certificate=certificate,
-                    backend=backend.name, proxy=handle,
-                    ports=[sock.getsockname()[1] for sock in sockets],
-                )
-                self.store.insert(stream)
-            except BaseException as exc:
                 if handle is not None:
                     backend.stop(handle, directory)
+                backend.abandon(directory, uid)
+            except ProxyError:
+                # Busy with nobody: the next call's reap_abandoned tries the undo again.
+                with self.store.transaction():
+                    self.store.update(uid, busy=NOBODY)
+            else:
                 shutil.rmtree(directory, ignore_errors=True)
-                if isinstance(exc, ProxyError):
-                    raise ConnError(f"could not start the {backend.name} proxy: {exc}") from None
-                raise
-            finally:
-                for sock in sockets:  # the proxy holds its own copies now
-                    sock.close()
+                with self.store.transaction():
+                    self.store.delete(uid)
+            if isinstance(exc, ProxyUnavailable):
+                raise Unavailable(f"the {backend.name} proxy cannot start now: {exc}") from None
+            if isinstance(exc, ProxyError):
+                raise ConnError(f"could not start the {backend.name} proxy: {exc}") from None
+            raise
         return self._reserve_reply(stream)
 
     def hello(self, raw: object) -> dict:
@@ -312,7 +509,7 @@ class Gateway:
         delay = 0.005
         while True:
             stream = self._lookup(uid)
-            if stream.state != "RESERVED" or time.monotonic() >= deadline:
+            if stream.state not in ("RESERVED", STARTING) or time.monotonic() >= deadline:
                 return {"uid": uid, "state": stream.state, "app_listeners": stream.app_listeners}
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, 0.05)
@@ -344,6 +541,9 @@ class Gateway:
                 raise NotImplementedHere(f"backend {stream.backend} cannot relay without TLS")
             reply = {"uid": uid, "state": "CONNECTED", "listeners": stream.listeners,
                      "backend": stream.backend}
+            if stream.busy is not None:  # alive: reap_abandoned has just run
+                raise Unavailable(f"a {stream.busy.get('op', 'call')} of stream {uid} is in "
+                                  "progress; try again")
             if stream.state == "CONNECTED":
                 if (stream.remote_listeners, stream.tls) == (remote, tls):
                     return reply
@@ -353,30 +553,44 @@ class Gateway:
                                  "(its app_listeners) must come before connect")
             if stream.state not in ("RESERVED", "HELLO"):
                 raise InvalidUid(f"stream {uid} is {stream.state}")
-            directory = self.stream_dir(uid)
-            status = backend.status(stream.proxy, directory)
+            # Marked before the proxy changes: a worker dying from here on leaves a row
+            # that the next call turns FAILED, its proxy stopped (reap_abandoned).
+            self.store.update(uid, busy={**_this_worker(), "op": "connect"})
+        directory = self.stream_dir(uid)
+        try:
+            self._fault_point("connect:marked")
+            try:
+                status = backend.status(stream.proxy, directory)
+            except ProxyUnavailable as exc:  # e.g. no container engine to ask
+                raise Unavailable(f"connect of stream {uid}: {exc}") from None
             if not status["alive"]:
-                # Recorded (committed), then reported: the stream is FAILED either way.
-                self.store.update(uid, state="FAILED", detail="proxy died before connect")
-                failed = ConnError(f"the proxy of stream {uid} is not running")
-            else:
-                failed = None
-                if peer_cert is not None:
-                    (directory / PEER_CERT_FILE).write_text(peer_cert)
-                targets = stream.app_listeners if stream.role == "PROD" else remote
-                try:
-                    handle = backend.connect(stream.proxy, directory, targets=targets, tls=tls,
-                                             peer_cert_file=PEER_CERT_FILE if tls else None,
-                                             peer_fingerprint=peer_fp)
-                except ProxyError as exc:
-                    (directory / PEER_CERT_FILE).unlink(missing_ok=True)
-                    if isinstance(exc, ProxyUnavailable):
-                        raise Unavailable(str(exc)) from None
-                    raise ConnError(str(exc)) from None
+                with self.store.transaction():  # recorded, then reported
+                    self.store.update(uid, state="FAILED", busy=None,
+                                      detail="proxy died before connect")
+                raise ConnError(f"the proxy of stream {uid} is not running")
+            if peer_cert is not None:
+                (directory / PEER_CERT_FILE).write_text(peer_cert)
+            targets = stream.app_listeners if stream.role == "PROD" else remote
+            try:
+                handle = backend.connect(stream.proxy, directory, targets=targets, tls=tls,
+                                         peer_cert_file=PEER_CERT_FILE if tls else None,
+                                         peer_fingerprint=peer_fp)
+            except ProxyError as exc:
+                (directory / PEER_CERT_FILE).unlink(missing_ok=True)
+                if isinstance(exc, ProxyUnavailable):
+                    raise Unavailable(str(exc)) from None
+                raise ConnError(str(exc)) from None
+            self._fault_point("connect:proxy-connected")
+            with self.store.transaction():
                 self.store.update(uid, state="CONNECTED", remote_listeners=remote,
-                                  tls=int(tls), proxy=handle or stream.proxy)
-        if failed is not None:
-            raise failed
+                                  tls=int(tls), proxy=handle or stream.proxy, busy=None)
+        except BaseException:
+            # The stream stays as it was (a failed connect may be tried again) unless
+            # it was recorded FAILED above; the mark goes either way.
+            with self.store.transaction():
+                if self.store.get(uid).busy is not None:
+                    self.store.update(uid, busy=None)
+            raise
         return reply
 
     def status(self, raw: object) -> dict:
@@ -386,21 +600,27 @@ class Gateway:
         reply = {"uid": uid, "role": stream.role, "state": stream.state, "alive": False,
                  "bytes": None, "lease_expires": stream.lease_expires,
                  "listeners": stream.listeners, "detail": stream.detail}
-        if stream.proxy is None:
-            return reply
-        try:
-            proxy = get_backend(stream.backend).status(stream.proxy, self.stream_dir(uid))
-        except ProxyUnavailable as exc:  # e.g. no container engine to ask
-            raise Unavailable(f"status of stream {uid}: {exc}") from None
-        reply.update(alive=proxy["alive"], bytes=proxy.get("bytes"),
-                     connections=proxy.get("connections"), pid=proxy.get("pid"))
-        if proxy.get("detail"):  # e.g. which counters this backend does not expose
-            reply["proxy_detail"] = proxy["detail"]
-        if not proxy["alive"] and stream.state != "FAILED":
-            with self.store.transaction():
-                if self.store.get(uid).state == stream.state:
-                    self.store.update(uid, state="FAILED", detail="proxy process is gone")
-            reply.update(state="FAILED", detail="proxy process is gone")
+        if stream.proxy is not None:
+            try:
+                proxy = get_backend(stream.backend).status(stream.proxy, self.stream_dir(uid))
+            except ProxyUnavailable as exc:  # e.g. no container engine to ask
+                raise Unavailable(f"status of stream {uid}: {exc}") from None
+            reply.update(alive=proxy["alive"], bytes=proxy.get("bytes"),
+                         connections=proxy.get("connections"), pid=proxy.get("pid"))
+            if proxy.get("detail"):  # e.g. which counters this backend does not expose
+                reply["proxy_detail"] = proxy["detail"]
+            if proxy.get("last_error"):  # the last relayed connection that failed, and why
+                reply["last_error"] = proxy["last_error"]
+            # A proxy seen dead while a connect runs may be the one being replaced.
+            if not proxy["alive"] and stream.state != "FAILED" and stream.busy is None:
+                with self.store.transaction():
+                    now = self.store.get(uid)
+                    if now.state == stream.state and now.busy is None:
+                        self.store.update(uid, state="FAILED", detail="proxy process is gone")
+                        reply.update(state="FAILED", detail="proxy process is gone")
+        if reply["state"] == "FAILED":
+            reply["error_code"] = "CONN_ERROR"
+            reply.setdefault("last_error", reply["detail"])
         return reply
 
     def renew(self, raw: object) -> dict:
@@ -418,8 +638,12 @@ class Gateway:
     def release(self, raw: object) -> dict:
         uid = Request(raw, ("uid",)).uid()
         self.reap()
+        self._wait_not_busy(uid)
         with self.store.transaction():
             stream = self.store.get(uid)
+            if stream is not None and stream.busy is not None:
+                raise Unavailable(f"a {stream.busy.get('op', 'call')} of stream {uid} is still"
+                                  f" in progress after {RELEASE_WAIT_S:.0f} s; release again")
             if stream is not None and stream.active:
                 try:
                     self._cleanup(stream, "RELEASED")
@@ -427,3 +651,17 @@ class Gateway:
                     raise Unavailable(f"cannot release stream {uid} now: {exc}") from None
         return {"uid": uid, "released": True}
 
+    def _wait_not_busy(self, uid: str) -> None:
+        """Wait (up to RELEASE_WAIT_S) for a reserve or connect of ``uid`` to end; undo
+        it if its worker dies meanwhile."""
+        deadline = time.monotonic() + RELEASE_WAIT_S
+        delay = 0.005
+        while time.monotonic() < deadline:
+            stream = self.store.get(uid)
+            if stream is None or stream.busy is None:
+                return
+            if not _busy_alive(stream.busy):
+                self.reap_abandoned()
+                continue
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)

@@ -15,12 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Iterator
 
-__all__ = ["ACTIVE_STATES", "Store", "StreamRow"]
+__all__ = ["ACTIVE_STATES", "HOLDING_STATES", "STARTING", "Store", "StreamRow"]
 
 ACTIVE_STATES = ("RESERVED", "HELLO", "CONNECTED", "FAILED")
-SCHEMA_VERSION = 1  # PRAGMA user_version; the schema is written once per database
+# A reserve in progress: its row (and ports) are recorded before its proxy starts, so a
+# worker that dies halfway leaves a row naming what to clean (see ``busy``).
+STARTING = "STARTING"
+HOLDING_STATES = (STARTING, *ACTIVE_STATES)  # rows that may hold ports and a proxy
+SCHEMA_VERSION = 2  # PRAGMA user_version
 
-_SCHEMA = """
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS streams (
     uid TEXT PRIMARY KEY,
     role TEXT NOT NULL,
@@ -49,6 +53,15 @@ CREATE INDEX IF NOT EXISTS ports_uid ON ports(uid);
 CREATE INDEX IF NOT EXISTS streams_state ON streams(state, lease_expires);
 """
 
+# Each step takes the database from version ``n - 1`` to ``n``, in one transaction.
+_MIGRATIONS = {
+    1: _SCHEMA_V1,
+    # busy: the worker (pid + kernel start time) running a reserve or connect of this
+    # stream, set before that call starts or changes a proxy and cleared when it has
+    # recorded the outcome. A row busy with a dead worker is half-done work to undo.
+    2: "ALTER TABLE streams ADD COLUMN busy TEXT",
+}
+
 
 @dataclass
 class StreamRow:
@@ -71,6 +84,7 @@ class StreamRow:
     created: float = 0.0
     updated: float = 0.0
     ports: list[int] = field(default_factory=list)
+    busy: dict | None = None
 
     @property
     def active(self) -> bool:
@@ -81,7 +95,8 @@ class StreamRow:
         values = dict(row)
         for key in ("listeners", "app_listeners", "remote_listeners"):
             values[key] = json.loads(values[key])
-        values["proxy"] = json.loads(values["proxy"]) if values["proxy"] else None
+        for key in ("proxy", "busy"):
+            values[key] = json.loads(values[key]) if values.get(key) else None
         values["tls"] = bool(values["tls"])
         return cls(**values)
 
@@ -95,12 +110,21 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
-        if self.db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+        if self.version() < SCHEMA_VERSION:
             with self.transaction():  # executescript() would commit on its own
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        self.db.execute(statement)
-                self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                # Read again under the write lock: another worker may have migrated.
+                for version in range(self.version() + 1, SCHEMA_VERSION + 1):
+                    for statement in _MIGRATIONS[version].split(";"):
+                        if statement.strip():
+                            self.db.execute(statement)
+                    self.db.execute(f"PRAGMA user_version = {version}")
+        elif self.version() > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(
+                f"{path} has schema version {self.version()}; this gateway knows up to "
+                f"{SCHEMA_VERSION}: downgrading the package needs a fresh state directory")
+
+    def version(self) -> int:
+        return self.db.execute("PRAGMA user_version").fetchone()[0]
 
     def close(self) -> None:
         self.db.close()
@@ -129,12 +153,13 @@ class Store:
         now = time.time()
         self.db.execute(
             "INSERT INTO streams (uid, role, state, num_conn, rate, key_sha256, lease_expires,"
-            " listeners, cert_fingerprint, certificate, backend, proxy, created, updated)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " listeners, cert_fingerprint, certificate, backend, proxy, busy, created, updated)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (stream.uid, stream.role, stream.state, stream.num_conn, stream.rate,
              stream.key_sha256, stream.lease_expires, json.dumps(stream.listeners),
              stream.cert_fingerprint, stream.certificate, stream.backend,
-             json.dumps(stream.proxy), now, now),
+             json.dumps(stream.proxy) if stream.proxy else None,
+             json.dumps(stream.busy) if stream.busy else None, now, now),
         )
         self.db.executemany("INSERT INTO ports (port, uid) VALUES (?, ?)",
                             [(port, stream.uid) for port in stream.ports])
@@ -150,16 +175,42 @@ class Store:
     def free_ports(self, uid: str) -> None:
         self.db.execute("DELETE FROM ports WHERE uid = ?", (uid,))
 
+    def delete(self, uid: str) -> None:
+        """Forget a stream that never got past STARTING, with its ports."""
+        self.free_ports(uid)
+        self.db.execute("DELETE FROM streams WHERE uid = ?", (uid,))
+
+    def free_stray_ports(self) -> int:
+        """Drop port rows of streams that hold nothing any more; returns how many."""
+        marks = ",".join("?" * len(HOLDING_STATES))
+        return self.db.execute(
+            f"DELETE FROM ports WHERE uid NOT IN (SELECT uid FROM streams WHERE state IN "
+            f"({marks}))", HOLDING_STATES).rowcount
+
+    def busy_streams(self) -> list[StreamRow]:
+        """Streams a reserve or connect is (or was, if its worker died) working on."""
+        return [self.get(r[0]) for r in self.db.execute(
+            "SELECT uid FROM streams WHERE busy IS NOT NULL")]
+
+    def all_uids(self) -> dict[str, str]:
+        """Every stream's uid and state."""
+        return dict(self.db.execute("SELECT uid, state FROM streams").fetchall())
+
     def used_ports(self) -> set[int]:
         return {r[0] for r in self.db.execute("SELECT port FROM ports")}
 
     def expired(self, now: float) -> list[str]:
         marks = ",".join("?" * len(ACTIVE_STATES))
         return [r[0] for r in self.db.execute(
-            f"SELECT uid FROM streams WHERE state IN ({marks}) AND lease_expires < ?",
+            # A stream a live worker is connecting is left to it (and a dead one's to
+            # reap_abandoned): expiring it would stop a proxy being changed.
+            f"SELECT uid FROM streams WHERE state IN ({marks}) AND lease_expires < ?"
+            " AND busy IS NULL",
             (*ACTIVE_STATES, now))]
 
-    def active_streams(self) -> list[StreamRow]:
-        marks = ",".join("?" * len(ACTIVE_STATES))
+    def active_streams(self, states: tuple[str, ...] = HOLDING_STATES) -> list[StreamRow]:
+        """Streams in ``states``: by default every one that holds ports (a reserve in
+        progress too, so two concurrent reserves never both fit the rate capacity)."""
+        marks = ",".join("?" * len(states))
         return [StreamRow.from_db(r) for r in self.db.execute(
-            f"SELECT * FROM streams WHERE state IN ({marks})", ACTIVE_STATES)]
+            f"SELECT * FROM streams WHERE state IN ({marks})", states)]

@@ -85,10 +85,16 @@ class ProxyBackend(ABC):
     def stop(self, handle: dict, stream_dir: Path) -> None:
         """Stop the proxy if it runs; safe to call again."""
 
+    @abstractmethod
     def abandon(self, stream_dir: Path, uid: str) -> None:
         """Stop whatever this backend may have started for this stream without a handle
-        having been recorded (a worker died mid-reserve); idempotent."""
-        return None
+        having been recorded (a worker died mid-reserve or mid-connect); idempotent."""
+
+    def orphans(self, streams_dir: Path, live: set[str]) -> list[str]:
+        """Remove what this backend runs outside any process working in a stream
+        directory (containers) for streams of ``streams_dir`` not in ``live``; returns
+        their uids. Processes in stream directories are the gateway's to find."""
+        return []
 
 
 def connect_in_dir(sock: socket.socket, stream_dir: Path, name: str) -> None:
@@ -252,6 +258,19 @@ class NativeBackend(ProxyBackend):
         relay_dir = native.relay_dir_of(stream_dir)
         if relay_dir.is_dir():
             self._drop(stream_dir, None)
+
+    @staticmethod
+    def relay_streams(state_dir: Path) -> list[str] | None:
+        """Names (uids) of the streams the gateway's running relay holds; None when no
+        relay answers."""
+        relay_dir = state_dir / native.RELAY_DIR
+        if not (relay_dir / native.CONTROL_SOCKET).exists():
+            return None
+        try:
+            reply = control_request(relay_dir, {"op": "list"}, timeout_s=5.0)
+        except ProxyError:
+            return None
+        return list(reply["streams"]) if reply.get("ok") else None
 
     @staticmethod
     def _drop(stream_dir: Path, identity: ProcessIdentity | None) -> None:

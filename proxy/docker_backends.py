@@ -76,7 +76,9 @@ def docker_client(timeout_s: float = 30.0):
 def leftover_containers(client, **labels: str) -> list:
     """Containers (running or not) carrying this project's labels with these values."""
     filters = [f"{LABEL}.managed=1"] + [f"{LABEL}.{k}={v}" for k, v in labels.items()]
-    return client.containers.list(all=True, filters={"label": filters})
+    # ignore_removed: a container removed between the engine's list and its inspect
+    # (another stream's release, another gateway) is not an error.
+    return client.containers.list(all=True, filters={"label": filters}, ignore_removed=True)
 
 
 def _listening_inodes(host: str, port: int) -> set[int]:
@@ -313,6 +315,36 @@ class ContainerBackend(HeldPortsBackend):
         holder = _identity(handle.get("holder"))
         if holder is not None:
             self._stop_holder(stream_dir, holder)  # asks it to go, then terminate()
+
+
+    def abandon(self, stream_dir: Path, uid: str) -> None:
+        client = docker_client()  # a container may run: no engine is an error here
+        try:
+            for container in leftover_containers(client, uid=uid, stream_dir=str(stream_dir)):
+                container.remove(force=True)
+        finally:
+            client.close()
+        super().abandon(stream_dir, uid)  # the port holder
+
+    def orphans(self, streams_dir: Path, live: set[str]) -> list[str]:
+        from docker.errors import DockerException
+
+        client = docker_client(timeout_s=10)
+        removed = []
+        try:
+            for container in leftover_containers(client, backend=self.name):
+                labels = container.labels
+                stream_dir = Path(labels.get(f"{LABEL}.stream_dir", "/"))
+                uid = labels.get(f"{LABEL}.uid", "")
+                if stream_dir.parent != streams_dir or uid in live:
+                    continue  # another gateway's, or a live stream's
+                container.remove(force=True)
+                removed.append(uid)
+        except DockerException as exc:
+            raise ProxyUnavailable(f"Docker engine at {docker_host()}: {exc}") from None
+        finally:
+            client.close()
+        return removed
 
 
 class HAProxyDockerBackend(ContainerBackend):

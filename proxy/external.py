@@ -28,6 +28,7 @@ from pathlib import Path
 from string import Template
 
 from scistream_proxy.backends import ProxyBackend, ProxyError, ProxySpec, connect_in_dir
+from scistream_proxy.leaks import working_dirs
 from scistream_proxy.native import format_address
 from scistream_proxy.process import (
     ProcessIdentity,
@@ -268,6 +269,17 @@ class HeldPortsBackend(ProxyBackend):
         holder = _identity(handle.get("holder"))
         if holder is not None:
             self._stop_holder(stream_dir, holder)
+
+
+    def abandon(self, stream_dir: Path, uid: str) -> None:
+        # A proxy whose connect never recorded it (its process file names it), then
+        # anything else working in the stream's directory: a holder whose reserve never
+        # recorded it, a launcher, nginx workers.
+        HeldPortsBackend.stop(self, {"holder": None}, stream_dir)
+        for pid in working_dirs(stream_dir):
+            identity = ProcessIdentity.of(pid)
+            if identity is not None:
+                terminate(identity, grace_s=0)
 
 
 def _ssl_files(stream_dir: Path, tls: bool) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from scistream_proxy.native import parse_address
 
-__all__ = ["port_is_free", "proxy_pids", "runs_a_proxy"]
+__all__ = ["port_is_free", "proxy_pids", "runs_a_proxy", "working_dirs"]
 
 
 def port_is_free(address: str) -> bool:
@@ -44,6 +44,22 @@ def _cwd(pid: int) -> str:
         return os.readlink(f"/proc/{pid}/cwd")
     except OSError:
         return ""
+
+
+def working_dirs(under: Path) -> dict[int, str]:
+    """Pids of processes working in ``under`` or a directory below it, with that
+    directory (also when it was deleted since: the kernel then appends " (deleted)",
+    dropped here). Port holders, stunnel, HAProxy and nginx work in their stream's
+    directory, so this finds them with or without a record of them."""
+    top = str(under).rstrip("/")
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        cwd = _cwd(int(proc.name)).removesuffix(" (deleted)")
+        if cwd == top or cwd.startswith(top + "/"):
+            found[int(proc.name)] = cwd
+    return found
 
 
 def proxy_pids(under: Path | None = None) -> list[int]:

@@ -939,6 +939,8 @@ class Relay:
                 listeners = [socket.socket(fileno=fd) for fd in fds]
                 fds = []
                 return self.add(Path(request["stream_dir"]), request["config"], listeners)
+            if op == "list":  # the gateway's reconciliation asks what runs here
+                return {"ok": True, "pid": os.getpid(), "streams": sorted(self.streams)}
             stream = self.streams.get(request.get("stream", ""))
             if op == "stop":
                 if stream is not None:
