@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
+import queue
 import sqlite3
+import time
 import uuid
 
 from scistream_gateway.settings import CONFIG_ENV, GatewaySettings
@@ -24,8 +26,27 @@ def _reserve_at_once(settings_path: str, barrier, num_conn: int, results) -> Non
     uid = str(uuid.uuid4())
     request = {"uid": uid, "role": "PROD", "num_conn": num_conn,
                "key_sha256": hashlib.sha256(uid.encode()).hexdigest()}
-    barrier.wait()
+    barrier.wait(timeout=240)  # a worker that never came breaks it for all: no hang
     results.put((uid, reserve(request)))
+
+
+def _collect(workers, results, timeout_s: float) -> dict:
+    """Every worker's (uid, reply); fails at once, naming exit codes, if one died."""
+    replies, deadline = {}, time.monotonic() + timeout_s
+    while len(replies) < len(workers):
+        try:
+            uid, reply = results.get(timeout=1)
+            replies[uid] = reply
+            continue
+        except queue.Empty:
+            pass
+        died = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+        if died or time.monotonic() > deadline:
+            for worker in workers:
+                worker.kill()
+            raise AssertionError(f"{len(replies)} of {len(workers)} workers replied; "
+                                 f"exit codes of those that died: {died}")
+    return replies
 
 
 def test_fifty_processes_reserving_at_once_never_share_a_port(tmp_path, monkeypatch):
@@ -37,11 +58,13 @@ def test_fifty_processes_reserving_at_once_never_share_a_port(tmp_path, monkeypa
     path.write_text(settings.to_toml())
     ctx = multiprocessing.get_context("spawn")  # fresh processes, as endpoint workers are
     barrier, results = ctx.Barrier(PROCESSES), ctx.Queue()
-    workers = [ctx.Process(target=_reserve_at_once, args=(str(path), barrier, 2, results))
+    # daemon: a worker still running when the test gives up cannot hold pytest's exit.
+    workers = [ctx.Process(target=_reserve_at_once, args=(str(path), barrier, 2, results),
+                           daemon=True)
                for _ in range(PROCESSES)]
     for worker in workers:
         worker.start()
-    replies = dict(results.get(timeout=300) for _ in workers)
+    replies = _collect(workers, results, timeout_s=300)
     for worker in workers:
         worker.join(timeout=60)
         assert worker.exitcode == 0
