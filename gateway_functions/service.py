@@ -185,8 +185,8 @@ class Gateway:
         with self.store.transaction():
             for stale in candidates:
                 stream = self.store.get(stale.uid)
-                if stream is None or stream.busy != stale.busy:
-                    continue  # another worker got here first
+                if stream is None or stream.busy is None or stream.busy != stale.busy:
+                    continue  # its call finished, or another worker got here first
                 backend = get_backend(stream.backend)
                 directory = self.stream_dir(stream.uid)
                 try:

@@ -189,8 +189,9 @@ class Store:
 
     def busy_streams(self) -> list[StreamRow]:
         """Streams a reserve or connect is (or was, if its worker died) working on."""
-        return [self.get(r[0]) for r in self.db.execute(
-            "SELECT uid FROM streams WHERE busy IS NOT NULL")]
+        # One query: a row read apart from its uid could have been finished meanwhile.
+        return [StreamRow.from_db(r) for r in self.db.execute(
+            "SELECT * FROM streams WHERE busy IS NOT NULL")]
 
     def all_uids(self) -> dict[str, str]:
         """Every stream's uid and state."""

@@ -17,6 +17,7 @@ chooses: ``auto`` (default: a scope where systemd can make one, else a direct la
 from __future__ import annotations
 
 import json
+import math
 import os
 import select
 import shutil
@@ -306,12 +307,21 @@ def _spawn(
     return identity
 
 
+def readable(fd: int, timeout_s: float) -> bool:
+    """Whether ``fd`` becomes readable within ``timeout_s``. ``poll``, not ``select``:
+    a process with many sockets open (a gateway worker, a test with hundreds of
+    streams) has descriptors above select's limit of 1024."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, math.ceil(timeout_s * 1000))))
+
+
 def _read_line(fd: int, timeout_s: float) -> dict | None:
     deadline = time.monotonic() + timeout_s
     data = b""
     while b"\n" not in data:
         remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+        if remaining <= 0 or not readable(fd, remaining):
             return None
         chunk = os.read(fd, 4096)
         if not chunk:

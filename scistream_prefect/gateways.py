@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import select
 import subprocess
 import sys
 import threading
@@ -34,6 +33,7 @@ from scistream_gateway.local_worker import (
     write_frame,
 )
 from scistream_gateway.settings import CONFIG_ENV, GatewaySettings
+from scistream_proxy.process import readable
 
 __all__ = ["Gateway", "LocalGateway"]
 
@@ -77,7 +77,7 @@ class _Worker:
         chunks, left = [], size
         while left:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            if remaining <= 0 or not readable(fd, remaining):
                 raise FutureTimeout()
             chunk = os.read(fd, min(left, 1 << 20))
             if not chunk:

@@ -41,6 +41,18 @@ from scistream_proxy.leaks import proxy_pids  # noqa: E402
 _PORT_SLICES = itertools.cycle(range(22000, 29000, 40))
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Each test leaves os.environ as it found it. The benches set variables when they
+    are imported (PREFECT_LOGGING_LEVEL, SCISTREAM_TEST_FAULTS), and every subprocess a
+    later test starts (servers, runners, gateway workers) would inherit them."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def prefect_harness():
     with prefect_test_harness(server_startup_timeout=120):

@@ -273,6 +273,27 @@ def test_release_gives_up_on_a_call_that_stays_in_progress(gateway_root, monkeyp
         assert gateway.release({"uid": uid})["released"]
 
 
+def test_a_call_that_finished_after_the_listing_is_not_undone(gateway_root, monkeypatch):
+    """reap_abandoned lists busy rows, then undoes each inside a transaction: a row
+    whose call finished in between (busy cleared) must be left alone, proxy and all."""
+    gw = make_gateway(gateway_root, "race-gw")
+    uid = str(uuid.uuid4())
+    with Gateway(gw.settings) as gateway:
+        reply = gateway.reserve({"uid": uid, "role": "CONS", "num_conn": 1,
+                                 "key_sha256": "0" * 64})
+        gateway.store.update(uid, busy={"pid": 0, "start_time": 0, "op": "connect"})
+        assert [st.uid for st in gateway.store.busy_streams()] == [uid]
+        gateway.store.update(uid, busy=None)  # ... then the call ended normally,
+        listed = [gateway.store.get(uid)]  # before its row was read (busy None now)
+        monkeypatch.setattr(gateway.store, "busy_streams", lambda: listed)
+        assert gateway.reap_abandoned() == []
+        status = gateway.status({"uid": uid})
+        assert (status["state"], status["alive"]) == ("RESERVED", True)
+        assert not port_is_free(reply["listeners"][0])
+        assert gateway.release({"uid": uid})["released"]
+    assert port_is_free(reply["listeners"][0])
+
+
 # -- a proxy killed mid-transfer ---------------------------------------------------------------
 def _read_until_cut(address: str, outcome: list) -> threading.Thread:
     """A consumer app that only reads (as a stream's consumer does) until the end:

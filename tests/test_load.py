@@ -190,14 +190,17 @@ def test_concurrent_tls_streams_carry_every_byte_and_leave_nothing(gateway_root)
         relay_peak_kib = {name: peak_rss_kib(pids[0]) for name, pids in relays.items()}
         statuses = [producer.call("status", {"uid": s["uid"]}) for s in streams[:5]]
     finally:
-        started = time.perf_counter()
-        with ThreadPoolExecutor(SETUP_THREADS) as pool:
-            released = list(pool.map(lambda uid: [gw.call("release", {"uid": uid})
-                                                  for gw in (producer, consumer)], uids))
-        release_s = time.perf_counter() - started
-        for socks in app_sockets:
-            for sock in socks:
-                sock.close()
+        try:
+            started = time.perf_counter()
+            with ThreadPoolExecutor(SETUP_THREADS) as pool:
+                released = list(pool.map(lambda uid: [gw.call("release", {"uid": uid})
+                                                      for gw in (producer, consumer)], uids))
+            release_s = time.perf_counter() - started
+        finally:  # the tests after this one get the descriptors back, whatever failed
+            for socks in app_sockets:
+                for sock in socks:
+                    sock.close()
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
     moved = sum(r["received"] for r in results)
     corrupt = sum(r["corrupt"] for r in results)
