@@ -545,8 +545,8 @@ def run_label(quick: bool, argv: list[str]) -> str:
     load = ", ".join(f"{x:.2f}" for x in loads)
     kind = ("**quick run** (the `--quick` preset; few short rounds, figures are rough)"
             if quick else "full run")
-    busy = (" **The machine was busy** (load average above its CPU count: other work "
-            "shared the cores), so compare ratios within this run only."
+    busy = (" The load average was above the CPU count (the bench's own iperf3 and "
+            "proxies count in it, and any other work): compare ratios within this run only."
             if max(loads) > (os.cpu_count() or 1) else "")
     return (f"{kind}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
             f"{os.cpu_count()} CPUs, load average at the end {load}.{busy} "
