@@ -26,6 +26,7 @@ import re
 import sys
 import traceback
 import uuid
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -245,8 +246,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 DEBUG_ENV = "SCISTREAM_DEBUG"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors end in a coded line: ``<prog>: BAD_FORMAT: <message>``."""
+class CodedParser(argparse.ArgumentParser):
+    """argparse whose errors end in a coded line: ``<prog>: BAD_FORMAT: <message>``
+    (both command-line tools, ``scistream-gateway`` and ``scistream``)."""
 
     def error(self, message: str):
         self.print_usage(sys.stderr)
@@ -257,7 +259,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``scistream-gateway``."""
-    parser = _Parser(
+    parser = CodedParser(
         prog="scistream-gateway",
         description="Set up a SciStream gateway's Globus Compute endpoint.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -302,14 +304,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_coded(name: str, command: Callable[[], int],
+              before_verdict: Callable[[], None] | None = None) -> int:
+    """Run a command-line tool's ``command``: its exit status, or 2 with one coded
+    line last on stderr, ``<name>: <CODE>: <message>``. A SciStream error keeps its
+    code; anything else is ``SERVER_ERR``. The traceback shows with SCISTREAM_DEBUG=1
+    only. ``before_verdict`` runs just before that line (to silence late loggers)."""
     from scistream_gateway.errors import SciStreamError, ServerError
 
-    args = build_parser().parse_args(argv)
     debug = os.environ.get(DEBUG_ENV) == "1"
     try:
-        return args.run(args)
-    except SciStreamError as exc:
+        return command()
+    except SciStreamError as exc:  # expected failures: a message with its code
         error, trace = exc, traceback.format_exc()
     except Exception as exc:  # noqa: BLE001 - a bug or a broken host: still a coded line
         error = ServerError(f"unexpected {type(exc).__name__}: {exc}"
@@ -317,10 +323,17 @@ def main(argv: list[str] | None = None) -> int:
         trace = traceback.format_exc()
     if debug:
         print(trace, file=sys.stderr, end="")
+    if before_verdict is not None:
+        before_verdict()
     sys.stdout.flush()
     text = " ".join(str(error).splitlines())  # one line, whatever the message held
-    print(f"scistream-gateway {args.command}: {text}", file=sys.stderr, flush=True)
+    print(f"{name}: {text}", file=sys.stderr, flush=True)
     return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_coded(f"scistream-gateway {args.command}", lambda: args.run(args))
 
 
 if __name__ == "__main__":

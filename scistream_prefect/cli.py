@@ -16,10 +16,10 @@ import math
 import os
 import re
 import sys
-import traceback
 import uuid
 
-DEBUG_ENV = "SCISTREAM_DEBUG"
+from scistream_gateway.cli import DEBUG_ENV, CodedParser, run_coded
+
 
 _UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1024, "M": 10**6, "MB": 10**6,
           "MIB": 2**20, "G": 10**9, "GB": 10**9, "GIB": 2**30}
@@ -77,16 +77,6 @@ def _address(text: str) -> str:
 
 
 _USES_PREFECT = {"demo", "open", "status", "release", "hello", "serve"}
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors end in a coded line: ``<prog>: BAD_FORMAT: <message>``."""
-
-    def error(self, message: str):
-        self.print_usage(sys.stderr)
-        message = " ".join(message.splitlines())  # one line, whatever the argument held
-        print(f"{self.prog}: BAD_FORMAT: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 class _WithoutTraceback(logging.Formatter):
@@ -293,7 +283,7 @@ GATEWAY_HELP = ("a saved gateway block's name, or the path of a local gateway's 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = CodedParser(
         prog="scistream",
         description="SciStream on Prefect and Globus Compute: authenticated, fast TCP "
         "streams between facilities.",
@@ -408,28 +398,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _prefect_defaults()
-    debug = os.environ.get(DEBUG_ENV) == "1"
-    from scistream_gateway.errors import SciStreamError, ServerError
 
-    try:
-        if not debug and args.command in _USES_PREFECT:
+    def command() -> int:
+        if os.environ.get(DEBUG_ENV) != "1" and args.command in _USES_PREFECT:
             _console_without_tracebacks()
         return args.handler(args)
-    except SciStreamError as exc:  # expected failures: a message with its code, no traceback
-        error, trace = exc, traceback.format_exc()
-    except Exception as exc:  # noqa: BLE001 - a bug or a broken environment: still coded
-        error = ServerError(f"unexpected {type(exc).__name__}: {exc}"
-                            + ("" if debug else f" (run with {DEBUG_ENV}=1 for the traceback)"))
-        trace = traceback.format_exc()
-    if debug:
-        print(trace, file=sys.stderr, end="")
+
     # The verdict is the last line: nothing is logged after it (Prefect would log the
     # shutdown of its temporary server at exit).
-    logging.disable(logging.CRITICAL)
-    sys.stdout.flush()
-    text = " ".join(str(error).splitlines())  # one line, whatever the message held
-    print(f"scistream {args.command}: {text}", file=sys.stderr, flush=True)
-    return 2
+    return run_coded(f"scistream {args.command}", command,
+                     before_verdict=lambda: logging.disable(logging.CRITICAL))
 
 
 if __name__ == "__main__":
