@@ -61,6 +61,7 @@ from scistream_gateway.errors import (  # noqa: E402
 )
 from scistream_gateway.service import FAULT_STEPS  # noqa: E402
 from scistream_prefect import LocalGateway  # noqa: E402
+from scistream_proxy.apps import EchoServer  # noqa: E402
 from scistream_proxy.backends import BACKENDS, NativeBackend  # noqa: E402
 from scistream_proxy.leaks import port_is_free, runs_a_proxy, working_dirs  # noqa: E402
 from scistream_proxy.process import ProcessIdentity  # noqa: E402
@@ -189,37 +190,7 @@ def _check_containers(where: str, streams_dir: Path, rows: dict) -> list[str]:
     return violations
 
 
-# -- the stand-in app ---------------------------------------------------------------------
-class EchoServer:
-    """The producer app: echoes every connection back (a checksummed round trip)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=64)
-        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        buf = bytearray(1 << 16)
-        try:
-            with conn:
-                while n := conn.recv_into(buf):
-                    conn.sendall(memoryview(buf)[:n])
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.sock.close()
-
-
+# -- the stand-in app (scistream_proxy.apps.EchoServer) -------------------------------------
 def echo_roundtrip(address: str, nbytes: int = ECHO_BYTES, timeout_s: float = 30) -> str:
     """"ok" if ``nbytes`` came back intact, else what happened ("eof", "error: ...")."""
     payload = os.urandom(nbytes)

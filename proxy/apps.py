@@ -30,6 +30,37 @@ BLOCK = 1 << 20
 COMMAND = [sys.executable, "-m", "scistream_proxy.apps"]
 
 
+class EchoServer:
+    """A stand-in producer app for fault tests and the soak: echoes every connection
+    back (the client checks what returns), one thread per connection."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        buf = bytearray(1 << 16)
+        try:
+            with conn:
+                while n := conn.recv_into(buf):
+                    conn.sendall(memoryview(buf)[:n])
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def start_producer(connections: int, total_bytes: int) -> tuple[subprocess.Popen, list[str]]:
     """Start the producer app; return it and the listeners it reported."""
     proc = subprocess.Popen(

@@ -35,6 +35,7 @@ from scistream_gateway.service import FAULT_STEPS, FAULTS_ENV, Gateway
 from scistream_gateway.settings import CONFIG_ENV
 from scistream_gateway.store import SCHEMA_VERSION, Store
 from scistream_prefect.gateways import _POOLS
+from scistream_proxy.apps import EchoServer
 from scistream_proxy.backends import NativeBackend, ProxySpec
 from scistream_proxy.leaks import port_is_free, proxy_pids, working_dirs
 from scistream_proxy.process import ProcessIdentity
@@ -70,32 +71,6 @@ def kill_workers(gw) -> None:
                 worker.proc.wait()
 
 
-class Echo:
-    """The producer app: echoes each connection."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn) -> None:
-        try:
-            with conn:
-                while data := conn.recv(1 << 16):
-                    conn.sendall(data)
-        except OSError:
-            pass
-
-
 def roundtrip(address: str, payload: bytes = b"p" * 100_000) -> bytes | str:
     host, _, port = address.rpartition(":")
     back = bytearray()
@@ -114,7 +89,7 @@ def roundtrip(address: str, payload: bytes = b"p" * 100_000) -> bytes | str:
 
 @pytest.fixture
 def echo():
-    app = Echo()
+    app = EchoServer()
     yield app
     app.sock.close()
 
