@@ -30,7 +30,9 @@ The codes are those of SciStream's draft protocol spec. Where each one comes fro
   message says which.
 - ``CONN_ERROR``: a proxy could not be started (including no systemd scope where one
   is required), refused ``connect``, or had died before ``connect``. ``status`` of a
-  ``FAILED`` stream carries it as ``error_code``, with ``last_error`` saying why.
+  ``FAILED`` stream carries it as ``error_code``, with ``last_error`` saying why; so
+  does that of a live stream whose relayed connections failed (a peer unreachable or
+  refusing: ``connections.failed`` counts them).
 - ``BAD_FORMAT``: any malformed request (not an object, unknown or missing fields,
   uids, roles, addresses, numbers, lists), a repeated ``reserve`` with other
   parameters, or a uid used again after its stream ended.

@@ -621,6 +621,9 @@ class Gateway:
         if reply["state"] == "FAILED":
             reply["error_code"] = "CONN_ERROR"
             reply.setdefault("last_error", reply["detail"])
+        elif reply.get("last_error") and (reply.get("connections") or {}).get("failed"):
+            # Alive, but relayed connections failed (an unreachable or refusing peer).
+            reply["error_code"] = "CONN_ERROR"
         return reply
 
     def renew(self, raw: object) -> dict:

@@ -447,6 +447,7 @@ def test_an_unreachable_peer_shows_on_the_data_path_and_leaks_nothing(gateways, 
         assert roundtrip(chain.cons["listeners"][0]) in ("eof", "ConnectionResetError")
         status = consumer.call("status", {"uid": chain.uid})
         assert status["connections"]["failed"] >= 1
+        assert status["error_code"] == "CONN_ERROR"
         assert "refused" in status["last_error"].lower()
         assert status["state"] == "CONNECTED" and status["alive"]
     finally:
