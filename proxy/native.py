@@ -432,17 +432,7 @@ def relay(a: socket.socket, b: socket.socket, bucket: TokenBucket | None,
             for half in (ab, ba):
                 if half.wait is not None:
                     wanted[half.wait[0]] |= half.wait[1]
-            for sock, events in wanted.items():
-                old = registered.get(sock, 0)
-                if events == old:
-                    continue
-                if not events:
-                    sel.unregister(sock)
-                elif not old:
-                    sel.register(sock, events)
-                else:
-                    sel.modify(sock, events)
-                registered[sock] = events
+            _set_interest(sel, registered, wanted.items())
             sel.select()
     finally:
         sel.close()
@@ -668,21 +658,28 @@ def relay_tls(app: socket.socket, peer: TlsPeer, bucket: TokenBucket | None,
                 app.shutdown(socket.SHUT_WR)
                 _drain(app, time.monotonic() + DRAIN_TIMEOUT_S)
                 return True
-            for sock, events in ((app, app_wants), (raw, raw_wants)):
-                old = registered[sock]
-                if events == old:
-                    continue
-                if not events:
-                    sel.unregister(sock)
-                elif not old:
-                    sel.register(sock, events)
-                else:
-                    sel.modify(sock, events)
-                registered[sock] = events
+            _set_interest(sel, registered, ((app, app_wants), (raw, raw_wants)))
             sel.select()
     finally:
         sel.close()
         counters.settle((up, down))  # type: ignore[arg-type]
+
+
+def _set_interest(sel: selectors.BaseSelector, registered: dict[socket.socket, int],
+                  wanted) -> None:
+    """Make ``sel`` wait for the events each socket wants now (``(socket, events)``
+    pairs; 0 = none), touching only those that changed since ``registered``."""
+    for sock, events in wanted:
+        old = registered.get(sock, 0)
+        if events == old:
+            continue
+        if not events:
+            sel.unregister(sock)
+        elif not old:
+            sel.register(sock, events)
+        else:
+            sel.modify(sock, events)
+        registered[sock] = events
 
 
 def _drain(sock: socket.socket, deadline: float) -> None:

@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scistream_gateway import cli as gateway_cli
@@ -32,14 +32,9 @@ from scistream_gateway.errors import ERROR_CODES
 from scistream_prefect import cli as client_cli
 
 from conftest import make_gateway
+from test_bad_input_functions import APP, HYPOTHESIS, KEY
 from test_gateway_properties import dump_state
 
-EXAMPLES = int(os.environ.get("SCISTREAM_BAD_INPUT_EXAMPLES", "40"))
-KEY = "the-right-hello-key"
-APP = "127.0.0.1:5074"
-HYPOTHESIS = settings(max_examples=EXAMPLES, deadline=None,
-                      suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                             HealthCheck.too_slow])
 VERDICT = re.compile(r"^scistream(-gateway)?( [a-z-]+)?: (?P<code>[A-Z_]+): \S")
 
 
