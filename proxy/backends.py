@@ -244,6 +244,7 @@ class NativeBackend(ProxyBackend):
                 "failed": reply["connections_failed"],
                 "spliced": reply["connections_spliced"],
                 "bio": reply.get("connections_bio", 0),
+                "frames": reply.get("connections_frames", 0),
                 "ktls": reply["connections_ktls"],
             },
             "last_error": reply["last_error"],

@@ -53,6 +53,7 @@ import threading
 import time
 from pathlib import Path
 
+from scistream_proxy import frames
 from scistream_proxy.process import become_daemon
 from scistream_proxy.tls import fingerprint_of_der, pinned_context
 
@@ -61,11 +62,18 @@ BUFFER_SIZE = 64 * 1024
 PIPE_SIZE = int(os.environ.get("SCISTREAM_NATIVE_PIPE_SIZE", 64 * 1024))
 # The TLS hop through memory BIOs: one system call moves this much (many records).
 TLS_CHUNK = int(os.environ.get("SCISTREAM_NATIVE_TLS_CHUNK", 256 * 1024))
-# How a TLS hop does its socket I/O: "socket" (OpenSSL on the socket: one system call
-# per record, or kernel TLS; the default) or "bio" (memory BIOs, the relay does the
-# socket calls in large batches: 18x fewer system calls, but two more copies and a
-# 256 KiB buffer per connection; measured no faster, see docs/native.md).
+# How a TLS hop moves its bytes: "frames" (the default where the kernel has no TLS:
+# when both ends are native relays, they agree in the TLS handshake on sealed frames of
+# up to 1 MiB, see scistream_proxy.frames; with any other peer, TLS records through
+# memory BIOs), "socket" (OpenSSL on the socket: one system call per record, or kernel
+# TLS; the default where the kernel has TLS) or "bio" (TLS records through memory BIOs
+# always). See docs/native.md for what each measured.
 TLS_IO_ENV = "SCISTREAM_NATIVE_TLS_IO"
+# How a plain connection moves its bytes: "copy" (the default: one thread per direction,
+# recv_into/send through a buffer of up to 1 MiB) or "splice" (one thread, splice(2)
+# through a pipe: the bytes never enter user space, but the hop waits on the pipe and
+# measured slower, see docs/native.md).
+PLAIN_IO_ENV = "SCISTREAM_NATIVE_PLAIN_IO"
 _RECORD = 16 * 1024  # the largest TLS record's plaintext
 CONTROL_SOCKET = "relay.sock"
 LOCK_FILE = "relay.lock"
@@ -185,6 +193,7 @@ class Counters:
         self.failed = 0
         self.spliced = 0  # connections moved with splice(2)
         self.bio = 0  # connections whose TLS hop ran through memory BIOs
+        self.frames = 0  # connections whose TLS hop carried sealed frames
         self.ktls_tx = 0  # connections whose TLS records the kernel writes / reads
         self.ktls_rx = 0
         self.last_error = ""
@@ -211,6 +220,7 @@ class Counters:
                 "connections_failed": self.failed,
                 "connections_spliced": self.spliced,
                 "connections_bio": self.bio,
+                "connections_frames": self.frames,
                 "connections_ktls": {"tx": self.ktls_tx, "rx": self.ktls_rx},
                 "last_error": self.last_error,
             }
@@ -403,9 +413,17 @@ def relay(a: socket.socket, b: socket.socket, bucket: TokenBucket | None,
     reset them. Raises whatever the sockets raise (reset, TLS truncation); the caller
     resets both.
     """
+    plain = not isinstance(a, ssl.SSLSocket) and not isinstance(b, ssl.SSLSocket)
+    if plain and os.environ.get(PLAIN_IO_ENV, "copy") != "splice":
+        up, down = frames.Moved(), frames.Moved()
+        counters.track((up, down))  # type: ignore[arg-type]
+        try:
+            frames.relay_plain(a, b, up, down, bucket)
+            return True
+        finally:
+            counters.settle((up, down))  # type: ignore[arg-type]
     a.setblocking(False)
     b.setblocking(False)
-    plain = not isinstance(a, ssl.SSLSocket) and not isinstance(b, ssl.SSLSocket)
     kind = _SpliceHalf if plain else _Half
     ab = kind(a, b, bucket)
     try:
@@ -439,15 +457,6 @@ def relay(a: socket.socket, b: socket.socket, bucket: TokenBucket | None,
         counters.settle((ab, ba))
         ab.close()
         ba.close()
-
-
-class _Moved:
-    """What one direction of a TLS-through-BIO connection moved (for the counters)."""
-
-    __slots__ = ("moved",)
-
-    def __init__(self) -> None:
-        self.moved = 0
 
 
 class TlsPeer:
@@ -567,7 +576,7 @@ def relay_tls(app: socket.socket, peer: TlsPeer, bucket: TokenBucket | None,
     raw = peer.raw
     app.setblocking(False)
     raw.setblocking(False)
-    up, down = _Moved(), _Moved()  # app -> peer (plaintext in), peer -> app (delivered)
+    up, down = frames.Moved(), frames.Moved()  # app -> peer (plaintext in), peer -> app (delivered)
     counters.track((up, down))  # type: ignore[arg-type]
     with counters.lock:
         counters.bio += 1
@@ -665,6 +674,36 @@ def relay_tls(app: socket.socket, peer: TlsPeer, bucket: TokenBucket | None,
         counters.settle((up, down))  # type: ignore[arg-type]
 
 
+class FramesPeer:
+    """A TLS hop whose two native ends agreed on sealed frames: the raw TCP socket, the
+    keys of each direction, and the bytes already received after the TLS hello."""
+
+    __slots__ = ("raw", "seal_key", "open_key", "prefix")
+
+    def __init__(self, raw: socket.socket, seal_key: bytes, open_key: bytes, prefix: bytes):
+        self.raw, self.seal_key, self.open_key, self.prefix = raw, seal_key, open_key, prefix
+
+
+def relay_sealed(app: socket.socket, peer: FramesPeer, bucket: TokenBucket | None,
+                 counters: Counters) -> bool:
+    """Relay between ``app`` (plain TCP) and ``peer`` (sealed frames), one thread per
+    direction, until both directions ended in order (each end travels on by itself: a
+    half-close keeps the other direction running). Returns True; raises what broke the
+    connection (the caller resets both sides)."""
+    up, down = frames.Moved(), frames.Moved()
+    counters.track((up, down))  # type: ignore[arg-type]
+    with counters.lock:
+        counters.frames += 1
+    try:
+        app.setblocking(True)
+        peer.raw.setblocking(True)
+        frames.relay_frames(app, peer.raw, peer.seal_key, peer.open_key, peer.prefix,
+                            up, down, bucket)
+        return True
+    finally:
+        counters.settle((up, down))  # type: ignore[arg-type]
+
+
 def _set_interest(sel: selectors.BaseSelector, registered: dict[socket.socket, int],
                   wanted) -> None:
     """Make ``sel`` wait for the events each socket wants now (``(socket, events)``
@@ -751,6 +790,12 @@ class Stream:
             self.tls_io = tls_io_mode()
             if self.tls_io == "socket" and ktls_available() is None:
                 self.context.options |= OP_ENABLE_KTLS
+            if self.tls_io == "frames":
+                # Offered (client) and chosen (server) only here: a C proxy never agrees,
+                # and its hop runs TLS records.
+                self.context.set_alpn_protocols([frames.ALPN])
+                if self.role == "PROD":
+                    self.context.num_tickets = 0  # nothing resumes; no record before ours
         for index, listener in enumerate(self.listeners):
             thread = threading.Thread(
                 target=self._accept_loop, args=(index, listener), daemon=True,
@@ -783,10 +828,9 @@ class Stream:
             for conn in self.connections:
                 conn.cut = True
                 for sock in conn.socks:
-                    try:  # the socket layer's shutdown: never touches an SSL object
-                        socket.socket.shutdown(sock, socket.SHUT_RDWR)
-                    except OSError:
-                        pass
+                    # A reset on the descriptor (never a FIN, which an app would take
+                    # for a clean end); never touches an SSL object.
+                    frames.reset_now(sock)
 
     # -- data path ------------------------------------------------------------
     def _accept_loop(self, index: int, listener: socket.socket) -> None:
@@ -807,9 +851,11 @@ class Stream:
             ).start()
         listener.close()
 
-    def _secure(self, sock: socket.socket, server_side: bool) -> ssl.SSLSocket | TlsPeer:
-        """The TLS handshake on ``sock``, the peer's certificate checked against the pin."""
-        if self.tls_io == "bio":
+    def _secure(self, sock: socket.socket,
+                server_side: bool) -> ssl.SSLSocket | TlsPeer | FramesPeer:
+        """The TLS handshake on ``sock``, the peer's certificate checked against the pin;
+        then, if both ends agreed on frames, their keys."""
+        if self.tls_io in ("bio", "frames"):
             peer = TlsPeer.handshake(self.context, sock, server_side,  # type: ignore[arg-type]
                                      self.handshake_timeout)
             presented = peer.obj.getpeercert(binary_form=True)
@@ -827,6 +873,10 @@ class Stream:
                 with self.counters.lock:
                     self.counters.ktls_tx += tx
                     self.counters.ktls_rx += rx
+        elif peer.obj.selected_alpn_protocol() == frames.ALPN:
+            seal, open_, prefix = frames.exchange(peer.obj, sock, peer.incoming,
+                                                  peer.outgoing, self.handshake_timeout)
+            return FramesPeer(sock, seal, open_, prefix)
         return peer
 
     def _hold(self, conn: _Connection, *socks: socket.socket) -> None:
@@ -863,7 +913,9 @@ class Stream:
                 if self.context is not None:
                     peer_side = self._secure(peer_side, server_side=False)
                     self._hold(conn, inbound, _raw(peer_side))
-            if isinstance(peer_side, TlsPeer):
+            if isinstance(peer_side, FramesPeer):
+                orderly = relay_sealed(app_side, peer_side, self.bucket, c)
+            elif isinstance(peer_side, TlsPeer):
                 orderly = relay_tls(app_side, peer_side, self.bucket, c)
             else:
                 orderly = relay(app_side, peer_side, self.bucket, c)
@@ -887,14 +939,20 @@ class Stream:
                 _abort(*socks)
 
 
-def _raw(peer: socket.socket | TlsPeer) -> socket.socket:
-    return peer.raw if isinstance(peer, TlsPeer) else peer
+def _raw(peer: socket.socket | TlsPeer | FramesPeer) -> socket.socket:
+    return peer.raw if isinstance(peer, (TlsPeer, FramesPeer)) else peer
 
 
 def tls_io_mode() -> str:
-    """How TLS hops do their socket I/O (see :data:`TLS_IO_ENV`)."""
+    """How TLS hops move their bytes (see :data:`TLS_IO_ENV`): the environment's choice,
+    else kernel TLS where the kernel has it, else frames where OpenSSL's libcrypto can be
+    loaded, else OpenSSL on the socket."""
     mode = os.environ.get(TLS_IO_ENV, "")
-    return "bio" if mode == "bio" else "socket"
+    if mode in ("bio", "socket"):
+        return mode
+    if mode != "frames" and ktls_available() is None:
+        return "socket"
+    return "frames" if not frames.missing() else "socket"
 
 
 def _log(message: str) -> None:

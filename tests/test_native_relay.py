@@ -23,6 +23,7 @@ from scistream_proxy.backends import NativeBackend, ProxySpec
 from scistream_proxy.leaks import port_is_free, proxy_pids
 from scistream_proxy.native import (
     CONTROL_SOCKET,
+    PLAIN_IO_ENV,
     TLS_IO_ENV,
     ktls_available,
     parse_address,
@@ -33,19 +34,29 @@ from scistream_proxy.process import ProcessIdentity
 from conftest import make_gateway
 
 KEY = "relay-test-key"
-# How a stream's connections move bytes: TLS through memory BIOs (the default where the
-# kernel has no TLS), TLS on the socket (OpenSSL's own socket I/O; kernel TLS where it
-# exists), or plain TCP both sides (splice).
-MODES = [pytest.param("bio", id="tls-bio"), pytest.param("socket", id="tls-socket"),
-         pytest.param(None, id="plain-splice")]
+# How a stream's connections move bytes: TLS with sealed frames between the two native
+# relays (the default where the kernel has no TLS), TLS records through memory BIOs, TLS
+# on the socket (OpenSSL's own socket I/O; kernel TLS where it exists); plain TCP both
+# sides with a thread and a buffer per direction (the default), or with splice(2).
+MODES = [pytest.param("frames", id="tls-frames"), pytest.param("bio", id="tls-bio"),
+         pytest.param("socket", id="tls-socket"), pytest.param("copy", id="plain-copy"),
+         pytest.param("splice", id="plain-splice")]
+PLAIN_MODES = ("copy", "splice")
 
 
 @pytest.fixture(params=MODES)
-def mode(request, monkeypatch) -> str | None:
-    """The TLS I/O mode the relays started in this test use (None: a plain stream)."""
-    if request.param is not None:
-        monkeypatch.setenv(TLS_IO_ENV, request.param)
+def mode(request, monkeypatch) -> str:
+    """How the relays started in this test move bytes (``copy``, ``splice``: a plain
+    stream; else the TLS I/O mode)."""
+    env = PLAIN_IO_ENV if request.param in PLAIN_MODES else TLS_IO_ENV
+    monkeypatch.setenv(env, request.param)
     return request.param
+
+
+def _counted(mode: str, n: int) -> dict:
+    """What status counts for ``n`` connections of a stream in ``mode``."""
+    return {"spliced": n if mode == "splice" else 0, "bio": n if mode == "bio" else 0,
+            "frames": n if mode == "frames" else 0}
 
 
 def _reserve(gw, role, uid, num_conn=1, rate=0):
@@ -135,7 +146,7 @@ def _relay_pid(gw) -> int:
 def test_many_connections_on_one_stream_keep_every_byte(gateways, mode):
     """64 connections at once through one listener, each echoed end to end."""
     producer, consumer = gateways
-    tls = mode is not None
+    tls = mode not in PLAIN_MODES
     server = Server(_echo)
     uid, listeners = _open(producer, consumer, [server.address], tls=tls)
     payloads = [os.urandom(256 << 10) for _ in range(64)]
@@ -159,9 +170,9 @@ def test_many_connections_on_one_stream_keep_every_byte(gateways, mode):
     for status in statuses:
         assert status["connections"]["total"] == 64
         assert status["connections"]["failed"] == 0
-        # Plain on both sides of a relay connection only when the stream has no TLS.
-        assert status["connections"]["spliced"] == (0 if tls else 64)
-        assert status["connections"]["bio"] == (64 if mode == "bio" else 0)
+        # Each connection went the mode's way (frames: both ends agreed on them).
+        assert {k: status["connections"][k] for k in ("spliced", "bio", "frames")} == \
+            _counted(mode, 64)
 
 
 def _slow_sink(received: dict):
@@ -182,7 +193,7 @@ def _slow_sink(received: dict):
 
 def test_half_close_from_the_consumer_delivers_everything_with_partial_writes(gateways, mode):
     producer, consumer = gateways
-    tls = mode is not None
+    tls = mode not in PLAIN_MODES
     received: dict = {}
     server = Server(_slow_sink(received))
     uid, listeners = _open(producer, consumer, [server.address], tls=tls)
@@ -207,7 +218,7 @@ def test_half_close_from_the_consumer_delivers_everything_with_partial_writes(ga
 
 def test_half_close_from_the_producer_is_a_clean_end_after_every_byte(gateways, mode):
     producer, consumer = gateways
-    tls = mode is not None
+    tls = mode not in PLAIN_MODES
     payload = os.urandom((3 << 20) + 777)
 
     def send_and_end(conn):
@@ -233,7 +244,7 @@ def test_half_close_from_the_producer_is_a_clean_end_after_every_byte(gateways, 
 
 def test_rate_limited_stream_keeps_every_byte(gateways, mode):
     producer, consumer = gateways
-    tls = mode is not None
+    tls = mode not in PLAIN_MODES
     server = Server(_echo)
     uid, listeners = _open(producer, consumer, [server.address], tls=tls, rate=40_000)
     payload = os.urandom(1 << 20)
@@ -244,8 +255,8 @@ def test_rate_limited_stream_keeps_every_byte(gateways, mode):
         _release(producer, consumer, uid)
         server.close()
     assert hashlib.sha256(back).digest() == hashlib.sha256(payload).digest()
-    assert status["connections"]["spliced"] == (0 if tls else 1)
-    assert status["connections"]["bio"] == (1 if mode == "bio" else 0)
+    assert {k: status["connections"][k] for k in ("spliced", "bio", "frames")} == \
+        _counted(mode, 1)
 
 
 def test_tls_hop_negotiates_aes_128_gcm(gateways):
