@@ -120,7 +120,7 @@ def libcrypto() -> ctypes.CDLL | None:
             lib.EVP_CIPHER_CTX_free.argtypes = [vp]
             lib.EVP_aes_128_gcm.restype = vp
             lib.EVP_aes_128_gcm.argtypes = []
-            lib.EVP_CipherInit_ex.argtypes = [vp, vp, vp, cp, cp, ip]
+            lib.EVP_CipherInit_ex.argtypes = [vp, vp, vp, cp, vp, ip]
             lib.EVP_CipherUpdate.argtypes = [vp, vp, ctypes.POINTER(ip), vp, ip]
             lib.EVP_CipherFinal_ex.argtypes = [vp, vp, ctypes.POINTER(ip)]
             lib.EVP_CIPHER_CTX_ctrl.argtypes = [vp, ip, ip, vp]
@@ -150,6 +150,9 @@ class Cipher:
         self.key = key
         self.seq = 0
         self.outl = ctypes.c_int(0)
+        self._outl = ctypes.byref(self.outl)
+        self._nonce = ctypes.create_string_buffer(12)  # 4 zero bytes | sequence number
+        self._nonce_addr = ctypes.addressof(self._nonce)
         self._init(key)
 
     def _init(self, key: bytes) -> None:
@@ -172,10 +175,10 @@ class Cipher:
         if self.seq and self.seq % REKEY_FRAMES == 0:
             self.key = next_key(self.key)
             self._init(self.key)
-        nonce = struct.pack(">4xQ", self.seq)
+        struct.pack_into(">Q", self._nonce, 4, self.seq)
         self.seq += 1
-        lib, ctx, outl = self.lib, self.ctx, ctypes.byref(self.outl)
-        ok = lib.EVP_CipherInit_ex(ctx, None, None, None, nonce, -1) == 1
+        lib, ctx, outl = self.lib, self.ctx, self._outl
+        ok = lib.EVP_CipherInit_ex(ctx, None, None, None, self._nonce_addr, -1) == 1
         ok = ok and lib.EVP_CipherUpdate(ctx, None, outl, header, HEADER) == 1
         if length:
             ok = ok and lib.EVP_CipherUpdate(ctx, payload, outl, payload, length) == 1
@@ -324,7 +327,9 @@ class _Reader:
             view[:got] = self.prefix[:got]
             self.prefix = self.prefix[got:]
         while got < len(view):
-            n = self.raw.recv_into(view[got:])
+            # The sender sends a frame whole: wait for all of it in one call (one wake-up
+            # instead of one per segment that arrives).
+            n = self.raw.recv_into(view[got:], 0, socket.MSG_WAITALL)
             if not n:
                 break
             got += n

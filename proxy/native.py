@@ -22,19 +22,29 @@ Roles: a ``PROD`` stream accepts TLS from the peer gateway and connects in plain
 the producer app; a ``CONS`` stream accepts plain TCP from the consumer app and connects
 over TLS to the peer gateway. Connection *i* of listener *i* goes to ``targets[i % n]``.
 
-Each relayed connection is one thread that owns both of its sockets, so an SSL object
-is never used by two threads at once (OpenSSL forbids it; TLS 1.3 reads can write).
-Byte moves release the GIL (socket calls, OpenSSL, splice), so connections use all
-cores. Fast paths: a connection that is plain TCP on both sides moves its bytes with
-``splice(2)`` through a pipe, never through user space; a TLS hop uses kernel TLS where
-the kernel offers it (see :func:`ktls_available`); the relay's OpenSSL prefers
-AES-128-GCM (see :data:`OPENSSL_CONF_FILE`).
+How a connection moves its bytes (docs/native.md has the figures):
 
-End of data in either direction ends the connection in order: everything already
-received is delivered, the end is signalled (FIN on a plain hop, TLS close_notify on
-the TLS hop) and the other side is drained until it closes, so no reset can destroy
-data in flight. A TLS hop that ends without close_notify (a killed peer, an injected
-FIN) is a truncation: the app side is reset, never closed cleanly.
+- TLS between two native relays (the default): the pinned TLS 1.3 handshake, then
+  sealed frames (:mod:`scistream_proxy.frames`: AES-128-GCM frames of up to 1 MiB,
+  keys agreed inside the TLS session), one thread per direction;
+- TLS with any other peer: TLS records through memory BIOs (:class:`TlsPeer`), or with
+  OpenSSL on the socket and kernel TLS where the kernel offers it (see
+  :func:`ktls_available`); one thread owns both sockets, so an SSL object is never used
+  by two threads at once (OpenSSL forbids it; TLS 1.3 reads can write);
+- plain TCP on both sides: a 1 MiB buffer and a thread per direction (or ``splice(2)``
+  through a pipe, :data:`PLAIN_IO_ENV`).
+
+Byte moves and AES-GCM release the GIL, so connections and directions use all cores.
+The relay's OpenSSL prefers AES-128-GCM (see :data:`OPENSSL_CONF_FILE`).
+
+Ends: on the per-direction paths (frames, plain copies) each direction ends by itself
+(a FIN or the end frame travels on after every byte; the other direction keeps running,
+as over one TCP connection). On the TLS-record paths the first end ends the connection
+in order: everything already received is delivered, the end is signalled (FIN, TLS
+close_notify) and the other side is drained until it closes. A TLS hop that ends
+without its end (close_notify, the end frame: a killed peer, an injected FIN) is a
+truncation: the app side is reset, never closed cleanly. A broken connection is cut
+with a reset on both sides (:func:`scistream_proxy.frames.reset_now`), never a FIN.
 """
 
 from __future__ import annotations

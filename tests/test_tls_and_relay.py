@@ -180,9 +180,10 @@ def test_rate_limit_is_enforced(gateways, producer_app):
 
 
 def test_a_consumer_that_hangs_up_stops_the_producer_promptly(gateways, producer_app):
-    """The consumer's end travels back to a producer that is still sending, well
-    before the drain timeout that protects delivered bytes: over a TLS hop with data in
-    flight it arrives as a reset, and the producer app sees it as one."""
+    """A half-close from the consumer is only that: the producer's data keeps flowing
+    to it, as over a direct TCP connection. When the consumer then hangs up with data in
+    flight, that travels back at once (well before the drain timeout) as a reset, and the
+    producer app sees it as one."""
     from scistream_proxy.native import DRAIN_TIMEOUT_S
 
     producer, consumer = gateways
@@ -191,13 +192,18 @@ def test_a_consumer_that_hangs_up_stops_the_producer_promptly(gateways, producer
     try:
         with socket.create_connection(parse_address(handle.listeners[0]), timeout=30) as sock:
             assert len(sock.recv(65536)) > 0
-            # A clean end from the consumer (a close with unread data would be a reset,
-            # which the proxies pass on at once anyway).
-            sock.shutdown(socket.SHUT_WR)
-            hung_up = time.monotonic()
-            sent = app.result(timeout=DRAIN_TIMEOUT_S * 3)
-            stopped_after = time.monotonic() - hung_up
+            sock.shutdown(socket.SHUT_WR)  # nothing more to send; still reading
+            after_half_close = 0
+            while after_half_close < 64 << 20:  # the producer's data still flows
+                chunk = sock.recv(1 << 20)
+                assert chunk, f"the stream ended {after_half_close} bytes after a half-close"
+                after_half_close += len(chunk)
+            # Closing with unread data is a reset (the kernel's).
+        hung_up = time.monotonic()
+        sent = app.result(timeout=DRAIN_TIMEOUT_S * 3)
+        stopped_after = time.monotonic() - hung_up
     finally:
         release_stream(producer, consumer, handle.uid)
     assert "error" in sent[0]  # the producer app saw its receiver go, not a clean finish
+    assert sent[0]["error"].startswith(("ConnectionResetError", "BrokenPipeError")), sent
     assert stopped_after < DRAIN_TIMEOUT_S - 2, stopped_after
