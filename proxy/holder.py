@@ -26,7 +26,7 @@ import struct
 import sys
 from pathlib import Path
 
-from scistream_proxy.process import become_daemon
+from scistream_proxy.daemon import become_daemon
 
 CONTROL_SOCKET = "holder.sock"
 SO_ATTACH_REUSEPORT_CBPF = 51

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from scistream_proxy.process import ready_reporter
+from scistream_proxy.daemon import ready_reporter
 
 FD_BASE = 3
 

@@ -64,7 +64,7 @@ import time
 from pathlib import Path
 
 from scistream_proxy import frames
-from scistream_proxy.process import become_daemon
+from scistream_proxy.daemon import become_daemon
 from scistream_proxy.tls import fingerprint_of_der, pinned_context
 
 BUFFER_SIZE = 64 * 1024

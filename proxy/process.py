@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from scistream_proxy.daemon import become_daemon, ready_reporter
+
 __all__ = [
     "LAUNCH_ENV",
     "become_daemon",
@@ -182,29 +184,6 @@ def survival_report(plan: LaunchPlan | None = None, cgroup: str | None = None) -
             "drop-in from endpoint_configs/systemd/ and make systemd-run usable here."
         )
     return report
-
-
-def ready_reporter(ready_fd: int):
-    """The program's side of the :func:`spawn_detached` handshake: ``report(message)``
-    writes the one JSON line on ``ready_fd`` (``{"pid": P}`` or ``{"error": "..."}``)
-    and closes it; nothing if ``ready_fd`` is negative (started by hand)."""
-
-    def report(message: dict) -> None:
-        if ready_fd >= 0:
-            os.write(ready_fd, json.dumps(message).encode() + b"\n")
-            os.close(ready_fd)
-
-    return report
-
-
-def become_daemon(ready_fd: int, *, foreground: bool = False):
-    """Fork away from the starter (which the gateway reaps; the daemon is reparented
-    and outlives it) unless ``foreground``, ignore SIGHUP, and return the
-    :func:`ready_reporter` of ``ready_fd``."""
-    if not foreground and os.fork() > 0:
-        os._exit(0)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    return ready_reporter(ready_fd)
 
 
 def spawn_detached(
