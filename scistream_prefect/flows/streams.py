@@ -203,6 +203,7 @@ def setup_stream(
             get_run_logger().exception("releasing stream %s after a failed setup failed; "
                                        "the run's hook or the lease expiry will", uid)
         raise
+    setup_s = time.perf_counter() - started  # as documented: not the record's removal
     if run_id is not None and not keep_record:
         forget_stream(run_id, uid)
     handle = StreamHandle(
@@ -210,7 +211,7 @@ def setup_stream(
         listeners=cons["listeners"], producer_listeners=prod["listeners"], app_listeners=app,
         tls=tls, producer_fingerprint=prod["cert_fingerprint"],
         consumer_fingerprint=cons["cert_fingerprint"],
-        setup_s=time.perf_counter() - started,
+        setup_s=setup_s,
         lease_expires=min(prod["lease_expires"], cons["lease_expires"]), hello_key=key,
     )
     publish_listeners(handle)
