@@ -7,7 +7,6 @@ and an attack is a failed connection with a reset, never a clean end."""
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import re
 import socket
@@ -115,27 +114,21 @@ def test_each_direction_has_its_own_key_and_both_randoms_count():
     assert frames.derive_keys(a, b) == (to_server, to_client)
 
 
-class ManInTheMiddle:
+class ManInTheMiddle(Server):
     """A TCP forwarder between the consumer relay and the producer relay. ``attack`` sees
     the consumer -> producer bytes with their offset and returns what to forward, or
     None to end the forwarding there with a clean FIN (a truncation)."""
 
     def __init__(self, target: str, attack):
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
         self.target, self.attack = parse_address(target), attack
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(self._forward)
 
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            up = socket.create_connection(self.target)
-            threading.Thread(target=self._pipe, args=(up, conn, None), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(conn, up, self.attack),
-                             daemon=True).start()
+    def _forward(self, conn):
+        with socket.create_connection(self.target) as up:
+            back = threading.Thread(target=self._pipe, args=(up, conn, None), daemon=True)
+            back.start()
+            self._pipe(conn, up, self.attack)
+            back.join()
 
     @staticmethod
     def _pipe(src, dst, attack):
@@ -152,9 +145,6 @@ class ManInTheMiddle:
         except OSError:  # a reset on one side is passed on as a reset
             frames.reset_now(src)
             frames.reset_now(dst)
-
-    def close(self):
-        self.sock.close()
 
 
 def _open_through(producer, consumer, app_address, attack):
@@ -252,38 +242,3 @@ def test_an_attack_on_the_hop_is_a_reset_and_delivers_nothing_forged(gateways, m
     conns = status["connections"]
     assert conns["frames"] == 1 and conns["failed"] == 1
     assert re.search(error, status["last_error"]), status["last_error"]
-
-
-def test_a_peer_that_does_not_offer_frames_gets_tls_records(gateways):
-    """Frames are agreed in the TLS handshake (ALPN); a client without them, as a C
-    proxy at the other gateway, is served TLS records, as before."""
-    import ssl
-    from pathlib import Path
-
-    producer, consumer = gateways
-    server = Server(lambda conn: conn.sendall(hashlib.sha256(conn.recv(5)).digest()))
-    uid = str(uuid.uuid4())
-    prod = _reserve(producer, "PROD", uid)
-    cons = _reserve(consumer, "CONS", uid)
-    producer.call("hello", {"uid": uid, "key": KEY, "role": "PROD",
-                            "app_listeners": [server.address]})
-    producer.call("connect", {"uid": uid, "remote_listeners": cons["listeners"],
-                              "peer_fingerprint": cons["cert_fingerprint"],
-                              "peer_certificate": cons["certificate"]})
-    cons_dir = Path(consumer.settings_path).parent / "streams" / uid
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.load_cert_chain(cons_dir / "cert.pem", cons_dir / "key.pem")
-    try:
-        with socket.create_connection(parse_address(prod["listeners"][0]), timeout=30) as raw:
-            with ctx.wrap_socket(raw) as tls:
-                tls.sendall(b"hello")
-                answer = tls.recv(64)
-                assert tls.selected_alpn_protocol() is None
-        status = producer.call("status", {"uid": uid})
-    finally:
-        _release(producer, consumer, uid)
-        server.close()
-    assert answer == hashlib.sha256(b"hello").digest()
-    assert status["connections"]["frames"] == 0 and status["connections"]["failed"] == 0

@@ -259,9 +259,11 @@ def test_rate_limited_stream_keeps_every_byte(gateways, mode):
         _counted(mode, 1)
 
 
-def test_tls_hop_negotiates_aes_128_gcm(gateways):
+def test_tls_hop_negotiates_aes_128_gcm_and_a_peer_without_frames_gets_tls_records(gateways):
     """The relay's own OpenSSL configuration puts AES-128-GCM first; the PROD end
-    (the TLS server) chooses by its order even when the client prefers AES-256."""
+    (the TLS server) chooses by its order even when the client prefers AES-256. A TLS
+    client that does not offer sealed frames (ALPN), as a C proxy at the other gateway,
+    is served TLS records."""
     producer, consumer = gateways
     server = Server(_echo)
     uid, _ = _open(producer, consumer, [server.address])
@@ -277,11 +279,14 @@ def test_tls_hop_negotiates_aes_128_gcm(gateways):
             with ctx.wrap_socket(raw) as tls:
                 tls.sendall(b"ping")
                 assert tls.recv(4) == b"ping"
-                cipher = tls.cipher()
+                cipher, alpn = tls.cipher(), tls.selected_alpn_protocol()
+        status = producer.call("status", {"uid": uid})["connections"]
     finally:
         _release(producer, consumer, uid)
         server.close()
     assert cipher[0] == "TLS_AES_128_GCM_SHA256" and cipher[1] == "TLSv1.3"
+    assert alpn is None
+    assert status["frames"] == 0 and status["total"] == 1
 
 
 @pytest.mark.skipif(ktls_available() is not None, reason=str(ktls_available()))
