@@ -416,12 +416,13 @@ def _finish(src: socket.socket, dst: socket.socket, delivered: bool) -> bool:
 
 def relay(a: socket.socket, b: socket.socket, bucket: TokenBucket | None,
           counters: Counters) -> bool:
-    """Relay between ``a`` (app side) and ``b`` until one side ends, counting bytes live.
+    """Relay between ``a`` (app side) and ``b`` until the connection ends, counting bytes live.
 
-    Plain TCP on both sides moves with splice(2). Returns True when the connection
-    ended in order (both sockets may be closed normally), False when the caller must
-    reset them. Raises whatever the sockets raise (reset, TLS truncation); the caller
-    resets both.
+    Plain TCP on both sides: a thread per direction copies through a 1 MiB buffer (or,
+    with ``SCISTREAM_NATIVE_PLAIN_IO=splice``, this thread splices through pipes); a TLS
+    hop here is OpenSSL on the socket. Returns True when the connection ended in order
+    (both sockets may be closed normally), False when the caller must reset them.
+    Raises whatever the sockets raise (reset, TLS truncation); the caller resets both.
     """
     plain = not isinstance(a, ssl.SSLSocket) and not isinstance(b, ssl.SSLSocket)
     if plain and os.environ.get(PLAIN_IO_ENV, "copy") != "splice":
