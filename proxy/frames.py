@@ -88,6 +88,7 @@ def next_key(key: bytes) -> bytes:
 
 
 _lib: ctypes.CDLL | None | bool = False  # False: not loaded yet
+_bulk: ctypes.CDLL | None = None
 _missing = ""
 
 
@@ -106,14 +107,20 @@ def _libcrypto_path() -> str | None:
 
 
 def libcrypto() -> ctypes.CDLL | None:
-    """OpenSSL's libcrypto with the EVP calls frames need, or None (see :func:`missing`)."""
-    global _lib, _missing
+    """OpenSSL's libcrypto with the EVP calls frames need, or None (see :func:`missing`).
+
+    Two handles on the same library: calls through this one keep the GIL (the short
+    ones: a nonce, the header, the tag take well under a microsecond, and with many
+    connections each GIL hand-over is a futex round with every other thread), calls
+    through :func:`_bulk_cipher` release it (the payload: tens of microseconds or more,
+    while other connections run)."""
+    global _lib, _bulk, _missing
     if _lib is False:
         path = _libcrypto_path()
         try:
             if path is None:
                 raise OSError("the ssl module's libcrypto is not a shared library here")
-            lib = ctypes.CDLL(path)
+            lib, bulk = ctypes.PyDLL(path), ctypes.CDLL(path)
             vp, ip, cp = ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p
             lib.EVP_CIPHER_CTX_new.restype = vp
             lib.EVP_CIPHER_CTX_new.argtypes = []
@@ -121,10 +128,11 @@ def libcrypto() -> ctypes.CDLL | None:
             lib.EVP_aes_128_gcm.restype = vp
             lib.EVP_aes_128_gcm.argtypes = []
             lib.EVP_CipherInit_ex.argtypes = [vp, vp, vp, cp, vp, ip]
-            lib.EVP_CipherUpdate.argtypes = [vp, vp, ctypes.POINTER(ip), vp, ip]
+            for handle in (lib, bulk):
+                handle.EVP_CipherUpdate.argtypes = [vp, vp, ctypes.POINTER(ip), vp, ip]
             lib.EVP_CipherFinal_ex.argtypes = [vp, vp, ctypes.POINTER(ip)]
             lib.EVP_CIPHER_CTX_ctrl.argtypes = [vp, ip, ip, vp]
-            _lib = lib
+            _lib, _bulk = lib, bulk
         except (OSError, AttributeError) as exc:
             _lib, _missing = None, f"frames need OpenSSL's libcrypto: {exc}"
     return _lib  # type: ignore[return-value]
@@ -144,6 +152,7 @@ class Cipher:
         if lib is None:
             raise RuntimeError(_missing)
         self.lib, self.encrypt = lib, encrypt
+        self.bulk_update = _bulk.EVP_CipherUpdate  # type: ignore[union-attr]
         self.ctx = lib.EVP_CIPHER_CTX_new()
         if not self.ctx:
             raise MemoryError("EVP_CIPHER_CTX_new")
@@ -180,8 +189,8 @@ class Cipher:
         lib, ctx, outl = self.lib, self.ctx, self._outl
         ok = lib.EVP_CipherInit_ex(ctx, None, None, None, self._nonce_addr, -1) == 1
         ok = ok and lib.EVP_CipherUpdate(ctx, None, outl, header, HEADER) == 1
-        if length:
-            ok = ok and lib.EVP_CipherUpdate(ctx, payload, outl, payload, length) == 1
+        if length:  # the one long call: without the GIL
+            ok = ok and self.bulk_update(ctx, payload, outl, payload, length) == 1
         if self.encrypt:
             ok = ok and lib.EVP_CipherFinal_ex(ctx, payload + length, outl) == 1
             ok = ok and lib.EVP_CIPHER_CTX_ctrl(ctx, _EVP_CTRL_GCM_GET_TAG, TAG, tag) == 1
