@@ -41,8 +41,14 @@ def test_controlplane_bench_counts_round_trips_and_measures(controlplane, gatewa
     for operation in ("open (direct calls)", "stream_session open (tasks in a flow)",
                       "open_stream flow run"):
         assert sum(trips[operation]["round_trips"].values()) >= 1
-        assert "reserve ‖ reserve → hello → connect ‖ connect" in trips[operation]["sequences"]
-    assert "release ‖ release" in trips["release_stream flow run"]["sequences"]
+        sequences = trips[operation]["sequences"]
+        if operation == "open (direct calls)":
+            assert "reserve ‖ reserve → hello → connect ‖ connect" in sequences
+        else:  # Prefect tasks submitted together need not overlap on a loaded machine
+            assert {s.replace("‖", "→") for s in sequences} == \
+                {"reserve → reserve → hello → connect → connect"}, sequences
+    assert {s.replace("‖", "→") for s in trips["release_stream flow run"]["sequences"]} == \
+        {"release → release"}
     for count in ("2", "4"):
         many = result["concurrent"][count]
         assert many["opened"] == int(count) and many["error_count"] == 0
