@@ -61,6 +61,7 @@ import ssl
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from scistream_proxy import frames
@@ -218,6 +219,17 @@ class Counters:
             self.live.discard(halves)
             self.bytes_from_app += halves[0].moved
             self.bytes_to_app += halves[1].moved
+
+    @contextmanager
+    def tracked(self):
+        """A connection's two directions (app -> peer, peer -> app) as ``frames.Moved``,
+        counted live while the block runs and folded into the totals when it ends."""
+        pair = (frames.Moved(), frames.Moved())
+        self.track(pair)  # type: ignore[arg-type]
+        try:
+            yield pair
+        finally:
+            self.settle(pair)  # type: ignore[arg-type]
 
     def snapshot(self) -> dict:
         with self.lock:
@@ -426,13 +438,9 @@ def relay(a: socket.socket, b: socket.socket, bucket: TokenBucket | None,
     """
     plain = not isinstance(a, ssl.SSLSocket) and not isinstance(b, ssl.SSLSocket)
     if plain and os.environ.get(PLAIN_IO_ENV, "copy") != "splice":
-        up, down = frames.Moved(), frames.Moved()
-        counters.track((up, down))  # type: ignore[arg-type]
-        try:
+        with counters.tracked() as (up, down):
             frames.relay_plain(a, b, up, down, bucket)
-            return True
-        finally:
-            counters.settle((up, down))  # type: ignore[arg-type]
+        return True
     a.setblocking(False)
     b.setblocking(False)
     kind = _SpliceHalf if plain else _Half
@@ -587,102 +595,101 @@ def relay_tls(app: socket.socket, peer: TlsPeer, bucket: TokenBucket | None,
     raw = peer.raw
     app.setblocking(False)
     raw.setblocking(False)
-    up, down = frames.Moved(), frames.Moved()  # app -> peer (plaintext in), peer -> app (delivered)
-    counters.track((up, down))  # type: ignore[arg-type]
     with counters.lock:
         counters.bio += 1
-    obj, incoming = peer.obj, peer.incoming
-    inbuf = bytearray(TLS_CHUNK)  # plaintext from the app
-    inview = memoryview(inbuf)
-    cbuf = bytearray(TLS_CHUNK)  # ciphertext from the peer
-    cview = memoryview(cbuf)
-    pbuf = bytearray(TLS_CHUNK)  # plaintext for the app
-    pview = memoryview(pbuf)
-    pstart = pend = 0
-    up_eof = down_eof = raw_eof = False
-    sel = selectors.DefaultSelector()
-    registered = {app: 0, raw: 0}
-    try:
-        while True:
-            app_wants = raw_wants = 0
-            # App -> peer: read only when everything encrypted so far is sent.
+    # app -> peer: plaintext in; peer -> app: delivered
+    with counters.tracked() as (up, down):
+        obj, incoming = peer.obj, peer.incoming
+        inbuf = bytearray(TLS_CHUNK)  # plaintext from the app
+        inview = memoryview(inbuf)
+        cbuf = bytearray(TLS_CHUNK)  # ciphertext from the peer
+        cview = memoryview(cbuf)
+        pbuf = bytearray(TLS_CHUNK)  # plaintext for the app
+        pview = memoryview(pbuf)
+        pstart = pend = 0
+        up_eof = down_eof = raw_eof = False
+        sel = selectors.DefaultSelector()
+        registered = {app: 0, raw: 0}
+        try:
             while True:
-                if not peer.flush():
-                    raw_wants |= selectors.EVENT_WRITE
-                    break
-                if up_eof:
-                    break
-                size = TLS_CHUNK if bucket is None else bucket.chunk()
-                try:
-                    n = app.recv_into(inview[:size])
-                except BlockingIOError:
-                    app_wants |= selectors.EVENT_READ
-                    break
-                if n == 0:
-                    up_eof = True
-                    break
-                if bucket is not None:
-                    bucket.take(n)
-                obj.write(inview[:n])
-                up.moved += n
-            if up_eof and peer.flushed:
-                app.setblocking(True)
-                peer.close_blocking(time.monotonic() + DRAIN_TIMEOUT_S, wait_for_peer=True)
-                return True
-            # Peer -> app: read ciphertext only when everything decrypted is delivered.
-            while True:
-                if pstart < pend:
-                    try:
-                        n = app.send(pview[pstart:pend])
-                    except BlockingIOError:
-                        app_wants |= selectors.EVENT_WRITE
+                app_wants = raw_wants = 0
+                # App -> peer: read only when everything encrypted so far is sent.
+                while True:
+                    if not peer.flush():
+                        raw_wants |= selectors.EVENT_WRITE
                         break
-                    pstart += n
-                    down.moved += n
-                    continue
-                if down_eof:
-                    break
-                pstart = pend = 0
-                try:
-                    while pend <= TLS_CHUNK - _RECORD:
-                        n = obj.read(TLS_CHUNK - pend, pview[pend:])
-                        if n == 0:  # the peer's close_notify
-                            down_eof = True
+                    if up_eof:
+                        break
+                    size = TLS_CHUNK if bucket is None else bucket.chunk()
+                    try:
+                        n = app.recv_into(inview[:size])
+                    except BlockingIOError:
+                        app_wants |= selectors.EVENT_READ
+                        break
+                    if n == 0:
+                        up_eof = True
+                        break
+                    if bucket is not None:
+                        bucket.take(n)
+                    obj.write(inview[:n])
+                    up.moved += n
+                if up_eof and peer.flushed:
+                    app.setblocking(True)
+                    peer.close_blocking(time.monotonic() + DRAIN_TIMEOUT_S, wait_for_peer=True)
+                    return True
+                # Peer -> app: read ciphertext only when everything decrypted is delivered.
+                while True:
+                    if pstart < pend:
+                        try:
+                            n = app.send(pview[pstart:pend])
+                        except BlockingIOError:
+                            app_wants |= selectors.EVENT_WRITE
                             break
-                        pend += n
-                except ssl.SSLWantReadError:
-                    if raw_eof and not pend:
-                        raise ssl.SSLEOFError("TLS hop ended without close_notify") from None
-                if pend or down_eof:
-                    continue
-                size = TLS_CHUNK if bucket is None else bucket.chunk()
-                try:
-                    n = raw.recv_into(cview[:size])
-                except BlockingIOError:
-                    raw_wants |= selectors.EVENT_READ
-                    break
-                if n == 0:
-                    incoming.write_eof()  # the next read: close_notify seen, or truncation
-                    raw_eof = True
-                    continue
-                if bucket is not None:
-                    bucket.take(n)
-                incoming.write(cview[:n])
-            if not peer.flushed and not peer.flush():  # TLS 1.3 reads may write
-                raw_wants |= selectors.EVENT_WRITE
-            if down_eof and pstart == pend:
-                app.setblocking(True)
-                peer.close_blocking(time.monotonic() + 1.0, wait_for_peer=False)
-                if down.moved == 0:
-                    return False
-                app.shutdown(socket.SHUT_WR)
-                _drain(app, time.monotonic() + DRAIN_TIMEOUT_S)
-                return True
-            _set_interest(sel, registered, ((app, app_wants), (raw, raw_wants)))
-            sel.select()
-    finally:
-        sel.close()
-        counters.settle((up, down))  # type: ignore[arg-type]
+                        pstart += n
+                        down.moved += n
+                        continue
+                    if down_eof:
+                        break
+                    pstart = pend = 0
+                    try:
+                        while pend <= TLS_CHUNK - _RECORD:
+                            n = obj.read(TLS_CHUNK - pend, pview[pend:])
+                            if n == 0:  # the peer's close_notify
+                                down_eof = True
+                                break
+                            pend += n
+                    except ssl.SSLWantReadError:
+                        if raw_eof and not pend:
+                            raise ssl.SSLEOFError("TLS hop ended without close_notify") from None
+                    if pend or down_eof:
+                        continue
+                    size = TLS_CHUNK if bucket is None else bucket.chunk()
+                    try:
+                        n = raw.recv_into(cview[:size])
+                    except BlockingIOError:
+                        raw_wants |= selectors.EVENT_READ
+                        break
+                    if n == 0:
+                        incoming.write_eof()  # the next read: close_notify seen, or truncation
+                        raw_eof = True
+                        continue
+                    if bucket is not None:
+                        bucket.take(n)
+                    incoming.write(cview[:n])
+                if not peer.flushed and not peer.flush():  # TLS 1.3 reads may write
+                    raw_wants |= selectors.EVENT_WRITE
+                if down_eof and pstart == pend:
+                    app.setblocking(True)
+                    peer.close_blocking(time.monotonic() + 1.0, wait_for_peer=False)
+                    if down.moved == 0:
+                        return False
+                    app.shutdown(socket.SHUT_WR)
+                    _drain(app, time.monotonic() + DRAIN_TIMEOUT_S)
+                    return True
+                _set_interest(sel, registered, ((app, app_wants), (raw, raw_wants)))
+                sel.select()
+        finally:
+            sel.close()
 
 
 class FramesPeer:
@@ -701,18 +708,12 @@ def relay_sealed(app: socket.socket, peer: FramesPeer, bucket: TokenBucket | Non
     direction, until both directions ended in order (each end travels on by itself: a
     half-close keeps the other direction running). Returns True; raises what broke the
     connection (the caller resets both sides)."""
-    up, down = frames.Moved(), frames.Moved()
-    counters.track((up, down))  # type: ignore[arg-type]
     with counters.lock:
         counters.frames += 1
-    try:
-        app.setblocking(True)
-        peer.raw.setblocking(True)
+    with counters.tracked() as (up, down):
         frames.relay_frames(app, peer.raw, peer.seal_key, peer.open_key, peer.prefix,
                             up, down, bucket)
-        return True
-    finally:
-        counters.settle((up, down))  # type: ignore[arg-type]
+    return True
 
 
 def _set_interest(sel: selectors.BaseSelector, registered: dict[socket.socket, int],

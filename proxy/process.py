@@ -27,13 +27,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from scistream_proxy.daemon import become_daemon, ready_reporter
 
 __all__ = [
     "LAUNCH_ENV",
-    "become_daemon",
     "proc_stat",
-    "ready_reporter",
     "LaunchPlan",
     "ProcessIdentity",
     "ProxyStartError",
