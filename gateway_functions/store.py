@@ -23,6 +23,9 @@ ACTIVE_STATES = ("RESERVED", "HELLO", "CONNECTED", "FAILED")
 STARTING = "STARTING"
 HOLDING_STATES = (STARTING, *ACTIVE_STATES)  # rows that may hold ports and a proxy
 SCHEMA_VERSION = 2  # PRAGMA user_version
+# How long a worker waits for the write lock (or the switch to WAL) before the gateway
+# answers UNAVAILABLE: past that it is overloaded, which a client may retry later.
+BUSY_TIMEOUT_S = 60.0
 
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS streams (
@@ -105,9 +108,9 @@ class Store:
     """One gateway's state database; use :meth:`transaction` for every change."""
 
     def __init__(self, path: Path):
-        self.db = sqlite3.connect(path, timeout=60, isolation_level=None)
+        self.db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
+        self._use_wal(path)
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         if self.version() < SCHEMA_VERSION:
@@ -122,6 +125,32 @@ class Store:
             raise sqlite3.DatabaseError(
                 f"{path} has schema version {self.version()}; this gateway knows up to "
                 f"{SCHEMA_VERSION}: downgrading the package needs a fresh state directory")
+
+    def _use_wal(self, path: Path) -> None:
+        """Switch the database to WAL (a lasting property of the file), waiting its turn.
+
+        The switch needs the file to itself for a moment, and SQLite answers "database
+        is locked" at once, without its busy wait, while another connection holds it:
+        as when a new gateway's workers first open its database together. Once the file
+        is in WAL the pragma only reads the mode, so only those first opens wait here.
+        """
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        pause = 0.001
+        while True:
+            try:
+                mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                mode = None
+            if mode == "wal":
+                return
+            if time.monotonic() > deadline:
+                raise sqlite3.OperationalError(
+                    f"database is locked: {path} stayed in journal mode {mode!r}"
+                    f" for {BUSY_TIMEOUT_S} s")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
     def version(self) -> int:
         return self.db.execute("PRAGMA user_version").fetchone()[0]

@@ -12,6 +12,7 @@ import time
 import uuid
 
 from scistream_gateway.settings import CONFIG_ENV, GatewaySettings
+from scistream_gateway.store import Store
 from scistream_proxy.leaks import port_is_free, proxy_pids
 
 PROCESSES = 50
@@ -100,3 +101,38 @@ def test_fifty_processes_reserving_at_once_never_share_a_port(tmp_path, monkeypa
             assert release({"uid": uid})["released"]
     assert proxy_pids(under=tmp_path) == []
     assert all(port_is_free(f"127.0.0.1:{p}") for p in range(30100, 30190))
+
+
+def _open_at_once(path: str, barrier, results) -> None:
+    barrier.wait(timeout=60)
+    try:
+        store = Store(path)
+        with store.transaction():
+            pass
+        store.close()
+        results.put(None)
+    except Exception as exc:  # noqa: BLE001 - reported to the test, which fails on it
+        results.put(repr(exc))
+
+
+def test_a_new_gateways_workers_opening_its_database_at_once_all_get_in(tmp_path):
+    # The first opens switch the new file to WAL; SQLite refuses that switch at once
+    # (no busy wait) while another connection has the file open. Each round is a new
+    # database opened by 8 processes at the same instant (failed about 1 round in 5
+    # before the switch waited its turn).
+    ctx = multiprocessing.get_context("fork")
+    errors = []
+    for round_ in range(20):
+        barrier, results = ctx.Barrier(8), ctx.Queue()
+        workers = [ctx.Process(target=_open_at_once, daemon=True,
+                               args=(str(tmp_path / f"state-{round_}.sqlite3"), barrier, results))
+                   for _ in range(8)]
+        for worker in workers:
+            worker.start()
+        errors += [e for e in (results.get(timeout=120) for _ in workers) if e]
+        for worker in workers:
+            worker.join(timeout=60)
+            assert worker.exitcode == 0
+        with sqlite3.connect(tmp_path / f"state-{round_}.sqlite3") as db:
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert errors == []
