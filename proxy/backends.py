@@ -245,6 +245,7 @@ class NativeBackend(ProxyBackend):
                 "spliced": reply["connections_spliced"],
                 "bio": reply.get("connections_bio", 0),
                 "frames": reply.get("connections_frames", 0),
+                "pumped": reply.get("connections_pumped", 0),
                 "ktls": reply["connections_ktls"],
             },
             "last_error": reply["last_error"],

@@ -26,15 +26,19 @@ How a connection moves its bytes (docs/native.md has the figures):
 
 - TLS between two native relays (the default): the pinned TLS 1.3 handshake, then
   sealed frames (:mod:`scistream_proxy.frames`: AES-128-GCM frames of up to 1 MiB,
-  keys agreed inside the TLS session), one thread per direction;
+  keys agreed inside the TLS session), moved by one of the relay's pumps;
 - TLS with any other peer: TLS records through memory BIOs (:class:`TlsPeer`), or with
   OpenSSL on the socket and kernel TLS where the kernel offers it (see
   :func:`ktls_available`); one thread owns both sockets, so an SSL object is never used
   by two threads at once (OpenSSL forbids it; TLS 1.3 reads can write);
-- plain TCP on both sides: a 1 MiB buffer and a thread per direction (or ``splice(2)``
-  through a pipe, :data:`PLAIN_IO_ENV`).
+- plain TCP on both sides: a 1 MiB buffer per direction, moved by one of the relay's
+  pumps (or ``splice(2)`` through a pipe, :data:`PLAIN_IO_ENV`).
 
-Byte moves and AES-GCM release the GIL, so connections and directions use all cores.
+A pump (:mod:`scistream_proxy.pump`) is one thread with an ``epoll`` loop moving the
+bytes of many connections; a relay runs half as many as it has cores (at least one,
+``SCISTREAM_NATIVE_PUMPS``; 0: a thread per direction instead, as a throttled
+connection always has). Byte moves and AES-GCM release the GIL, so pumps use more than
+one core; a thread per connection only sets it up (accept, connect, handshake).
 The relay's OpenSSL prefers AES-128-GCM (see :data:`OPENSSL_CONF_FILE`).
 
 Ends: on the per-direction paths (frames, plain copies) each direction ends by itself
@@ -64,7 +68,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from scistream_proxy import frames
+from scistream_proxy import frames, pump
 from scistream_proxy.daemon import become_daemon
 from scistream_proxy.tls import fingerprint_of_der, pinned_context
 
@@ -205,6 +209,7 @@ class Counters:
         self.spliced = 0  # connections moved with splice(2)
         self.bio = 0  # connections whose TLS hop ran through memory BIOs
         self.frames = 0  # connections whose TLS hop carried sealed frames
+        self.pumped = 0  # connections moved by a pump (an event loop), not threads
         self.ktls_tx = 0  # connections whose TLS records the kernel writes / reads
         self.ktls_rx = 0
         self.last_error = ""
@@ -243,6 +248,7 @@ class Counters:
                 "connections_spliced": self.spliced,
                 "connections_bio": self.bio,
                 "connections_frames": self.frames,
+                "connections_pumped": self.pumped,
                 "connections_ktls": {"tx": self.ktls_tx, "rx": self.ktls_rx},
                 "last_error": self.last_error,
             }
@@ -430,8 +436,10 @@ def relay(a: socket.socket, b: socket.socket, bucket: TokenBucket | None,
           counters: Counters) -> bool:
     """Relay between ``a`` (app side) and ``b`` until the connection ends, counting bytes live.
 
-    Plain TCP on both sides: a thread per direction copies through a 1 MiB buffer (or,
-    with ``SCISTREAM_NATIVE_PLAIN_IO=splice``, this thread splices through pipes); a TLS
+    Plain TCP on both sides: one of the relay's pumps (``scistream_proxy.pump``, an
+    event loop) copies both directions through 1 MiB buffers, or a thread per direction
+    does (a throttled connection; ``SCISTREAM_NATIVE_PUMPS=0``), or, with
+    ``SCISTREAM_NATIVE_PLAIN_IO=splice``, this thread splices through pipes; a TLS
     hop here is OpenSSL on the socket. Returns True when the connection ended in order
     (both sockets may be closed normally), False when the caller must reset them.
     Raises whatever the sockets raise (reset, TLS truncation); the caller resets both.
@@ -439,7 +447,11 @@ def relay(a: socket.socket, b: socket.socket, bucket: TokenBucket | None,
     plain = not isinstance(a, ssl.SSLSocket) and not isinstance(b, ssl.SSLSocket)
     if plain and os.environ.get(PLAIN_IO_ENV, "copy") != "splice":
         with counters.tracked() as (up, down):
-            frames.relay_plain(a, b, up, down, bucket)
+            loop = _pump_for(bucket, counters)
+            if loop is None:
+                frames.relay_plain(a, b, up, down, bucket)
+            else:
+                loop.relay(a, b, pump.Copy(a, b, up), pump.Copy(b, a, down))
         return True
     a.setblocking(False)
     b.setblocking(False)
@@ -702,17 +714,33 @@ class FramesPeer:
         self.raw, self.seal_key, self.open_key, self.prefix = raw, seal_key, open_key, prefix
 
 
+def _pump_for(bucket: TokenBucket | None, counters: Counters) -> pump.Pump | None:
+    """The pump to move a connection (counted), or None for a thread per direction: a
+    throttled connection (its token bucket sleeps) or a relay without pumps."""
+    loop = pump.pick() if bucket is None else None
+    if loop is not None:
+        with counters.lock:
+            counters.pumped += 1
+    return loop
+
+
 def relay_sealed(app: socket.socket, peer: FramesPeer, bucket: TokenBucket | None,
                  counters: Counters) -> bool:
-    """Relay between ``app`` (plain TCP) and ``peer`` (sealed frames), one thread per
-    direction, until both directions ended in order (each end travels on by itself: a
+    """Relay between ``app`` (plain TCP) and ``peer`` (sealed frames), in one of the
+    relay's pumps (or a thread per direction, as :func:`relay` says), until both
+    directions ended in order (each end travels on by itself: a
     half-close keeps the other direction running). Returns True; raises what broke the
     connection (the caller resets both sides)."""
     with counters.lock:
         counters.frames += 1
     with counters.tracked() as (up, down):
-        frames.relay_frames(app, peer.raw, peer.seal_key, peer.open_key, peer.prefix,
-                            up, down, bucket)
+        loop = _pump_for(bucket, counters)
+        if loop is None:
+            frames.relay_frames(app, peer.raw, peer.seal_key, peer.open_key, peer.prefix,
+                                up, down, bucket)
+        else:
+            loop.relay(app, peer.raw, pump.Seal(app, peer.raw, peer.seal_key, up),
+                       pump.Open(peer.raw, app, peer.open_key, peer.prefix, down))
     return True
 
 

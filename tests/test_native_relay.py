@@ -30,6 +30,7 @@ from scistream_proxy.native import (
     relay_dir_of,
 )
 from scistream_proxy.process import ProcessIdentity
+from scistream_proxy.pump import PUMPS_ENV
 
 from conftest import make_gateway
 
@@ -37,26 +38,33 @@ KEY = "relay-test-key"
 # How a stream's connections move bytes: TLS with sealed frames between the two native
 # relays (the default where the kernel has no TLS), TLS records through memory BIOs, TLS
 # on the socket (OpenSSL's own socket I/O; kernel TLS where it exists); plain TCP both
-# sides with a thread and a buffer per direction (the default), or with splice(2).
-MODES = [pytest.param("frames", id="tls-frames"), pytest.param("bio", id="tls-bio"),
-         pytest.param("socket", id="tls-socket"), pytest.param("copy", id="plain-copy"),
+# sides with a buffer per direction (the default), or with splice(2). Frames and plain
+# copies run in the relay's pumps (event loops), or "-threads": a thread per direction.
+MODES = [pytest.param("frames", id="tls-frames"),
+         pytest.param("frames-threads", id="tls-frames-threads"),
+         pytest.param("bio", id="tls-bio"), pytest.param("socket", id="tls-socket"),
+         pytest.param("copy", id="plain-copy"),
+         pytest.param("copy-threads", id="plain-copy-threads"),
          pytest.param("splice", id="plain-splice")]
-PLAIN_MODES = ("copy", "splice")
+PLAIN_MODES = ("copy", "copy-threads", "splice")
+COUNTED = ("spliced", "bio", "frames", "pumped")
 
 
 @pytest.fixture(params=MODES)
 def mode(request, monkeypatch) -> str:
     """How the relays started in this test move bytes (``copy``, ``splice``: a plain
-    stream; else the TLS I/O mode)."""
-    env = PLAIN_IO_ENV if request.param in PLAIN_MODES else TLS_IO_ENV
-    monkeypatch.setenv(env, request.param)
+    stream; else the TLS I/O mode; ``-threads``: without pumps)."""
+    io, _, threads = request.param.partition("-")
+    monkeypatch.setenv(PLAIN_IO_ENV if request.param in PLAIN_MODES else TLS_IO_ENV, io)
+    monkeypatch.setenv(PUMPS_ENV, "0" if threads else "2")  # 2: connections spread
     return request.param
 
 
-def _counted(mode: str, n: int) -> dict:
+def _counted(mode: str, n: int, throttled: bool = False) -> dict:
     """What status counts for ``n`` connections of a stream in ``mode``."""
+    pumped = mode in ("frames", "copy") and not throttled  # a token bucket needs threads
     return {"spliced": n if mode == "splice" else 0, "bio": n if mode == "bio" else 0,
-            "frames": n if mode == "frames" else 0}
+            "frames": n if mode.startswith("frames") else 0, "pumped": n if pumped else 0}
 
 
 def _reserve(gw, role, uid, num_conn=1, rate=0):
@@ -171,8 +179,7 @@ def test_many_connections_on_one_stream_keep_every_byte(gateways, mode):
         assert status["connections"]["total"] == 64
         assert status["connections"]["failed"] == 0
         # Each connection went the mode's way (frames: both ends agreed on them).
-        assert {k: status["connections"][k] for k in ("spliced", "bio", "frames")} == \
-            _counted(mode, 64)
+        assert {k: status["connections"][k] for k in COUNTED} == _counted(mode, 64)
 
 
 def _slow_sink(received: dict):
@@ -255,8 +262,7 @@ def test_rate_limited_stream_keeps_every_byte(gateways, mode):
         _release(producer, consumer, uid)
         server.close()
     assert hashlib.sha256(back).digest() == hashlib.sha256(payload).digest()
-    assert {k: status["connections"][k] for k in ("spliced", "bio", "frames")} == \
-        _counted(mode, 1)
+    assert {k: status["connections"][k] for k in COUNTED} == _counted(mode, 1, throttled=True)
 
 
 def test_tls_hop_negotiates_aes_128_gcm_and_a_peer_without_frames_gets_tls_records(gateways):
