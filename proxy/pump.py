@@ -24,8 +24,10 @@ the socket and ends the connection the same way.
 
 A direction reads only when its buffer is empty and writes what it holds as the
 destination takes it (``EPOLLOUT``), so a slow receiver holds back its sender through
-TCP flow control, as a blocking relay would. Throttled connections (a token bucket
-sleeps) keep the thread-per-direction loops.
+TCP flow control, as a blocking relay would. Buffers (1 MiB) come from the pump's
+:class:`Pool` and are held only while they hold bytes, so memory follows the
+connections holding data at one moment, not the connections open. Throttled
+connections (a token bucket sleeps) keep the thread-per-direction loops.
 """
 
 from __future__ import annotations
@@ -54,16 +56,46 @@ _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 _GONE = select.EPOLLHUP | select.EPOLLERR
 
 
+class Pool:
+    """A pump's frame buffers: a direction holds one only while it holds bytes (unsent,
+    or part of a frame), so the pump's memory follows how many connections hold data at
+    once, not how many are open. Buffers given back are kept for reuse, up to ``keep``;
+    more are unmapped (after a burst, memory goes back)."""
+
+    SIZE = HEADER + FRAME_MAX + TAG
+
+    def __init__(self, keep: int = 8):
+        self.keep = keep
+        self.free: list[frames._Buffer] = []  # append/pop: atomic, no lock needed
+
+    def take(self) -> frames._Buffer:
+        try:
+            return self.free.pop()
+        except IndexError:
+            return frames._Buffer(self.SIZE)
+
+    def give(self, buf: frames._Buffer) -> None:
+        if len(self.free) < self.keep:
+            self.free.append(buf)
+            return
+        try:
+            buf.close()
+        except BufferError:  # a view still exists somewhere: unmapped when it goes
+            pass
+
+
 class Direction:
     """One direction of a connection: src -> dst. ``step`` moves what it can without
-    blocking and returns; ``done`` once the end of data was passed on in order."""
+    blocking and returns; ``done`` once the end of data was passed on in order. The
+    pump sets ``pool`` before the first step."""
 
-    __slots__ = ("src", "dst", "moved", "buf", "view", "off", "end", "done")
+    __slots__ = ("src", "dst", "moved", "pool", "buf", "view", "off", "end", "done")
 
-    def __init__(self, src: socket.socket, dst: socket.socket, moved: Moved, size: int):
+    def __init__(self, src: socket.socket, dst: socket.socket, moved: Moved):
         self.src, self.dst, self.moved = src, dst, moved
-        self.buf = frames._Buffer(size)
-        self.view = self.buf.view
+        self.pool: Pool | None = None
+        self.buf: frames._Buffer | None = None  # held from the pool while in use
+        self.view: memoryview | None = None
         self.off = self.end = 0  # bytes [off:end] of the buffer wait to be sent
         self.done = False
 
@@ -72,6 +104,19 @@ class Direction:
 
     def wants_write(self) -> bool:
         return self.off < self.end
+
+    def hold(self) -> memoryview:
+        """The buffer, taken from the pool unless held already."""
+        if self.buf is None:
+            self.buf = self.pool.take()
+            self.view = self.buf.view
+        return self.view
+
+    def drop(self) -> None:
+        """Give the buffer back (nothing in it is needed any more)."""
+        if self.buf is not None:
+            buf, self.buf, self.view = self.buf, None, None
+            self.pool.give(buf)
 
     def flush(self) -> bool:
         """Send what is pending; True when nothing is left."""
@@ -84,12 +129,19 @@ class Direction:
         self.off = self.end = 0
         return True
 
+    def deliver(self) -> bool:
+        """:meth:`flush`, counting what was sent as moved (pending bytes are the app's)."""
+        pending = self.end - self.off
+        flushed = self.flush()
+        self.moved.moved += pending - (self.end - self.off)
+        return flushed
+
     def step(self) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
-        self.view = None
-        self.buf.close()
+        if self.pool is not None:
+            self.drop()
 
 
 class Copy(Direction):
@@ -97,21 +149,18 @@ class Copy(Direction):
 
     __slots__ = ()
 
-    def __init__(self, src: socket.socket, dst: socket.socket, moved: Moved):
-        super().__init__(src, dst, moved, FRAME_MAX)
-
     def step(self) -> None:
         for _ in range(_ROUNDS):
-            pending = self.end - self.off
-            if not self.flush():
-                self.moved.moved += pending - (self.end - self.off)
+            if not self.deliver():
                 return
-            self.moved.moved += pending
+            view = self.hold()
             try:
-                n = self.src.recv_into(self.view)
+                n = self.src.recv_into(view[:FRAME_MAX])
             except BlockingIOError:
+                self.drop()
                 return
             if not n:
+                self.drop()
                 self.dst.shutdown(socket.SHUT_WR)
                 self.done = True
                 return
@@ -122,30 +171,32 @@ class Seal(Direction):
     """App -> peer: each read sealed in place into one frame; the app's end of data
     becomes the FINAL frame, then the end of the TCP stream's sending side."""
 
-    __slots__ = ("cipher", "base", "last", "sealed")
+    __slots__ = ("cipher", "last", "sealed")
 
     def __init__(self, app: socket.socket, raw: socket.socket, key: bytes, moved: Moved):
-        super().__init__(app, raw, moved, HEADER + FRAME_MAX + TAG)
+        super().__init__(app, raw, moved)
         self.cipher = frames.Cipher(key, encrypt=True)
-        self.base = self.buf.addr
         self.last = False  # the FINAL frame is pending
         self.sealed = 0  # plaintext bytes of the pending frame
 
     def step(self) -> None:
-        base = self.base
         for _ in range(_ROUNDS):
             if not self.flush():
                 return
             self.moved.moved += self.sealed
             self.sealed = 0
             if self.last:
+                self.drop()
                 self.dst.shutdown(socket.SHUT_WR)
                 self.done = True
                 return
+            view = self.hold()
             try:
-                n = self.src.recv_into(self.view[HEADER:HEADER + FRAME_MAX])
+                n = self.src.recv_into(view[HEADER:HEADER + FRAME_MAX])
             except BlockingIOError:
+                self.drop()
                 return
+            base = self.buf.addr
             struct.pack_into(">I", self.buf.mem, 0, n if n else FINAL)
             self.cipher.run(base, base + HEADER, n, base + HEADER + n)
             self.end, self.sealed, self.last = HEADER + n + TAG, n, not n
@@ -160,13 +211,12 @@ class Open(Direction):
     and delivered; the FINAL frame followed by the end of the TCP stream is passed on
     as the app's end of data."""
 
-    __slots__ = ("cipher", "base", "prefix", "got", "need", "final", "lowat")
+    __slots__ = ("cipher", "prefix", "got", "need", "final", "lowat")
 
     def __init__(self, raw: socket.socket, app: socket.socket, key: bytes, prefix: bytes,
                  moved: Moved):
-        super().__init__(raw, app, moved, HEADER + FRAME_MAX + TAG)
+        super().__init__(raw, app, moved)
         self.cipher = frames.Cipher(key, encrypt=False)
-        self.base = self.buf.addr
         self.prefix = memoryview(prefix)  # bytes the key exchange read past its hello
         self.got, self.need = 0, HEADER  # of the frame being read
         self.final = False  # the FINAL frame arrived; the TCP stream must end next
@@ -185,22 +235,22 @@ class Open(Direction):
         return n
 
     def step(self) -> None:
-        base = self.base
         for _ in range(_ROUNDS * 4):  # a frame may arrive in several reads
-            pending = self.end - self.off
-            if not self.flush():
-                self.moved.moved += pending - (self.end - self.off)
+            if not self.deliver():
                 return
-            self.moved.moved += pending
+            view = self.hold()
             try:
                 if self.final:
-                    if self.src.recv_into(self.view[:1]):
+                    if self.src.recv_into(view[:1]):
                         raise FrameError("data after the end frame")
+                    self.drop()
                     self.dst.shutdown(socket.SHUT_WR)
                     self.done = True
                     return
-                self.got += self._read(self.view[self.got:self.need])
+                self.got += self._read(view[self.got:self.need])
             except BlockingIOError:
+                if not self.got:  # between frames: nothing to keep
+                    self.drop()
                 return
             if self.got < self.need:
                 continue
@@ -216,6 +266,7 @@ class Open(Direction):
                     self.lowat = True
                 continue
             n = self.need - HEADER - TAG
+            base = self.buf.addr
             self.cipher.run(base, base + HEADER, n, base + HEADER + n)
             self.got, self.need = 0, HEADER
             if self.lowat:
@@ -254,6 +305,7 @@ class Pump:
 
     def __init__(self, name: str):
         self.name = name
+        self.pool = Pool()
         self.epoll = select.epoll()
         self.conns: dict[int, _Connection] = {}  # by file descriptor (both of each)
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -265,6 +317,7 @@ class Pump:
         raise the first failure (both sockets are cut then). Blocks the calling thread."""
         a.setblocking(False)
         b.setblocking(False)
+        forward.pool = backward.pool = self.pool
         conn = _Connection(a, b, forward, backward)
         try:
             try:  # here, before the pump sees it: what already waits (the key
