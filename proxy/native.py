@@ -645,17 +645,13 @@ def relay_tls(app: socket.socket, peer: TlsPeer, bucket: TokenBucket | None,
                         break
                     if up_eof:
                         break
-                    size = TLS_CHUNK if bucket is None else bucket.chunk()
-                    try:
-                        n = app.recv_into(inview[:size])
-                    except BlockingIOError:
+                    n = _recv_some(app, inview, bucket)
+                    if n is None:
                         app_wants |= selectors.EVENT_READ
                         break
                     if n == 0:
                         up_eof = True
                         break
-                    if bucket is not None:
-                        bucket.take(n)
                     obj.write(inview[:n])
                     up.moved += n
                 if up_eof and peer.flushed:
@@ -688,18 +684,14 @@ def relay_tls(app: socket.socket, peer: TlsPeer, bucket: TokenBucket | None,
                             raise ssl.SSLEOFError("TLS hop ended without close_notify") from None
                     if pend or down_eof:
                         continue
-                    size = TLS_CHUNK if bucket is None else bucket.chunk()
-                    try:
-                        n = raw.recv_into(cview[:size])
-                    except BlockingIOError:
+                    n = _recv_some(raw, cview, bucket)
+                    if n is None:
                         raw_wants |= selectors.EVENT_READ
                         break
                     if n == 0:
                         incoming.write_eof()  # the next read: close_notify seen, or truncation
                         raw_eof = True
                         continue
-                    if bucket is not None:
-                        bucket.take(n)
                     incoming.write(cview[:n])
                 if not peer.flushed and not peer.flush():  # TLS 1.3 reads may write
                     raw_wants |= selectors.EVENT_WRITE
@@ -715,6 +707,19 @@ def relay_tls(app: socket.socket, peer: TlsPeer, bucket: TokenBucket | None,
                 sel.select()
         finally:
             sel.close()
+
+
+def _recv_some(sock: socket.socket, view: memoryview, bucket: TokenBucket | None) -> int | None:
+    """What a non-blocking ``sock`` has, into ``view`` (up to what ``bucket`` allows,
+    paid for); None when nothing waits, 0 at its end."""
+    size = len(view) if bucket is None else bucket.chunk()
+    try:
+        n = sock.recv_into(view[:size])
+    except BlockingIOError:
+        return None
+    if n and bucket is not None:
+        bucket.take(n)
+    return n
 
 
 class FramesPeer:

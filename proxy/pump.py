@@ -61,33 +61,63 @@ _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 _GONE = select.EPOLLHUP | select.EPOLLERR
 
 
-class Pool:
-    """A pump's frame buffers: a direction holds one only while it holds bytes (unsent,
-    or part of a frame), so the pump's memory follows how many connections hold data at
-    once, not how many are open. Buffers given back are kept for reuse, up to ``keep``;
-    more are unmapped (after a burst, memory goes back)."""
+class Spares:
+    """Things a pump's directions hold only while bytes sit in them (frame buffers,
+    pipes): taken when needed, given back when empty, so the pump's memory follows how
+    many connections hold data at once, not how many are open. Up to ``keep`` given back
+    are kept for reuse; more are discarded (after a burst, memory goes back)."""
 
-    SIZE = HEADER + FRAME_MAX + TAG
+    def __init__(self, make, discard, keep: int = 8):
+        self.make, self.discard, self.keep = make, discard, keep
+        self.free: list = []  # append/pop: atomic, no lock needed
 
-    def __init__(self, keep: int = 8):
-        self.keep = keep
-        self.free: list[frames._Buffer] = []  # append/pop: atomic, no lock needed
-        self.pipes = Pipes(keep)
-
-    def take(self) -> frames._Buffer:
+    def take(self):
         try:
             return self.free.pop()
         except IndexError:
-            return frames._Buffer(self.SIZE)
+            return self.make()
 
-    def give(self, buf: frames._Buffer) -> None:
-        if len(self.free) < self.keep:
-            self.free.append(buf)
-            return
-        try:
-            buf.close()
-        except BufferError:  # a view still exists somewhere: unmapped when it goes
-            pass
+    def give(self, item, reusable: bool = True) -> None:
+        """Give ``item`` back; one that is not ``reusable`` (bytes may sit in it) is
+        discarded."""
+        if reusable and len(self.free) < self.keep:
+            self.free.append(item)
+        else:
+            self.discard(item)
+
+
+def _new_buffer() -> frames._Buffer:
+    return frames._Buffer(HEADER + FRAME_MAX + TAG)
+
+
+def _free_buffer(buf: frames._Buffer) -> None:
+    try:
+        buf.close()
+    except BufferError:  # a view still exists somewhere: unmapped when it goes
+        pass
+
+
+def _new_pipe() -> tuple[int, int]:
+    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    try:  # 64 KiB by default; past the user's pipe-user-pages-soft it stays so
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass
+    return r, w
+
+
+def _close_pipe(pipe: tuple[int, int]) -> None:
+    for fd in pipe:
+        os.close(fd)
+
+
+class Pool:
+    """A pump's spare frame buffers (every direction but :class:`Splice`) and pipes
+    (:class:`Splice`)."""
+
+    def __init__(self, keep: int = 8):
+        self.buffers = Spares(_new_buffer, _free_buffer, keep)
+        self.pipes = Spares(_new_pipe, _close_pipe, keep)
 
 
 class Direction:
@@ -114,7 +144,7 @@ class Direction:
     def hold(self) -> memoryview:
         """The buffer, taken from the pool unless held already."""
         if self.buf is None:
-            self.buf = self.pool.take()
+            self.buf = self.pool.buffers.take()
             self.view = self.buf.view
         return self.view
 
@@ -122,7 +152,7 @@ class Direction:
         """Give the buffer back (nothing in it is needed any more)."""
         if self.buf is not None:
             buf, self.buf, self.view = self.buf, None, None
-            self.pool.give(buf)
+            self.pool.buffers.give(buf)
 
     def flush(self) -> bool:
         """Send what is pending; True when nothing is left."""
@@ -173,34 +203,6 @@ class Copy(Direction):
             self.end = n
 
 
-class Pipes:
-    """A pump's pipes for :class:`Splice`, held only while bytes sit in them (as
-    :class:`Pool` holds buffers); up to ``keep`` empty ones are kept for reuse."""
-
-    def __init__(self, keep: int = 8):
-        self.keep = keep
-        self.free: list[tuple[int, int]] = []
-
-    def take(self) -> tuple[int, int]:
-        try:
-            return self.free.pop()
-        except IndexError:
-            pass
-        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        try:  # 64 KiB by default; past the user's pipe-user-pages-soft it stays so
-            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:
-            pass
-        return r, w
-
-    def give(self, pipe: tuple[int, int], empty: bool = True) -> None:
-        if empty and len(self.free) < self.keep:
-            self.free.append(pipe)
-            return
-        for fd in pipe:
-            os.close(fd)
-
-
 class Splice(Direction):
     """Plain bytes, src -> pipe -> dst with splice(2): the bytes never enter user space
     (the pipe takes the socket's pages and hands them on); the end passed on as a FIN.
@@ -241,7 +243,7 @@ class Splice(Direction):
 
     def close(self) -> None:
         if self.pipe is not None:  # bytes may still sit in it: never reused
-            self.pool.pipes.give(self.pipe, empty=not self.end)
+            self.pool.pipes.give(self.pipe, reusable=not self.end)
             self.pipe = None
 
 
