@@ -247,6 +247,9 @@ class NativeBackend(ProxyBackend):
                 "frames": reply.get("connections_frames", 0),
                 "pumped": reply.get("connections_pumped", 0),
                 "ktls": reply["connections_ktls"],
+                # Which AES-GCM seals the frames (scistream_proxy.frames.AEAD_ENV) where
+                # this stream's TLS hops may run them; None otherwise.
+                "frames_aead": reply.get("frames_aead"),
             },
             "last_error": reply["last_error"],
         }

@@ -866,6 +866,7 @@ class Stream:
 
     def status(self) -> dict:
         return {"ok": True, "state": self.state, "pid": os.getpid(),
+                "frames_aead": frames.engine() if self.tls_io == "frames" else None,
                 **self.counters.snapshot()}
 
     def stop(self) -> None:

@@ -276,9 +276,8 @@ class Seal(Direction):
             except BlockingIOError:
                 self.drop()
                 return
-            base = self.buf.addr
             struct.pack_into(">I", self.buf.mem, 0, n if n else FINAL)
-            self.cipher.run(base, base + HEADER, n, base + HEADER + n)
+            self.cipher.run(self.buf, n)
             self.end, self.sealed, self.last = HEADER + n + TAG, n, not n
 
     def close(self) -> None:
@@ -346,8 +345,7 @@ class Open(Direction):
                     self.lowat = True
                 continue
             n = self.need - HEADER - TAG
-            base = self.buf.addr
-            self.cipher.run(base, base + HEADER, n, base + HEADER + n)
+            self.cipher.run(self.buf, n)
             self.got, self.need = 0, HEADER
             if self.lowat:
                 self.src.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)

@@ -6,7 +6,6 @@ and an attack is a failed connection with a reset, never a clean end."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import socket
@@ -25,26 +24,53 @@ from test_native_relay import KEY, Server, _release, _reserve
 pytestmark = pytest.mark.skipif(bool(frames.missing()), reason=frames.missing() or "-")
 
 
+ENGINES = ["cryptography", "libcrypto"]
+
+
+def _engine_reason(name: str) -> str:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(frames.AEAD_ENV, name)
+        return frames.missing()
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request, monkeypatch):
+    """Each AES-GCM implementation frames can run on (frames.AEAD_ENV)."""
+    reason = _engine_reason(request.param)
+    if reason:
+        pytest.skip(f"{request.param}: {reason}")
+    monkeypatch.setenv(frames.AEAD_ENV, request.param)
+    assert frames.engine() == request.param
+    return request.param
+
+
 class _Frame:
-    """A frame buffer with addresses for the cipher (header | payload | tag)."""
+    """A frame in a buffer like the relays' (header | payload | tag)."""
 
     def __init__(self, payload: bytes, final: bool = False):
-        self.buf = bytearray(frames.HEADER + len(payload) + frames.TAG)
-        struct.pack_into(">I", self.buf, 0, frames.FINAL if final else len(payload))
-        self.buf[frames.HEADER:frames.HEADER + len(payload)] = payload
+        self.buf = frames._Buffer(frames.HEADER + len(payload) + frames.TAG)
+        struct.pack_into(">I", self.buf.mem, 0, frames.FINAL if final else len(payload))
+        self.buf.view[frames.HEADER:frames.HEADER + len(payload)] = payload
         self.n = len(payload)
 
-    def run(self, cipher: frames.Cipher) -> None:
-        c = (ctypes.c_char * len(self.buf)).from_buffer(self.buf)
-        base = ctypes.addressof(c)
-        try:
-            cipher.run(base, base + frames.HEADER, self.n, base + frames.HEADER + self.n)
-        finally:
-            del c
+    def run(self, cipher) -> None:
+        cipher.run(self.buf, self.n)
+
+    @property
+    def raw(self) -> bytes:
+        return bytes(self.buf.view[:frames.HEADER + self.n + frames.TAG])
+
+    def flip(self, offset: int) -> None:
+        self.buf.view[offset] ^= 0x01
+
+    def copy(self) -> _Frame:
+        twin = _Frame(b"\0" * self.n)
+        twin.buf.view[:] = self.buf.view
+        return twin
 
     @property
     def payload(self) -> bytes:
-        return bytes(self.buf[frames.HEADER:frames.HEADER + self.n])
+        return bytes(self.buf.view[frames.HEADER:frames.HEADER + self.n])
 
 
 def _sealed(key: bytes, payloads: list[bytes]) -> list[_Frame]:
@@ -58,7 +84,7 @@ def _sealed(key: bytes, payloads: list[bytes]) -> list[_Frame]:
     return out
 
 
-def test_frames_round_trip_across_key_updates(monkeypatch):
+def test_frames_round_trip_across_key_updates(engine, monkeypatch):
     monkeypatch.setattr(frames, "REKEY_FRAMES", 3)
     key = os.urandom(16)
     payloads = [os.urandom(n) for n in (1, 100, 16384, 5, 70000, 0, 9, 1 << 20)]
@@ -72,10 +98,52 @@ def test_frames_round_trip_across_key_updates(monkeypatch):
     assert opener.key == frames.next_key(frames.next_key(key))
 
 
-def test_equal_payloads_seal_differently_and_nothing_out_of_order_opens():
+def test_a_frame_is_aes_128_gcm_with_the_sequence_number_as_nonce(engine):
+    """The wire format, against AES-GCM computed apart from the relay's code: the nonce
+    is 4 zero bytes and the 64-bit sequence number, the header is the associated data,
+    the tag follows the ciphertext."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    key = os.urandom(16)
+    payloads = [os.urandom(n) for n in (3000, 0, 1 << 20)]
+    for seq, frame in enumerate(_sealed(key, payloads)):
+        header = frame.raw[:frames.HEADER]
+        nonce = bytes(4) + seq.to_bytes(8, "big")
+        assert frame.raw == header + AESGCM(key).encrypt(nonce, payloads[seq], header)
+
+
+def test_both_engines_read_each_others_frames():
+    """A relay on either AES-GCM implementation talks to a relay on the other."""
+    for name in ENGINES:
+        if _engine_reason(name):
+            pytest.skip(f"{name}: {_engine_reason(name)}")
+    key = os.urandom(16)
+    payloads = [os.urandom(n) for n in (1, 65536, 1 << 20)]
+    for sealer, opener in (ENGINES, ENGINES[::-1]):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv(frames.AEAD_ENV, sealer)
+            sealed = _sealed(key, payloads)
+            patch.setenv(frames.AEAD_ENV, opener)
+            cipher = frames.Cipher(key, encrypt=False)
+            assert type(cipher).__name__ == {"cryptography": "AeadCipher",
+                                             "libcrypto": "EvpCipher"}[opener]
+            for frame, payload in zip(sealed, payloads, strict=True):
+                frame.run(cipher)
+                assert frame.payload == payload
+
+
+def test_an_unknown_engine_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv(frames.AEAD_ENV, "chacha")
+    assert frames.engine() is None
+    assert "SCISTREAM_NATIVE_AEAD='chacha'" in frames.missing()
+    with pytest.raises(RuntimeError, match="chacha"):
+        frames.Cipher(os.urandom(16), encrypt=True)
+
+
+def test_equal_payloads_seal_differently_and_nothing_out_of_order_opens(engine):
     key = os.urandom(16)
     first, second, third = _sealed(key, [b"same" * 100] * 3)
-    assert first.buf != second.buf  # the nonce is the sequence number
+    assert first.raw != second.raw  # the nonce is the sequence number
     opener = frames.Cipher(key, encrypt=False)
     first.run(opener)
     with pytest.raises(frames.FrameError, match="authentication"):
@@ -83,20 +151,19 @@ def test_equal_payloads_seal_differently_and_nothing_out_of_order_opens():
 
 
 @pytest.mark.parametrize("where", ["header", "payload", "tag"])
-def test_an_altered_frame_is_refused(where):
+def test_an_altered_frame_is_refused(engine, where):
     key = os.urandom(16)
     (frame,) = _sealed(key, [os.urandom(4096)])
-    offset = {"header": 3, "payload": frames.HEADER + 2000, "tag": len(frame.buf) - 1}[where]
-    frame.buf[offset] ^= 0x01
+    offset = {"header": 3, "payload": frames.HEADER + 2000, "tag": len(frame.raw) - 1}[where]
+    frame.flip(offset)
     with pytest.raises(frames.FrameError, match="authentication"):
         frame.run(frames.Cipher(key, encrypt=False))
 
 
-def test_a_replayed_frame_and_a_wrong_key_are_refused():
+def test_a_replayed_frame_and_a_wrong_key_are_refused(engine):
     key = os.urandom(16)
     (frame,) = _sealed(key, [b"x" * 1000])
-    replay = _Frame(b"")
-    replay.buf, replay.n = bytearray(frame.buf), frame.n
+    replay = frame.copy()
     opener = frames.Cipher(key, encrypt=False)
     frame.run(opener)
     with pytest.raises(frames.FrameError):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from scistream_proxy import frames
 from scistream_proxy.backends import NativeBackend, ProxySpec
 from scistream_proxy.leaks import port_is_free, proxy_pids
 from scistream_proxy.native import (
@@ -43,6 +44,7 @@ KEY = "relay-test-key"
 # thread per direction; splice: a thread per connection).
 MODES = [pytest.param("frames", id="tls-frames"),
          pytest.param("frames-threads", id="tls-frames-threads"),
+         pytest.param("frames-libcrypto", id="tls-frames-libcrypto"),
          pytest.param("bio", id="tls-bio"), pytest.param("socket", id="tls-socket"),
          pytest.param("copy", id="plain-copy"),
          pytest.param("copy-threads", id="plain-copy-threads"),
@@ -55,16 +57,22 @@ COUNTED = ("spliced", "bio", "frames", "pumped")
 @pytest.fixture(params=MODES)
 def mode(request, monkeypatch) -> str:
     """How the relays started in this test move bytes (``copy``, ``splice``: a plain
-    stream; else the TLS I/O mode; ``-threads``: without pumps)."""
-    io, _, threads = request.param.partition("-")
+    stream; else the TLS I/O mode; ``-threads``: without pumps; ``-libcrypto``: frames
+    sealed by the ssl module's OpenSSL through ctypes instead of ``cryptography``)."""
+    io, *flags = request.param.split("-")
     monkeypatch.setenv(PLAIN_IO_ENV if request.param in PLAIN_MODES else TLS_IO_ENV, io)
-    monkeypatch.setenv(PUMPS_ENV, "0" if threads else "2")  # 2: connections spread
+    monkeypatch.setenv(PUMPS_ENV, "0" if "threads" in flags else "2")  # 2: connections spread
+    if "libcrypto" in flags:
+        if frames.libcrypto() is None:
+            pytest.skip(frames.missing())
+        monkeypatch.setenv(frames.AEAD_ENV, "libcrypto")
     return request.param
 
 
 def _counted(mode: str, n: int, throttled: bool = False) -> dict:
     """What status counts for ``n`` connections of a stream in ``mode``."""
-    pumped = mode in ("frames", "copy", "auto", "splice") and not throttled  # a bucket: threads
+    # Throttled (a token bucket): threads.
+    pumped = mode not in ("bio", "socket") and "threads" not in mode and not throttled
     spliced = n if mode.startswith("splice") else 0
     if mode == "auto" and not throttled:
         spliced = None  # copied or spliced by how busy the pump was as each came
@@ -75,8 +83,12 @@ def _counted(mode: str, n: int, throttled: bool = False) -> dict:
 def _counts(status: dict, mode: str, n: int, throttled: bool = False) -> tuple[dict, dict]:
     """(what status counted, what ``mode`` makes it count) for ``n`` connections."""
     expected = _counted(mode, n, throttled)
-    return ({k: status["connections"][k] for k in COUNTED if expected[k] is not None},
-            {k: v for k, v in expected.items() if v is not None})
+    counted = {k: status["connections"][k] for k in COUNTED if expected[k] is not None}
+    # Which AES-GCM sealed the frames: the one asked for, else the best one here.
+    counted["aead"] = status["connections"]["frames_aead"]
+    expected["aead"] = None if not mode.startswith("frames") else \
+        "libcrypto" if "libcrypto" in mode else frames.engine()
+    return counted, {k: v for k, v in expected.items() if v is not None or k == "aead"}
 
 
 def _reserve(gw, role, uid, num_conn=1, rate=0):
