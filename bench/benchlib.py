@@ -345,6 +345,63 @@ def iperf3(address: str, conns: int, seconds: int, pids: Iterable[int] = ()) -> 
     }
 
 
+FLOOR_SOURCE = Path(__file__).with_name("floor_relay.c")
+
+
+def floor_missing() -> str | None:
+    return None if shutil.which("cc") else "no C compiler (cc) to build bench/floor_relay.c"
+
+
+class FloorChain:
+    """Two minimal C relays (``bench/floor_relay.c``: a thread per direction, blocking
+    splice or read/write, nothing else) chained like a plain stream's two proxies in
+    front of ``target``: the floor under what any proxy reaches on this machine.
+    Built with ``cc`` into ``workdir``; the two processes are stopped on exit."""
+
+    def __init__(self, mode: str, ports: tuple[int, int], target: str, workdir: Path):
+        self.mode, self.ports, self.target, self.workdir = mode, ports, target, workdir
+        self.procs: list[subprocess.Popen] = []
+        self.address = f"127.0.0.1:{ports[0]}"
+
+    @property
+    def pids(self) -> list[int]:
+        return [proc.pid for proc in self.procs]
+
+    def _binary(self) -> Path:
+        binary = self.workdir / "floor_relay"
+        if not binary.exists():
+            subprocess.run(["cc", "-O2", "-pthread", "-o", str(binary), str(FLOOR_SOURCE)],
+                           check=True, capture_output=True, timeout=120)
+        return binary
+
+    def __enter__(self) -> FloorChain:
+        binary = self._binary()
+        _, target_port = parse_address(self.target)
+        # Producer side first (-> the app), then the consumer side (-> the producer side).
+        hops = [(self.ports[1], target_port), (self.ports[0], self.ports[1])]
+        try:
+            for listen, to in hops:
+                proc = subprocess.Popen([str(binary), self.mode, str(listen), str(to)],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                self.procs.append(proc)
+                if proc.stdout.readline().strip() != b"ready":
+                    raise RuntimeError(f"floor relay on port {listen} did not start: "
+                                       f"{proc.stderr.read(500).decode(errors='replace')}")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            proc.stdout.close()
+            proc.stderr.close()
+        self.procs = []
+
+
 def tls_suite(address: str, openssl_conf: Path | None = None) -> str | None:
     """The TLS version and suite the listener at ``address`` picks for an OpenSSL client
     (configured by ``openssl_conf``, as the peer proxy would offer), from

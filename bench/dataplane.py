@@ -3,7 +3,7 @@ iperf3 direct, in one run.
 
     .venv/bin/python bench/dataplane.py [--quick] [--rounds 5] [--seconds 5]
         [--conns 1,4,64] [--modes tls,plain] [--backends native,stunnel,haproxy,...]
-        [--port-base 16000] [--out bench/results] [--json]
+        [--port-base 16000] [--out bench/results] [--no-floor] [--json]
 
 Chain: iperf3 client -> consumer-side proxy -> (TLS | plain TCP) -> producer-side proxy
 -> iperf3 server, all on loopback, both gateways local (real gateway functions, real
@@ -16,6 +16,11 @@ ends together) and peak RSS / PSS during the runs, and the TLS suite the produce
 listener picks. Container backends need a Docker engine whose host network is this
 process's; otherwise they are listed as skipped with the reason.
 
+The floor (plain mode, unless ``--no-floor``): the same chain through two minimal C
+relays (``bench/floor_relay.c``, built with ``cc``: a thread per direction moving bytes
+with blocking ``splice`` or ``read``/``write``, and nothing else), measured in the same
+rounds: what any proxy can reach on this machine's loopback.
+
 ``--quick`` (2 rounds of 2 s) takes about three minutes on two cores; the figures of a
 quick run on a shared machine are rough. Results: ``<out>/dataplane[-quick].{json,md,png}``.
 """
@@ -23,6 +28,7 @@ quick run on a shared machine are rough. Results: ``<out>/dataplane[-quick].{jso
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -32,6 +38,8 @@ from pathlib import Path
 import benchlib
 
 ALL_BACKENDS = ["native", "stunnel", "haproxy", "nginx", "haproxy-docker", "nginx-docker"]
+# Reference chains of two minimal C relays (not backends: no gateway, no TLS, no control).
+FLOOR_MODES = ["splice", "copy"]
 PORTS_PER_GATEWAY = 10
 
 
@@ -72,21 +80,40 @@ def open_chains(args, root: Path, target: str, result: dict, opened: list) -> di
     return chains
 
 
+def open_floors(args, root: Path, target: str, result: dict, chains: dict,
+                floors: contextlib.ExitStack) -> None:
+    """The floor under every plain chain: two minimal C relays (bench/floor_relay.c),
+    splicing or copying, chained to ``target`` like a plain stream's two proxies."""
+    if "plain" not in args.modes or not args.floor:
+        return
+    reason = benchlib.floor_missing()
+    if reason:
+        result["skipped"]["floor"] = reason
+        print(f"floor: skipped ({reason})", file=sys.stderr)
+        return
+    for index, mode in enumerate(FLOOR_MODES):
+        ports = (args.port_base + 1 + 2 * index, args.port_base + 2 + 2 * index)
+        floor = floors.enter_context(benchlib.FloorChain(mode, ports, target, root))
+        chains[f"floor-{mode} plain"] = {"backend": f"floor-{mode}", "mode": "plain",
+                                         "address": floor.address, "pids": floor.pids}
+
+
 def run(args) -> dict:
     result: dict = {
         "bench": "dataplane", "quick": args.quick,
         "config": {"rounds": args.rounds, "seconds": args.seconds, "conns": args.conns,
-                   "modes": args.modes, "backends": args.backends,
+                   "modes": args.modes, "backends": args.backends, "floor": args.floor,
                    "port_base": args.port_base},
         "machine": benchlib.machine(), "skipped": {}, "errors": [], "chains": {},
         "results": {},
     }
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="scistream-bench-dataplane-") as tmp, \
-            benchlib.IperfServer(args.port_base) as server:
+            benchlib.IperfServer(args.port_base) as server, contextlib.ExitStack() as floors:
         opened: list = []
         try:
             chains = open_chains(args, Path(tmp), server.address, result, opened)
+            open_floors(args, Path(tmp), server.address, result, chains, floors)
             configs = [(label, n) for n in args.conns for label in chains]
 
             def one(config, index):
@@ -197,8 +224,12 @@ def checks(result: dict, conns: list[int]) -> benchlib.Checks:
                 f"native {_fmt(native)} vs haproxy {_fmt(haproxy)} Gbit/s: {_fmt(value)}x")
         direct = gbit("direct", n)
         value = native / direct if native and direct else None
+        floors = {mode: gbit(f"floor-{mode} plain", n) for mode in FLOOR_MODES}
+        floor = max((v for v in floors.values() if v), default=None)
         out.add(f"plain chain >= 0.6x direct ({_conn_label(n)})", value, 0.6,
-                f"native {_fmt(native)} vs direct {_fmt(direct)} Gbit/s: {_fmt(value)}x")
+                f"native {_fmt(native)} vs direct {_fmt(direct)} Gbit/s: {_fmt(value)}x"
+                + (f"; two minimal C relays: {_fmt(floor / direct)}x" if floor and direct
+                   else ""))
     for mode in ("tls", "plain"):
         native, haproxy = gbit(f"native {mode}", 64), gbit(f"haproxy {mode}", 64)
         value = native / haproxy if native and haproxy else None
@@ -275,7 +306,8 @@ def markdown(result: dict, label_line: str, readme: bool = False) -> str:
 def plot(result: dict, path: Path) -> Path | None:
     conns, modes = result["config"]["conns"], result["config"]["modes"]
     groups = [(mode, n) for mode in modes for n in conns]
-    backends = ["direct"] + [b for b in result["config"]["backends"]
+    backends = ["direct"] + [b for b in [*result["config"]["backends"],
+                                         *(f"floor-{m}" for m in FLOOR_MODES)]
                              if any(label.startswith(b + " ") for label in result["results"])]
     series = {}
     for backend in backends:
@@ -303,10 +335,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--backends", default=",".join(ALL_BACKENDS),
                         help=f"comma-separated (default: {','.join(ALL_BACKENDS)})")
     parser.add_argument("--port-base", type=int, default=16000,
-                        help="iperf3 server port; the gateways take the next "
-                        f"{10 + 2 * PORTS_PER_GATEWAY * len(ALL_BACKENDS)}")
+                        help="iperf3 server port; the floor relays and the gateways take "
+                        f"the next {10 + 2 * PORTS_PER_GATEWAY * len(ALL_BACKENDS)}")
     parser.add_argument("--out", type=Path, default=benchlib.RESULTS_DIR,
                         help="directory of the result files (default bench/results)")
+    parser.add_argument("--no-floor", dest="floor", action="store_false",
+                        help="leave out the floor: plain chains of two minimal C relays "
+                        "(bench/floor_relay.c, built with cc), splicing and copying")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--update-readme", action="store_true",
                         help="also put the throughput and targets tables in README.md")

@@ -35,6 +35,10 @@ def test_dataplane_bench_measures_every_chain_against_direct(gateway_root):
     expected = {"direct", "native tls", "native plain"}
     if "haproxy" not in result["skipped"]:
         expected |= {"haproxy tls", "haproxy plain"}
+    if shutil.which("cc"):  # the floor: two minimal C relays, splicing and copying
+        expected |= {"floor-splice plain", "floor-copy plain"}
+    else:
+        assert "cc" in result["skipped"]["floor"]
     assert set(result["results"]) == expected == set(result["chains"])
     direct = result["results"]["direct"]
     for label in expected:
@@ -57,6 +61,9 @@ def test_dataplane_bench_measures_every_chain_against_direct(gateway_root):
     assert set(verdicts.values()) <= {"met", "not met", "not measured"}
     assert verdicts["64 connections (tls) >= HAProxy"] == "not measured"  # no -P 64 here
     assert verdicts["plain chain >= 0.6x direct (2 conns)"] in ("met", "not met")
+    if "floor-copy plain" in expected:
+        detail = {c["target"]: c["detail"] for c in result["checks"]}
+        assert "two minimal C relays" in detail["plain chain >= 0.6x direct (2 conns)"]
 
     out = gateway_root / "out"
     assert json.loads((out / "dataplane.json").read_text())["results"] == result["results"]
