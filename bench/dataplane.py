@@ -156,10 +156,11 @@ def _record_native_io(chain, chains: dict) -> None:
     except Exception as exc:  # noqa: BLE001 - a figure of the report, never fatal
         conns = {"error": str(exc)}
     for info in infos:
-        info["native_io"] = {k: conns[k] for k in ("total", "frames", "bio", "spliced", "ktls",
-                                                   "error") if k in conns}
+        info["native_io"] = {k: conns[k] for k in ("total", "frames", "frames_aead", "bio",
+                                                   "spliced", "ktls", "error") if k in conns}
         if info.get("tls_suite") and conns.get("frames"):
-            info["tls_suite"] += " handshake; data: AES-128-GCM sealed frames"
+            info["tls_suite"] += (" handshake; data: AES-128-GCM sealed frames "
+                                  f"({conns.get('frames_aead')})")
 
 
 def summarize(result: dict, runs: dict, conns: list[int]) -> None:

@@ -172,18 +172,6 @@ def engine() -> str | None:
     return None
 
 
-def engine_version() -> str:
-    """What :func:`engine` runs, with its OpenSSL (for status and benchmarks)."""
-    name = engine()
-    if name == "cryptography":
-        import cryptography
-        from cryptography.hazmat.backends.openssl.backend import backend
-        return f"cryptography {cryptography.__version__} ({backend.openssl_version_text()})"
-    if name == "libcrypto":
-        return f"libcrypto ({ssl.OPENSSL_VERSION})"
-    return ""
-
-
 def missing() -> str:
     """Why frames are not available here ('' when they are)."""
     if engine() is not None:
