@@ -47,9 +47,9 @@ def engine(request, monkeypatch):
 class _Frame:
     """A frame in a buffer like the relays' (header | payload | tag)."""
 
-    def __init__(self, payload: bytes, final: bool = False):
+    def __init__(self, payload: bytes):
         self.buf = frames._Buffer(frames.HEADER + len(payload) + frames.TAG)
-        struct.pack_into(">I", self.buf.mem, 0, frames.FINAL if final else len(payload))
+        struct.pack_into(">I", self.buf.mem, 0, len(payload))
         self.buf.view[frames.HEADER:frames.HEADER + len(payload)] = payload
         self.n = len(payload)
 
