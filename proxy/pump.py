@@ -165,6 +165,12 @@ class Direction:
         self.off = self.end = 0
         return True
 
+    def pass_end(self) -> None:
+        """The source ended in order: end dst's sending side (a FIN) and this direction."""
+        self.drop()
+        self.dst.shutdown(socket.SHUT_WR)
+        self.done = True
+
     def deliver(self) -> bool:
         """:meth:`flush`, counting what was sent as moved (pending bytes are the app's)."""
         pending = self.end - self.off
@@ -196,9 +202,7 @@ class Copy(Direction):
                 self.drop()
                 return
             if not n:
-                self.drop()
-                self.dst.shutdown(socket.SHUT_WR)
-                self.done = True
+                self.pass_end()
                 return
             self.end = n
 
@@ -236,8 +240,7 @@ class Splice(Direction):
             if not n:
                 pipes.give(self.pipe)
                 self.pipe = None
-                self.dst.shutdown(socket.SHUT_WR)
-                self.done = True
+                self.pass_end()
                 return
             self.end = n
 
@@ -266,9 +269,7 @@ class Seal(Direction):
             self.moved.moved += self.sealed
             self.sealed = 0
             if self.last:
-                self.drop()
-                self.dst.shutdown(socket.SHUT_WR)
-                self.done = True
+                self.pass_end()
                 return
             view = self.hold()
             try:
@@ -322,9 +323,7 @@ class Open(Direction):
                 if self.final:
                     if self.src.recv_into(view[:1]):
                         raise FrameError("data after the end frame")
-                    self.drop()
-                    self.dst.shutdown(socket.SHUT_WR)
-                    self.done = True
+                    self.pass_end()
                     return
                 self.got += self._read(view[self.got:self.need])
             except BlockingIOError:
@@ -420,12 +419,7 @@ class Pump:
                     self.conns[sock.fileno()] = conn
                 conn.finished.wait()
         finally:
-            for sock in (a, b):  # (if registering failed halfway; else done already)
-                self.conns.pop(sock.fileno(), None)
-                try:
-                    self.epoll.unregister(sock.fileno())
-                except (OSError, ValueError):
-                    pass
+            self._forget(a, b)  # (if registering failed halfway; else done already)
             forward.close()
             backward.close()
             a.setblocking(True)
@@ -433,14 +427,18 @@ class Pump:
         if conn.error is not None:
             raise conn.error
 
-    def _end(self, conn: _Connection, error: BaseException | None) -> None:
-        for sock in (conn.a, conn.b):
+    def _forget(self, *socks: socket.socket) -> None:
+        """The pump no longer acts on ``socks`` (those it never knew are skipped)."""
+        for sock in socks:
             fd = sock.fileno()
             self.conns.pop(fd, None)
             try:
                 self.epoll.unregister(fd)
             except (OSError, ValueError):
                 pass
+
+    def _end(self, conn: _Connection, error: BaseException | None) -> None:
+        self._forget(conn.a, conn.b)
         if error is not None:
             # Without its traceback: the frames it holds would hold views of the
             # connection's buffers, which the relaying thread is about to free.
