@@ -30,7 +30,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from scistream_prefect import LocalGateway  # noqa: E402
 from scistream_proxy.leaks import port_is_free, proxy_pids  # noqa: E402
-from scistream_proxy.native import parse_address  # noqa: E402
+from scistream_proxy.addresses import parse_address  # noqa: E402
 
 RESULTS_DIR = Path(__file__).parent / "results"
 README = Path(__file__).parent.parent / "README.md"

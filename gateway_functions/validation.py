@@ -12,7 +12,7 @@ import re
 import uuid
 
 from scistream_gateway.errors import BadFormat
-from scistream_proxy.native import format_address
+from scistream_proxy.addresses import format_address
 
 __all__ = ["Request", "check_host", "format_address", "parse_address"]
 

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 
-from scistream_proxy.native import parse_address
+from scistream_proxy.addresses import parse_address
 
 BLOCK = 1 << 20
 COMMAND = [sys.executable, "-m", "scistream_proxy.apps"]

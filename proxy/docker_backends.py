@@ -39,7 +39,7 @@ from scistream_proxy.external import (
     write_haproxy_pem,
 )
 from scistream_proxy.launch import polled_inodes
-from scistream_proxy.native import parse_address
+from scistream_proxy.addresses import parse_address
 from scistream_proxy.process import ProcessIdentity
 from scistream_proxy.tls import write_private
 

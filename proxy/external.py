@@ -29,7 +29,7 @@ from string import Template
 
 from scistream_proxy.backends import ProxyBackend, ProxyError, ProxySpec, connect_in_dir
 from scistream_proxy.leaks import working_dirs
-from scistream_proxy.native import format_address
+from scistream_proxy.addresses import format_address
 from scistream_proxy.process import (
     ProcessIdentity,
     ProxyStartError,

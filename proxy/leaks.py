@@ -6,7 +6,7 @@ import os
 import socket
 from pathlib import Path
 
-from scistream_proxy.native import parse_address
+from scistream_proxy.addresses import parse_address
 
 __all__ = ["port_is_free", "proxy_pids", "runs_a_proxy", "working_dirs"]
 

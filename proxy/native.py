@@ -70,6 +70,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from scistream_proxy import frames, pump
+from scistream_proxy.addresses import parse_address
 from scistream_proxy.daemon import become_daemon
 from scistream_proxy.tls import fingerprint_of_der, pinned_context
 
@@ -116,16 +117,6 @@ SOL_TLS = 282
 TLS_TX, TLS_RX = 1, 2
 OP_ENABLE_KTLS = 0x8
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-def format_address(host: str, port: int) -> str:
-    """``host:port``, with an IPv6 host in brackets: the inverse of :func:`parse_address`."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def relay_dir_of(stream_dir: Path) -> Path:

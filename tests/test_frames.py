@@ -17,7 +17,8 @@ import uuid
 import pytest
 
 from scistream_proxy import frames
-from scistream_proxy.native import TLS_IO_ENV, parse_address
+from scistream_proxy.addresses import parse_address
+from scistream_proxy.native import TLS_IO_ENV
 
 from test_native_relay import KEY, Server, _release, _reserve
 

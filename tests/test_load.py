@@ -29,7 +29,7 @@ from pathlib import Path
 from scistream_prefect import LocalGateway
 from scistream_prefect.cli import parse_size
 from scistream_proxy.leaks import port_is_free, proxy_pids
-from scistream_proxy.native import parse_address
+from scistream_proxy.addresses import parse_address
 
 STREAMS = int(os.environ.get("SCISTREAM_LOAD_STREAMS", "200"))
 NUM_CONN = int(os.environ.get("SCISTREAM_LOAD_NUM_CONN", "2"))

@@ -9,7 +9,7 @@ from scistream_prefect.tasks.streams import get_stream_status
 
 from conftest import run_consumer
 from scistream_proxy.leaks import port_is_free, runs_a_proxy
-from scistream_proxy.native import parse_address
+from scistream_proxy.addresses import parse_address
 
 MIB = 1 << 20
 

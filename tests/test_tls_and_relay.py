@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from scistream_prefect import open_stream, release_stream
-from scistream_proxy.native import parse_address
+from scistream_proxy.addresses import parse_address
 from scistream_proxy.tls import generate_certificate
 
 from conftest import run_consumer
