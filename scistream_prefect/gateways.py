@@ -11,7 +11,9 @@ seam.
 from __future__ import annotations
 
 import atexit
+import math
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -33,9 +35,16 @@ from scistream_gateway.local_worker import (
     write_frame,
 )
 from scistream_gateway.settings import CONFIG_ENV, GatewaySettings
-from scistream_proxy.process import readable
 
-__all__ = ["Gateway", "LocalGateway"]
+__all__ = ["Gateway", "LocalGateway", "close_local_gateways"]
+
+
+def _readable(fd: int, timeout_s: float) -> bool:
+    """Whether ``fd`` becomes readable within ``timeout_s`` (``poll``: a client with
+    hundreds of streams has descriptors above ``select``'s limit of 1024)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, math.ceil(timeout_s * 1000))))
 
 
 @runtime_checkable
@@ -77,7 +86,7 @@ class _Worker:
         chunks, left = [], size
         while left:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not readable(fd, remaining):
+            if remaining <= 0 or not _readable(fd, remaining):
                 raise FutureTimeout()
             chunk = os.read(fd, min(left, 1 << 20))
             if not chunk:
@@ -107,6 +116,7 @@ class _WorkerPool:
         self.idle: list[_Worker] = []
         self.busy: set[_Worker] = set()
         self.count = 0  # idle + busy + starting
+        self.closed = False  # workers handed back after close() are stopped
         self.cond = threading.Condition()
 
     def acquire(self, deadline: float) -> _Worker:
@@ -145,6 +155,7 @@ class _WorkerPool:
         return worker
 
     def release(self, worker: _Worker, healthy: bool) -> None:
+        healthy = healthy and not self.closed
         if not healthy:
             worker.close()
         with self.cond:
@@ -155,26 +166,39 @@ class _WorkerPool:
                 self.count -= 1
             self.cond.notify()
 
+    def pids(self) -> list[int]:
+        with self.cond:
+            return sorted(w.proc.pid for w in (*self.idle, *self.busy))
+
     def close(self) -> None:
+        """Stop the idle workers now and the busy ones when their call returns."""
         with self.cond:
             idle, self.idle = self.idle, []
             self.count -= len(idle)
+            self.closed = True
         for worker in idle:
             worker.close()
 
 
 # Pools are per client process and per gateway, created where they are used (never
-# pickled into a task parameter) and closed at exit.
+# pickled into a task parameter) and closed by LocalGateway.close, close_local_gateways
+# or at exit.
 _POOLS: dict[tuple[int, str, int], _WorkerPool] = {}
 _POOLS_LOCK = threading.Lock()
 
 
-@atexit.register
-def _close_pools() -> None:
+def _take_pools(settings_path: str | None = None) -> list[_WorkerPool]:
     with _POOLS_LOCK:
-        pools = list(_POOLS.values())
-        _POOLS.clear()
-    for pool in pools:
+        # A forked child's copies of its parent's pools are not its own to stop.
+        keys = [k for k in _POOLS if k[0] == os.getpid()
+                and (settings_path is None or k[1] == settings_path)]
+        return [_POOLS.pop(k) for k in keys]
+
+
+@atexit.register
+def close_local_gateways() -> None:
+    """Stop the worker processes of every :class:`LocalGateway` this process called."""
+    for pool in _take_pools():
         pool.close()
 
 
@@ -289,6 +313,20 @@ class LocalGateway(Block):
         if error is not None:
             raise error
         return reply
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of this process's live workers for this gateway (none before a call)."""
+        mine = (os.getpid(), str(self.settings_path))
+        with _POOLS_LOCK:
+            pools = [pool for key, pool in _POOLS.items() if key[:2] == mine]
+        return sorted(pid for pool in pools for pid in pool.pids())
+
+    def close(self) -> None:
+        """Stop this process's workers for this gateway; the next call starts new ones.
+
+        Streams are not touched: they live on the gateway (release them first)."""
+        for pool in _take_pools(str(self.settings_path)):
+            pool.close()
 
     def warm_up(self, timeout_s: float = 60.0) -> None:
         """Start all worker processes now (a first call otherwise pays for its worker)."""

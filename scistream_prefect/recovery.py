@@ -3,7 +3,7 @@
 A run that is cancelled or SIGKILLed may end before any ``finally`` of its own runs.
 So before the first ``reserve`` of a stream, the identifiers needed to release it (its
 uid and the two gateways' block fields, never the hello key) go into a Prefect
-Variable named after the flow run; :func:`release_run_streams`, the ``on_cancellation``
+Variable named after the flow run; :func:`release_session_streams`, the ``on_cancellation``
 and ``on_crashed`` hook of ``open-stream`` (and of a flow using a session), releases
 from them, in whichever process Prefect runs the hook. Written *before* the reserve:
 a run killed while it waits for the producer's hello already holds both ends.
@@ -21,7 +21,7 @@ from prefect.variables import Variable
 from scistream_prefect.compute import GlobusComputeGateway
 from scistream_prefect.gateways import Gateway, LocalGateway
 
-__all__ = ["forget_stream", "release_run_streams", "remember_stream", "rememberable"]
+__all__ = ["forget_stream", "release_session_streams", "remember_stream", "rememberable"]
 
 log = logging.getLogger("scistream_prefect")
 
@@ -73,7 +73,7 @@ def forget_stream(flow_run_id, uid: str) -> None:
             Variable.unset(name)
 
 
-def release_run_streams(flow, flow_run, state) -> None:
+def release_session_streams(flow, flow_run, state) -> None:
     """Flow hook: release every stream ``flow_run`` left recorded (cancelled, crashed).
 
     Runs outside the flow's process when a deployment's run is cancelled or killed, so

@@ -29,23 +29,12 @@ from scistream_prefect.gateways import Gateway
 from scistream_prefect.recovery import (
     forget_stream,
     gateway_record,
-    release_run_streams,
-    remember_stream,
+    release_session_streams,
 )
 
 __all__ = ["release_session_streams", "stream_session"]
 
 log = logging.getLogger("scistream_prefect")
-
-# Kept under these names for callers of the first version.
-_remember, _forget = remember_stream, forget_stream
-
-
-def release_session_streams(flow, flow_run, state) -> None:
-    """Flow hook (``on_cancellation``, ``on_crashed``): release every stream a session of
-    ``flow_run`` left open; see :func:`scistream_prefect.recovery.release_run_streams`."""
-    release_run_streams(flow, flow_run, state)
-
 
 class _LeaseRenewer(threading.Thread):
     """Renews both ends' leases every ``interval_s`` until stopped."""

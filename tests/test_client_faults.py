@@ -181,7 +181,7 @@ def test_a_killed_open_stream_run_waiting_for_hello_is_released_by_its_hook(
     for gw, ls in zip((producer, consumer), listeners, strict=True):
         assert_gone(gw, uid, ls)
     assert Variable.get(f"scistream-session-{run.id}", default=None) is None
-    hook = "Running hook 'release_run_streams' in response to entering state 'Crashed'"
+    hook = "Running hook 'release_session_streams' in response to entering state 'Crashed'"
     _wait(lambda: hook in served_scistream.log.read_text(), "the runner's log of the hook", 60)
 
 

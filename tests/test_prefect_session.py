@@ -101,7 +101,7 @@ def test_the_hook_releases_from_stored_identifiers_alone(gateways, producer_app)
     leaves (stream open, identifiers stored), then the hook gets the run's record.
     ``test_prefect_deployments`` cancels a real served run."""
     from scistream_prefect.flows.streams import setup_stream
-    from scistream_prefect.session import _remember
+    from scistream_prefect.recovery import remember_stream
 
     producer, consumer = gateways
     app = producer_app(1, 1024)
@@ -111,7 +111,7 @@ def test_the_hook_releases_from_stored_identifiers_alone(gateways, producer_app)
     def pipeline():
         handle = setup_stream(producer, consumer, num_conn=1, app_listeners=app.listeners)
         seen["run_id"] = _flow_run_id()
-        _remember(seen["run_id"], handle.uid, producer, consumer)
+        remember_stream(seen["run_id"], handle.uid, producer, consumer)
 
     pipeline()
     assert _active(producer, consumer) == [1, 1]

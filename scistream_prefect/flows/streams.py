@@ -26,7 +26,7 @@ from scistream_prefect.compute import GlobusComputeGateway
 from scistream_prefect.gateways import Gateway, LocalGateway
 from scistream_prefect.recovery import (
     forget_stream,
-    release_run_streams,
+    release_session_streams,
     remember_stream,
     rememberable,
 )
@@ -237,8 +237,8 @@ def teardown_stream(producer: Gateway, consumer: Gateway, uid: str, *,
         future.result()
 
 
-@flow(name="open-stream", on_cancellation=[release_run_streams],
-      on_crashed=[release_run_streams])
+@flow(name="open-stream", on_cancellation=[release_session_streams],
+      on_crashed=[release_session_streams])
 def open_stream(
     producer: GatewayBlock,
     consumer: GatewayBlock,
