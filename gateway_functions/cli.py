@@ -37,9 +37,9 @@ _UUID_LINE = re.compile(
 
 
 def _function_names() -> list[str]:
-    from scistream_gateway.functions import ALL
+    from scistream_gateway.protocol import FUNCTIONS
 
-    return list(ALL)
+    return list(FUNCTIONS)
 
 
 def shipped_config(relative: str) -> str:
@@ -82,10 +82,10 @@ def register_functions(client, *, public: bool = False, group: str | None = None
 def make_client():
     """A Globus Compute client that serializes as the shipped endpoint configs allow."""
     from globus_compute_sdk import Client
-    from globus_compute_sdk.serialize import DillCodeSource, JSONData
 
-    return Client(code_serialization_strategy=DillCodeSource(),
-                  data_serialization_strategy=JSONData(), do_version_check=False)
+    from scistream_gateway.local_worker import strategies
+
+    return Client(**strategies(), do_version_check=False)
 
 
 def fill_function_ids(text: str, ids: dict[str, str]) -> str:

@@ -71,5 +71,7 @@ def release(request: dict) -> dict:
     return handle("release", request)
 
 
-ALL = {f.__name__: f for f in (gateway_info, reserve, hello, wait_hello, connect, status,
-                               renew, release)}
+from scistream_gateway.protocol import FUNCTIONS  # noqa: E402 - names the entry points above
+
+ALL = {name: globals()[name] for name in FUNCTIONS}
+"""The shipped entry point of each function of ``protocol.FUNCTIONS``, by name."""

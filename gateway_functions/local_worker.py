@@ -15,7 +15,7 @@ import sys
 from typing import BinaryIO
 
 __all__ = ["ALLOWED_SERIALIZERS", "HEADER_BYTES", "frame_length", "make_serializer",
-           "read_frame", "run_packed", "write_frame"]
+           "read_frame", "run_packed", "strategies", "write_frame"]
 
 # What the shipped endpoint configs allow (``allowed_serializers``), and all a local
 # worker accepts: functions as source text, data as JSON. Nothing pickled is ever
@@ -26,16 +26,27 @@ ALLOWED_SERIALIZERS = (
 )
 
 
-def make_serializer(*, gateway_side: bool = False):
-    """The serializer every seam uses (LocalGateway, GlobusComputeGateway, registration):
-    function *source* (not pickled bytecode, which ties client and endpoint to one
-    Python version) and JSON data. On the gateway side it deserializes only
-    :data:`ALLOWED_SERIALIZERS`, as an endpoint with the shipped config does."""
-    from globus_compute_sdk.serialize import ComputeSerializer, DillCodeSource, JSONData
+def strategies() -> dict:
+    """The serialization every seam uses (LocalGateway, GlobusComputeGateway,
+    registration), as a Globus Compute ``Client``'s keyword arguments: function
+    *source* (not pickled bytecode, which ties client and endpoint to one Python
+    version) and JSON data, all the shipped endpoint configs deserialize."""
+    from globus_compute_sdk.serialize import DillCodeSource, JSONData
 
-    allowed = ALLOWED_SERIALIZERS if gateway_side else None
-    return ComputeSerializer(strategy_code=DillCodeSource(), strategy_data=JSONData(),
-                             allowed_deserializer_types=allowed)
+    return {"code_serialization_strategy": DillCodeSource(),
+            "data_serialization_strategy": JSONData()}
+
+
+def make_serializer(*, gateway_side: bool = False):
+    """A serializer with :func:`strategies`; on the gateway side it deserializes only
+    :data:`ALLOWED_SERIALIZERS`, as an endpoint with the shipped config does."""
+    from globus_compute_sdk.serialize import ComputeSerializer
+
+    chosen = strategies()
+    return ComputeSerializer(strategy_code=chosen["code_serialization_strategy"],
+                             strategy_data=chosen["data_serialization_strategy"],
+                             allowed_deserializer_types=(ALLOWED_SERIALIZERS if gateway_side
+                                                         else None))
 
 
 def run_packed(payload: str) -> str:

@@ -8,15 +8,8 @@ checked before that: a malformed request is refused having changed nothing at al
 Admission control (``NO_RESOURCE``): ``num_conn`` up to the gateway's
 ``max_num_conn``, the sum of active rates up to ``rate_capacity``, and ports the
 kernel lets this gateway bind in its range.
-
-A worker can die anywhere (killed by its endpoint, the OOM killer, a client's
-timeout). So ``reserve`` and ``connect`` record which worker is working on a stream
-(``busy``) before they start or change a proxy, and clear it with the outcome; the
-next call on the gateway undoes the work of a dead one (:meth:`Gateway.reap`). The
-first call in each worker process also reconciles the state with what runs
-(:meth:`Gateway.reconcile`): after a restart, proxies that died are recorded as such,
-and what runs or lies in the state directory without a stream is removed.
-docs/faults.md describes each fault and what survives it.
+``reserve`` and ``connect`` mark a stream ``busy`` with their worker while they start
+or change its proxy; :mod:`scistream_gateway.recovery` undoes the work of a dead one.
 """
 
 from __future__ import annotations
@@ -29,7 +22,6 @@ import shutil
 import signal
 import socket
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from scistream_gateway import __version__
@@ -43,27 +35,41 @@ from scistream_gateway.errors import (
     ServerError,
     Unavailable,
 )
+from scistream_gateway.protocol import (
+    ConnectReply,
+    ConnectRequest,
+    GatewayInfoReply,
+    GatewayInfoRequest,
+    HelloReply,
+    HelloRequest,
+    ReleaseReply,
+    RenewReply,
+    RenewRequest,
+    ReserveReply,
+    ReserveRequest,
+    State,
+    StatusReply,
+    UidRequest,
+    WaitHelloReply,
+    WaitHelloRequest,
+    addresses,
+    format_address,
+)
+from scistream_gateway.recovery import Recovery, busy_alive
 from scistream_gateway.settings import GatewaySettings
-from scistream_gateway.store import ACTIVE_STATES, STARTING, Store, StreamRow
-from scistream_gateway.validation import Request, format_address
+from scistream_gateway.store import Store, StreamRow
 from scistream_proxy.backends import (
     BACKENDS,
-    NativeBackend,
     ProxyError,
     ProxySpec,
     ProxyUnavailable,
     get_backend,
 )
-from scistream_proxy.leaks import working_dirs
-from scistream_proxy.process import ProcessIdentity, survival_report, terminate
+from scistream_proxy.process import ProcessIdentity, survival_report
 from scistream_proxy.tls import fingerprint_of_pem, generate_certificate
 
 __all__ = ["Gateway"]
 
-MAX_WAIT_HELLO_S = 20.0  # one long-poll; the client loops until its own timeout
-MAX_RATE_KBPS = 10**9  # 1 Tbit/s: anything above is a typo, not a request
-MAX_NUM_CONN = 65535  # above this a num_conn is malformed; above max_num_conn, refused
-MAX_CERT_PEM = 8192
 CERT_FILE, KEY_FILE, PEER_CERT_FILE = "cert.pem", "key.pem", "peer.pem"
 RELEASE_WAIT_S = 30.0  # release waits this long for a reserve/connect of its uid to end
 
@@ -74,10 +80,6 @@ FAULTS_ENV = "SCISTREAM_TEST_FAULTS"
 FAULT_STEPS = ("reserve:recorded", "reserve:proxy-started", "connect:marked",
                "connect:proxy-connected")
 
-# State directories this worker process has reconciled (its first call on each).
-# Module state on purpose: "once per worker process" is exactly its lifetime.
-_RECONCILED: set[str] = set()
-
 
 def _this_worker() -> dict:
     """This worker process as recorded in ``busy``: pid and kernel start time."""
@@ -86,11 +88,6 @@ def _this_worker() -> dict:
 
 
 NOBODY = {"pid": 0, "start_time": 0, "op": "undo"}  # a busy mark no process matches
-
-
-def _busy_alive(busy: dict | None) -> bool:
-    return busy is not None and ProcessIdentity(int(busy["pid"]),
-                                                int(busy["start_time"])).alive()
 
 
 def _make_private(directory: Path) -> None:
@@ -105,7 +102,7 @@ def _make_private(directory: Path) -> None:
         os.chmod(directory, 0o700)
 
 
-class Gateway:
+class Gateway(Recovery):
     """One gateway's state and proxies, opened for the length of one function call."""
 
     def __init__(self, settings: GatewaySettings):
@@ -135,7 +132,7 @@ class Gateway:
             raise InvalidUid(f"no stream {uid} on gateway {self.settings.name}")
         return stream
 
-    def _cleanup(self, stream: StreamRow, state: str, detail: str = "") -> None:
+    def _cleanup(self, stream: StreamRow, state: State, detail: str = "") -> None:
         """Stop the proxy, delete key material, free ports; inside a transaction."""
         if stream.proxy is not None:
             get_backend(stream.backend).stop(stream.proxy, self.stream_dir(stream.uid))
@@ -154,149 +151,6 @@ class Gateway:
             return  # not asked, or another worker took this one
         os.kill(os.getpid(), signal.SIGKILL)
 
-    def reap(self) -> list[str]:
-        """What every call does first: undo the work of workers that died mid-reserve or
-        mid-connect, reconcile once per worker process, release every stream whose lease
-        has expired. Returns the uids whose lease expired."""
-        self.reap_abandoned()
-        self.reconcile()
-        now = time.time()
-        if not self.store.expired(now):  # the common case: a read, no write lock
-            return []
-        with self.store.transaction():
-            uids = []
-            for uid in self.store.expired(now):
-                try:
-                    self._cleanup(self._lookup(uid), "EXPIRED", "lease expired")
-                except ProxyUnavailable:
-                    continue  # its container engine is away: reaped by a later call
-                uids.append(uid)
-        return uids
-
-    def reap_abandoned(self) -> list[str]:
-        """Undo reserves and connects whose worker died (``busy`` names a dead process):
-        a STARTING stream is forgotten, whatever its worker may have started removed
-        (``abandon``) and its ports freed; a stream whose connect died turns FAILED
-        with its proxy stopped and its resources freed. Returns their uids."""
-        candidates = [st for st in self.store.busy_streams() if not _busy_alive(st.busy)]
-        if not candidates:
-            return []
-        undone = []
-        with self.store.transaction():
-            for stale in candidates:
-                stream = self.store.get(stale.uid)
-                if stream is None or stream.busy is None or stream.busy != stale.busy:
-                    continue  # its call finished, or another worker got here first
-                backend = get_backend(stream.backend)
-                directory = self.stream_dir(stream.uid)
-                try:
-                    if stream.proxy is not None:
-                        backend.stop(stream.proxy, directory)
-                    backend.abandon(directory, stream.uid)
-                except ProxyUnavailable:
-                    continue  # its container engine is away: a later call does it
-                shutil.rmtree(directory, ignore_errors=True)
-                if stream.state == STARTING:
-                    self.store.delete(stream.uid)
-                else:
-                    # Its proxy was stopped above (by its handle and by abandon).
-                    self._cleanup(replace(stream, proxy=None), "FAILED",
-                                  f"the worker running connect died (pid {stream.busy['pid']})")
-                undone.append(stream.uid)
-        if undone:
-            self._log(f"undid the reserve/connect of dead workers: {undone}")
-        return undone
-
-    def reconcile(self, force: bool = False) -> dict:
-        """Make the state match what runs: once per worker process (its first call on
-        this gateway), since a new worker may follow a restart of the endpoint or of the
-        node. Streams whose proxy is gone turn FAILED with their resources freed;
-        processes, relay streams, containers and stream directories that belong to no
-        stream are removed. Returns what was done (for tests and the log)."""
-        key = str(self.settings.state_dir)
-        done: dict = {"failed": [], "orphans": []}
-        if key in _RECONCILED and not force:
-            return done
-        with self.store.transaction():
-            live = self._live_uids()
-            for stream in self.store.active_streams(ACTIVE_STATES):
-                if stream.state == "FAILED" or stream.busy is not None or stream.proxy is None:
-                    continue
-                try:
-                    alive = get_backend(stream.backend).status(
-                        stream.proxy, self.stream_dir(stream.uid))["alive"]
-                except ProxyUnavailable:
-                    continue
-                if not alive:
-                    # stop() of a dead proxy still removes what it left (nginx workers).
-                    self._cleanup(stream, "FAILED",
-                                  "proxy not running when the gateway reconciled its state")
-                    live.discard(stream.uid)
-                    done["failed"].append(stream.uid)
-            done["orphans"] = self._remove_orphans(live)
-            self.store.free_stray_ports()
-        _RECONCILED.add(key)
-        if done["failed"] or done["orphans"]:
-            self._log(f"reconciled (worker {os.getpid()}): streams whose proxy was gone, "
-                      f"now FAILED: {done['failed']}; removed: {done['orphans']}")
-        return done
-
-    def _log(self, line: str) -> None:
-        """A line for the operator in ``<state_dir>/gateway.log`` (beside the bug reports)."""
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        try:
-            fd = os.open(self.settings.state_dir / "gateway.log",
-                         os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            with open(fd, "a") as fh:
-                fh.write(f"{stamp} {line}\n")
-        except OSError:
-            pass
-
-    def _live_uids(self) -> set[str]:
-        """Streams that may own a proxy, ports and files: in a holding state, not FAILED
-        (a FAILED stream's proxy was stopped or died; its files go at release)."""
-        return {uid for uid, state in self.store.all_uids().items()
-                if state in (STARTING, "RESERVED", "HELLO", "CONNECTED")}
-
-    def _remove_orphans(self, live: set[str]) -> list[str]:
-        """Inside a transaction (so no reserve records a stream meanwhile): remove
-        what belongs to no live stream. Returns a description of each thing removed."""
-        removed = []
-        states = self.store.all_uids()
-        kept = live | {uid for uid, state in states.items() if state == "FAILED"}
-        # Processes working in a stream directory: port holders, stunnel, HAProxy, nginx.
-        for pid, cwd in working_dirs(self.streams_dir).items():
-            parts = Path(cwd).relative_to(self.streams_dir).parts
-            identity = ProcessIdentity.of(pid)
-            if parts and parts[0] not in live and identity is not None:
-                uid = parts[0]
-                terminate(identity, grace_s=0)
-                removed.append(f"process {pid} in streams/{uid}")
-        # Streams the gateway's native relay holds (never the relay itself: it serves
-        # the live ones, and exits by itself when the last one leaves).
-        for uid in NativeBackend.relay_streams(self.settings.state_dir) or []:
-            if uid not in live:
-                get_backend("native").abandon(self.stream_dir(uid), uid)
-                removed.append(f"relay stream {uid}")
-        # Containers labelled with one of this gateway's stream directories.
-        backends = {get_backend(self.settings.backend)} | {
-            get_backend(st.backend) for st in self.store.active_streams()}
-        for backend in backends:
-            try:
-                for uid in backend.orphans(self.streams_dir, live):
-                    removed.append(f"{backend.name} container of {uid}")
-            except ProxyUnavailable:
-                pass  # no engine to ask: the next worker's first call tries again
-        # Stream directories (keys, configs) of no stream that may still use them.
-        for directory in self.streams_dir.iterdir():
-            if directory.name not in kept:
-                shutil.rmtree(directory, ignore_errors=True)
-                removed.append(f"directory streams/{directory.name}")
-        return removed
-
-    def _lease(self, request: Request) -> int:
-        return request.integer("lease_s", 1, self.settings.max_lease_s,
-                               default=self.settings.default_lease_s)
 
     def _bind_listeners(self, host: str, count: int, reuseport: bool = False
                         ) -> list[socket.socket]:
@@ -336,49 +190,39 @@ class Gateway:
 
     @staticmethod
     def _reserve_reply(stream: StreamRow) -> dict:
-        return {
-            "uid": stream.uid,
-            "role": stream.role,
-            "listeners": stream.listeners,
-            "cert_fingerprint": stream.cert_fingerprint,
-            "certificate": stream.certificate,
-            "lease_expires": stream.lease_expires,
-        }
+        return ReserveReply(
+            uid=stream.uid, role=stream.role, listeners=stream.listeners,
+            cert_fingerprint=stream.cert_fingerprint, certificate=stream.certificate,
+            lease_expires=stream.lease_expires,
+        ).wire()
 
     # -- gateway functions --------------------------------------------------------
     def gateway_info(self, raw: object) -> dict:
-        Request(raw, ())
+        GatewayInfoRequest.parse(raw)
         self.reap()
         s = self.settings
         active = self.store.active_streams()
         size = s.port_max - s.port_min + 1
         survival = survival_report()
-        return {
-            "name": s.name,
-            "version": __version__,
-            "backend": s.backend,
-            "backends": {name: {"available": b.unavailable_reason() is None,
-                                "reason": b.unavailable_reason()}
-                         for name, b in BACKENDS.items()},
-            "lan_address": s.lan_address,
-            "wan_address": s.wan_address,
-            "port_range": [s.port_min, s.port_max],
-            "free_ports": size - len(self.store.used_ports()),
-            "max_num_conn": s.max_num_conn,
-            "rate_capacity": s.rate_capacity,
-            "rate_in_use": sum(st.rate for st in active),
-            "active_streams": len(active),
-            "proxy_launch": survival,
-            "warnings": [survival["warning"]] if survival["warning"] else [],
-        }
+        return GatewayInfoReply(
+            name=s.name, version=__version__, backend=s.backend,
+            backends={name: {"available": b.unavailable_reason() is None,
+                             "reason": b.unavailable_reason()}
+                      for name, b in BACKENDS.items()},
+            lan_address=s.lan_address, wan_address=s.wan_address,
+            port_range=[s.port_min, s.port_max],
+            free_ports=size - len(self.store.used_ports()),
+            max_num_conn=s.max_num_conn, rate_capacity=s.rate_capacity,
+            rate_in_use=sum(st.rate for st in active), active_streams=len(active),
+            proxy_launch=survival,
+            warnings=[survival["warning"]] if survival["warning"] else [],
+        ).wire()
 
     def reserve(self, raw: object) -> dict:
-        req = Request(raw, ("uid", "role", "num_conn", "key_sha256"), ("rate", "lease_s"))
-        uid, role = req.uid(), req.role()
-        num_conn = req.integer("num_conn", 1, MAX_NUM_CONN)
-        rate = req.integer("rate", 0, MAX_RATE_KBPS, default=0)
-        key_sha256 = req.hex64("key_sha256")
-        lease_s = self._lease(req)
+        req = ReserveRequest.parse(raw, self.settings)
+        uid, role, num_conn, rate, key_sha256 = (req.uid, req.role, req.num_conn, req.rate,
+                                                 req.key_sha256)
+        lease_s = req.lease_s or self.settings.default_lease_s
         self.reap()
         s = self.settings
         if num_conn > s.max_num_conn:
@@ -398,7 +242,7 @@ class Gateway:
             if existing is not None:
                 same = (existing.role, existing.num_conn, existing.rate, existing.key_sha256) == (
                     role, num_conn, rate, key_sha256)
-                if existing.state == STARTING:  # its worker lives: reap_abandoned ran
+                if existing.state == State.STARTING:  # its worker lives: reap_abandoned ran
                     raise Unavailable(f"a reserve of stream {uid} is in progress on {s.name};"
                                       " try again")
                 if not existing.active:
@@ -422,7 +266,7 @@ class Gateway:
             # Recorded before anything starts: if this worker dies from here on, the
             # next call finds the row busy with a dead worker and undoes the rest.
             self.store.insert(StreamRow(
-                uid=uid, role=role, state=STARTING, num_conn=num_conn, rate=rate,
+                uid=uid, role=role, state=State.STARTING, num_conn=num_conn, rate=rate,
                 key_sha256=key_sha256, lease_expires=time.time() + lease_s,
                 listeners=[format_address(host, port) for port in ports],
                 app_listeners=[], remote_listeners=[], tls=True, cert_fingerprint="",
@@ -447,7 +291,7 @@ class Gateway:
                 sock.close()
             self._fault_point("reserve:proxy-started")
             with self.store.transaction():
-                self.store.update(uid, state="RESERVED", proxy=handle, busy=None,
+                self.store.update(uid, state=State.RESERVED, proxy=handle, busy=None,
                                   cert_fingerprint=fingerprint, certificate=certificate,
                                   lease_expires=time.time() + lease_s)
                 stream = self.store.get(uid)
@@ -474,9 +318,8 @@ class Gateway:
         return self._reserve_reply(stream)
 
     def hello(self, raw: object) -> dict:
-        req = Request(raw, ("uid", "key", "role"), ("app_listeners",))
-        uid, role = req.uid(), req.role()
-        key = req.text("key", 512)
+        req = HelloRequest.parse(raw, self.settings)
+        uid, role, key = req.uid, req.role, req.key
         self.reap()
         with self.store.transaction():
             stream = self._lookup(uid)
@@ -488,45 +331,38 @@ class Gateway:
             if role != stream.role:
                 raise BadFormat(f"stream {uid} is {stream.role} on this gateway, hello says {role}")
             if role == "PROD":
-                if not req.has("app_listeners"):
+                if "app_listeners" not in req.model_fields_set:
                     raise BadFormat("a PROD hello must give app_listeners")
-                app_listeners = req.addresses("app_listeners", stream.num_conn)
-                if stream.state == "RESERVED":
-                    self.store.update(uid, state="HELLO", app_listeners=app_listeners)
+                app_listeners = addresses(req.app_listeners, "app_listeners", stream.num_conn)
+                if stream.state == State.RESERVED:
+                    self.store.update(uid, state=State.HELLO, app_listeners=app_listeners)
                 elif stream.app_listeners != app_listeners:
                     raise BadFormat(f"stream {uid} already has app_listeners "
                                     f"{stream.app_listeners} ({stream.state})")
-            elif req.has("app_listeners"):
+            elif "app_listeners" in req.model_fields_set:
                 raise BadFormat("a CONS hello takes no app_listeners")
-        return {"uid": uid, "role": role, "listeners": stream.listeners}
+        return HelloReply(uid=uid, role=role, listeners=stream.listeners).wire()
 
     def wait_hello(self, raw: object) -> dict:
-        req = Request(raw, ("uid",), ("timeout_s",))
-        uid = req.uid()
-        timeout_s = req.number("timeout_s", 0, MAX_WAIT_HELLO_S, default=10.0)
+        req = WaitHelloRequest.parse(raw, self.settings)
+        uid, timeout_s = req.uid, req.timeout_s
         self.reap()
         deadline = time.monotonic() + timeout_s
         delay = 0.005
         while True:
             stream = self._lookup(uid)
-            if stream.state not in ("RESERVED", STARTING) or time.monotonic() >= deadline:
-                return {"uid": uid, "state": stream.state, "app_listeners": stream.app_listeners}
+            if stream.state not in State.AWAITING_HELLO or time.monotonic() >= deadline:
+                return WaitHelloReply(uid=uid, state=stream.state,
+                                      app_listeners=stream.app_listeners).wire()
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, 0.05)
 
     def connect(self, raw: object) -> dict:
-        req = Request(raw, ("uid", "remote_listeners"),
-                      ("peer_fingerprint", "peer_certificate", "tls"))
-        uid = req.uid()
-        tls = req.boolean("tls", True)
-        remote = req.addresses("remote_listeners", self.settings.max_num_conn)
+        req = ConnectRequest.parse(raw, self.settings)
+        uid, tls, remote = req.uid, req.tls, req.remote_listeners
         peer_fp = peer_cert = None
         if tls:
-            if not (req.has("peer_fingerprint") and req.has("peer_certificate")):
-                raise BadFormat("TLS needs peer_fingerprint and peer_certificate"
-                                " (or tls: false, asked for by name)")
-            peer_fp = req.hex64("peer_fingerprint")
-            peer_cert = req.text("peer_certificate", MAX_CERT_PEM)
+            peer_fp, peer_cert = req.peer_fingerprint, req.peer_certificate
             try:
                 actual = fingerprint_of_pem(peer_cert)
             except ValueError as exc:
@@ -539,19 +375,19 @@ class Gateway:
             backend = get_backend(stream.backend)
             if not tls and not backend.supports_plain:
                 raise NotImplementedHere(f"backend {stream.backend} cannot relay without TLS")
-            reply = {"uid": uid, "state": "CONNECTED", "listeners": stream.listeners,
-                     "backend": stream.backend}
+            reply = ConnectReply(uid=uid, state=State.CONNECTED, listeners=stream.listeners,
+                                 backend=stream.backend).wire()
             if stream.busy is not None:  # alive: reap_abandoned has just run
                 raise Unavailable(f"a {stream.busy.get('op', 'call')} of stream {uid} is in "
                                   "progress; try again")
-            if stream.state == "CONNECTED":
+            if stream.state == State.CONNECTED:
                 if (stream.remote_listeners, stream.tls) == (remote, tls):
                     return reply
                 raise BadFormat(f"stream {uid} is already connected with other parameters")
-            if stream.role == "PROD" and stream.state != "HELLO":
+            if stream.role == "PROD" and stream.state != State.HELLO:
                 raise InvalidUid(f"stream {uid} is {stream.state}: the producer's hello "
                                  "(its app_listeners) must come before connect")
-            if stream.state not in ("RESERVED", "HELLO"):
+            if stream.state not in (State.RESERVED, State.HELLO):
                 raise InvalidUid(f"stream {uid} is {stream.state}")
             # Marked before the proxy changes: a worker dying from here on leaves a row
             # that the next call turns FAILED, its proxy stopped (reap_abandoned).
@@ -565,7 +401,7 @@ class Gateway:
                 raise Unavailable(f"connect of stream {uid}: {exc}") from None
             if not status["alive"]:
                 with self.store.transaction():  # recorded, then reported
-                    self.store.update(uid, state="FAILED", busy=None,
+                    self.store.update(uid, state=State.FAILED, busy=None,
                                       detail="proxy died before connect")
                 raise ConnError(f"the proxy of stream {uid} is not running")
             if peer_cert is not None:
@@ -582,7 +418,7 @@ class Gateway:
                 raise ConnError(str(exc)) from None
             self._fault_point("connect:proxy-connected")
             with self.store.transaction():
-                self.store.update(uid, state="CONNECTED", remote_listeners=remote,
+                self.store.update(uid, state=State.CONNECTED, remote_listeners=remote,
                                   tls=int(tls), proxy=handle or stream.proxy, busy=None)
         except BaseException:
             # The stream stays as it was (a failed connect may be tried again) unless
@@ -594,7 +430,7 @@ class Gateway:
         return reply
 
     def status(self, raw: object) -> dict:
-        uid = Request(raw, ("uid",)).uid()
+        uid = UidRequest.parse(raw, self.settings).uid
         self.reap()
         stream = self._lookup(uid)
         reply = {"uid": uid, "role": stream.role, "state": stream.state, "alive": False,
@@ -612,23 +448,23 @@ class Gateway:
             if proxy.get("last_error"):  # the last relayed connection that failed, and why
                 reply["last_error"] = proxy["last_error"]
             # A proxy seen dead while a connect runs may be the one being replaced.
-            if not proxy["alive"] and stream.state != "FAILED" and stream.busy is None:
+            if not proxy["alive"] and stream.state != State.FAILED and stream.busy is None:
                 with self.store.transaction():
                     now = self.store.get(uid)
                     if now.state == stream.state and now.busy is None:
-                        self.store.update(uid, state="FAILED", detail="proxy process is gone")
-                        reply.update(state="FAILED", detail="proxy process is gone")
-        if reply["state"] == "FAILED":
+                        self.store.update(uid, state=State.FAILED, detail="proxy process is gone")
+                        reply.update(state=State.FAILED, detail="proxy process is gone")
+        if reply["state"] == State.FAILED:
             reply["error_code"] = "CONN_ERROR"
             reply.setdefault("last_error", reply["detail"])
         elif reply.get("last_error") and (reply.get("connections") or {}).get("failed"):
             # Alive, but relayed connections failed (an unreachable or refusing peer).
             reply["error_code"] = "CONN_ERROR"
-        return reply
+        return StatusReply(**reply).wire()
 
     def renew(self, raw: object) -> dict:
-        req = Request(raw, ("uid",), ("lease_s",))
-        uid, lease_s = req.uid(), self._lease(req)
+        req = RenewRequest.parse(raw, self.settings)
+        uid, lease_s = req.uid, req.lease_s or self.settings.default_lease_s
         self.reap()
         with self.store.transaction():
             stream = self._lookup(uid)
@@ -636,10 +472,10 @@ class Gateway:
                 raise InvalidUid(f"stream {uid} is {stream.state}")
             expires = time.time() + lease_s
             self.store.update(uid, lease_expires=expires)
-        return {"uid": uid, "lease_expires": expires}
+        return RenewReply(uid=uid, lease_expires=expires).wire()
 
     def release(self, raw: object) -> dict:
-        uid = Request(raw, ("uid",)).uid()
+        uid = UidRequest.parse(raw, self.settings).uid
         self.reap()
         self._wait_not_busy(uid)
         with self.store.transaction():
@@ -649,10 +485,10 @@ class Gateway:
                                   f" in progress after {RELEASE_WAIT_S:.0f} s; release again")
             if stream is not None and stream.active:
                 try:
-                    self._cleanup(stream, "RELEASED")
+                    self._cleanup(stream, State.RELEASED)
                 except ProxyUnavailable as exc:  # nothing changed: release again later
                     raise Unavailable(f"cannot release stream {uid} now: {exc}") from None
-        return {"uid": uid, "released": True}
+        return ReleaseReply(uid=uid, released=True).wire()
 
     def _wait_not_busy(self, uid: str) -> None:
         """Wait (up to RELEASE_WAIT_S) for a reserve or connect of ``uid`` to end; undo
@@ -663,7 +499,7 @@ class Gateway:
             stream = self.store.get(uid)
             if stream is None or stream.busy is None:
                 return
-            if not _busy_alive(stream.busy):
+            if not busy_alive(stream.busy):
                 self.reap_abandoned()
                 continue
             time.sleep(delay)

@@ -22,19 +22,39 @@ from __future__ import annotations
 import json
 import os
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, model_validator
+
 from scistream_gateway.errors import ServerError
-from scistream_gateway.validation import check_host
+from scistream_gateway.protocol import check_host
 
 __all__ = ["CONFIG_ENV", "GatewaySettings", "load_settings"]
 
 CONFIG_ENV = "SCISTREAM_GATEWAY_CONFIG"
 
+# What a user reads about a key whose value has the wrong type (pydantic's own words
+# stay out of messages).
+_PROBLEMS = {
+    "name": "name must be a string",
+    "state_dir": "state_dir must be a path",
+    "port_min": "port_range must be [low, high] with 1024 <= low <= high <= 65535",
+    "port_max": "port_range must be [low, high] with 1024 <= low <= high <= 65535",
+    "lan_address": "lan_address is not a host name or IP address",
+    "wan_address": "wan_address is not a host name or IP address",
+    "max_num_conn": "max_num_conn must be a positive integer",
+    "default_lease_s": "default_lease_s must be a positive integer",
+    "max_lease_s": "max_lease_s must be a positive integer",
+    "rate_capacity": "rate_capacity must be an integer >= 0",
+    "backend": "backend must be a string",
+}
 
-@dataclass(frozen=True)
-class GatewaySettings:
+
+class GatewaySettings(BaseModel):
+    """One gateway's settings; refuses unknown keys and bad values (``SERVER_ERR``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
     name: str
     state_dir: Path
     lan_address: str = "127.0.0.1"
@@ -42,7 +62,7 @@ class GatewaySettings:
     port_min: int = 50000
     port_max: int = 50999
     max_num_conn: int = 64
-    rate_capacity: int = 0
+    rate_capacity: int = 0  # kbit/s summed over active streams; 0 = unlimited
     backend: str = "native"
     default_lease_s: int = 3600
     max_lease_s: int = 86400
@@ -56,7 +76,7 @@ class GatewaySettings:
             raise ServerError(f"gateway settings {path}: {exc}") from None
         if not isinstance(table, dict):
             raise ServerError(f"gateway settings {path}: no [gateway] table")
-        known = {f for f in cls.__dataclass_fields__} - {"port_min", "port_max"} | {"port_range"}
+        known = set(cls.model_fields) - {"port_min", "port_max"} | {"port_range"}
         unknown = set(table) - known
         if unknown:
             raise ServerError(f"gateway settings {path}: unknown keys {sorted(unknown)}")
@@ -65,32 +85,61 @@ class GatewaySettings:
             if "port_range" in values:
                 values["port_min"], values["port_max"] = (int(p) for p in values.pop("port_range"))
             values["state_dir"] = Path(values["state_dir"]).expanduser()
-            settings = cls(**values)
         except KeyError as exc:
             raise ServerError(f"gateway settings {path}: missing key {exc}") from None
         except (TypeError, ValueError) as exc:
             raise ServerError(f"gateway settings {path}: {exc}") from None
-        settings._check(path)
+        return cls.model_validate(values, context={"path": path})
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _check(cls, values: object, handler, info: ValidationInfo) -> GatewaySettings:
+        where = f"gateway settings {(info.context or {}).get('path', '(given)')}"
+        try:
+            settings = handler(values)
+        except ValidationError as exc:
+            problems = []
+            for error in exc.errors():
+                key = str(error["loc"][0]) if error["loc"] else ""
+                if error["type"] == "missing":
+                    raise ServerError(f"{where}: missing key '{key}'") from None
+                problem = _PROBLEMS.get(key, f"unknown keys {[key]}")
+                if problem not in problems:
+                    problems.append(problem)
+            raise ServerError(f"{where}: " + "; ".join(problems)) from None
+        problems = settings._problems()
+        if problems:
+            raise ServerError(f"{where}: " + "; ".join(problems))
         return settings
 
-    def _check(self, path: Path) -> None:
+    def _problems(self) -> list[str]:
         problems = []
         if not (1024 <= self.port_min <= self.port_max <= 65535):
-            problems.append("port_range must be [low, high] with 1024 <= low <= high <= 65535")
+            problems.append(_PROBLEMS["port_min"])
         for key in ("lan_address", "wan_address"):
             if not check_host(getattr(self, key)):
-                problems.append(f"{key} is not a host name or IP address")
+                problems.append(_PROBLEMS[key])
         for key in ("max_num_conn", "default_lease_s", "max_lease_s"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                problems.append(f"{key} must be a positive integer")
+            if getattr(self, key) < 1:
+                problems.append(_PROBLEMS[key])
         from scistream_proxy.backends import BACKENDS
 
         if self.backend not in BACKENDS:
             problems.append(f"backend must be one of {sorted(BACKENDS)}")
-        if not isinstance(self.rate_capacity, int) or self.rate_capacity < 0:
-            problems.append("rate_capacity must be an integer >= 0")
-        if problems:
-            raise ServerError(f"gateway settings {path}: " + "; ".join(problems))
+        if self.rate_capacity < 0:
+            problems.append(_PROBLEMS["rate_capacity"])
+        return problems
+
+    def log(self, entry: str) -> None:
+        """Append ``entry`` to ``<state_dir>/gateway.log``, the operator's log (bug
+        reports, recovery); never fails a call."""
+        try:
+            fd = os.open(self.state_dir / "gateway.log",
+                         os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with open(fd, "a") as fh:
+                fh.write(f"{entry}\n")
+        except OSError:
+            pass
 
     def to_toml(self) -> str:
         """The settings as a TOML document that :meth:`from_toml` reads back."""

@@ -12,16 +12,13 @@ import sqlite3
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from collections.abc import Collection, Iterator
 from pathlib import Path
-from collections.abc import Iterator
 
-__all__ = ["ACTIVE_STATES", "HOLDING_STATES", "STARTING", "Store", "StreamRow"]
+from scistream_gateway.protocol import State
 
-ACTIVE_STATES = ("RESERVED", "HELLO", "CONNECTED", "FAILED")
-# A reserve in progress: its row (and ports) are recorded before its proxy starts, so a
-# worker that dies halfway leaves a row naming what to clean (see ``busy``).
-STARTING = "STARTING"
-HOLDING_STATES = (STARTING, *ACTIVE_STATES)  # rows that may hold ports and a proxy
+__all__ = ["Store", "StreamRow"]
+
 SCHEMA_VERSION = 2  # PRAGMA user_version
 # How long a worker waits for the write lock (or the switch to WAL) before the gateway
 # answers UNAVAILABLE: past that it is overloaded, which a client may retry later.
@@ -70,7 +67,7 @@ _MIGRATIONS = {
 class StreamRow:
     uid: str
     role: str
-    state: str
+    state: State
     num_conn: int
     rate: int
     key_sha256: str | None
@@ -91,7 +88,7 @@ class StreamRow:
 
     @property
     def active(self) -> bool:
-        return self.state in ACTIVE_STATES
+        return self.state in State.ACTIVE
 
     @classmethod
     def from_db(cls, row: sqlite3.Row) -> StreamRow:
@@ -101,6 +98,7 @@ class StreamRow:
         for key in ("proxy", "busy"):
             values[key] = json.loads(values[key]) if values.get(key) else None
         values["tls"] = bool(values["tls"])
+        values["state"] = State(values["state"])
         return cls(**values)
 
 
@@ -205,16 +203,17 @@ class Store:
         self.db.execute("DELETE FROM ports WHERE uid = ?", (uid,))
 
     def delete(self, uid: str) -> None:
-        """Forget a stream that never got past STARTING, with its ports."""
+        """Forget a stream that never got past ``State.STARTING``, with its ports."""
         self.free_ports(uid)
         self.db.execute("DELETE FROM streams WHERE uid = ?", (uid,))
 
     def free_stray_ports(self) -> int:
         """Drop port rows of streams that hold nothing any more; returns how many."""
-        marks = ",".join("?" * len(HOLDING_STATES))
+        holding = sorted(State.HOLDING)
+        marks = ",".join("?" * len(holding))
         return self.db.execute(
             f"DELETE FROM ports WHERE uid NOT IN (SELECT uid FROM streams WHERE state IN "
-            f"({marks}))", HOLDING_STATES).rowcount
+            f"({marks}))", holding).rowcount
 
     def busy_streams(self) -> list[StreamRow]:
         """Streams a reserve or connect is (or was, if its worker died) working on."""
@@ -222,25 +221,28 @@ class Store:
         return [StreamRow.from_db(r) for r in self.db.execute(
             "SELECT * FROM streams WHERE busy IS NOT NULL")]
 
-    def all_uids(self) -> dict[str, str]:
+    def all_uids(self) -> dict[str, State]:
         """Every stream's uid and state."""
-        return dict(self.db.execute("SELECT uid, state FROM streams").fetchall())
+        return {uid: State(state)
+                for uid, state in self.db.execute("SELECT uid, state FROM streams")}
 
     def used_ports(self) -> set[int]:
         return {r[0] for r in self.db.execute("SELECT port FROM ports")}
 
     def expired(self, now: float) -> list[str]:
-        marks = ",".join("?" * len(ACTIVE_STATES))
+        active = sorted(State.ACTIVE)
+        marks = ",".join("?" * len(active))
         return [r[0] for r in self.db.execute(
             # A stream a live worker is connecting is left to it (and a dead one's to
             # reap_abandoned): expiring it would stop a proxy being changed.
             f"SELECT uid FROM streams WHERE state IN ({marks}) AND lease_expires < ?"
             " AND busy IS NULL",
-            (*ACTIVE_STATES, now))]
+            (*active, now))]
 
-    def active_streams(self, states: tuple[str, ...] = HOLDING_STATES) -> list[StreamRow]:
+    def active_streams(self, states: Collection[State] = State.HOLDING) -> list[StreamRow]:
         """Streams in ``states``: by default every one that holds ports (a reserve in
         progress too, so two concurrent reserves never both fit the rate capacity)."""
+        states = sorted(states)
         marks = ",".join("?" * len(states))
         return [StreamRow.from_db(r) for r in self.db.execute(
             f"SELECT * FROM streams WHERE state IN ({marks})", states)]

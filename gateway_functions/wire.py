@@ -9,19 +9,16 @@ is logged with its traceback in the gateway's state directory and returned as
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import sqlite3
 import traceback
 
 from scistream_gateway.errors import NotImplementedHere, SciStreamError, ServerError, Unavailable
+from scistream_gateway.protocol import FUNCTIONS
 from scistream_gateway.service import Gateway
 from scistream_gateway.settings import load_settings
 
-__all__ = ["FUNCTIONS", "handle"]
-
-FUNCTIONS = ("gateway_info", "reserve", "hello", "wait_hello", "connect", "status", "renew",
-             "release")
+__all__ = ["handle"]
 
 log = logging.getLogger("scistream_gateway")
 
@@ -52,12 +49,6 @@ def _server_error(function: str, settings) -> dict:
     ref = secrets.token_hex(4)
     detail = traceback.format_exc()
     if settings is not None:
-        try:
-            fd = os.open(settings.state_dir / "gateway.log",
-                         os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            with open(fd, "a") as fh:
-                fh.write(f"[{ref}] {function}\n{detail}\n")
-        except OSError:
-            pass
+        settings.log(f"[{ref}] {function}\n{detail}")
     log.error("gateway function %s failed [%s]\n%s", function, ref, detail)
     return ServerError(f"internal error in {function} (gateway log reference {ref})").to_wire()

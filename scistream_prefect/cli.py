@@ -16,7 +16,6 @@ import math
 import os
 import re
 import sys
-import uuid
 
 from scistream_gateway.cli import DEBUG_ENV, CodedParser, run_coded
 
@@ -56,18 +55,16 @@ def _seconds(text: str) -> float:
 
 
 def _uid(text: str) -> str:
-    try:
-        canonical = str(uuid.UUID(text))
-    except ValueError:
-        canonical = None
-    if canonical != text:
+    from scistream_gateway.protocol import is_canonical_uid
+
+    if not is_canonical_uid(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a lowercase canonical UUID")
     return text
 
 
 def _address(text: str) -> str:
     from scistream_gateway.errors import BadFormat
-    from scistream_gateway.validation import parse_address
+    from scistream_gateway.protocol import parse_address
 
     try:
         parse_address(text, "address")

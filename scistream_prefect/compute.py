@@ -89,11 +89,11 @@ class GlobusComputeGateway(Block):
     @field_validator("function_ids")
     @classmethod
     def _known_functions(cls, value: dict[str, uuid.UUID] | None):
-        from scistream_gateway.functions import ALL
+        from scistream_gateway.protocol import FUNCTIONS
 
-        unknown = sorted(set(value or {}) - set(ALL))
+        unknown = sorted(set(value or {}) - set(FUNCTIONS))
         if unknown:
-            raise ValueError(f"unknown gateway functions {unknown}; known: {sorted(ALL)}")
+            raise ValueError(f"unknown gateway functions {unknown}; known: {sorted(FUNCTIONS)}")
         return value
 
     @classmethod
@@ -135,17 +135,13 @@ class GlobusComputeGateway(Block):
                 executor = None
             if executor is None:
                 from globus_compute_sdk import Client, Executor
-                from globus_compute_sdk.serialize import DillCodeSource, JSONData
 
+                from scistream_gateway.local_worker import strategies
                 from scistream_prefect.auth import make_app
 
                 client = Client(
                     app=make_app(self.credentials_block),
-                    # Function source, not pickled bytecode: client and endpoint may run
-                    # different Python versions (the same choice as LocalGateway). Data as
-                    # JSON: the shipped endpoint configs deserialize nothing else.
-                    code_serialization_strategy=DillCodeSource(),
-                    data_serialization_strategy=JSONData(),
+                    **strategies(),  # the same as LocalGateway's and registration's
                     do_version_check=False,  # one round trip fewer; results carry versions
                 )
                 executor = _EXECUTORS[key] = Executor(endpoint_id=self.endpoint_id,
@@ -155,9 +151,10 @@ class GlobusComputeGateway(Block):
     def submit(self, function: str, request: dict) -> concurrent.futures.Future:
         """Submit one gateway function call; the future's result is the raw reply."""
         from scistream_gateway.functions import ALL
+        from scistream_gateway.protocol import FUNCTIONS
 
-        if function not in ALL:
-            raise BadFormat(f"no gateway function {function!r}; known: {sorted(ALL)}")
+        if function not in FUNCTIONS:
+            raise BadFormat(f"no gateway function {function!r}; known: {sorted(FUNCTIONS)}")
         executor = self._executor()
         function_id = (self.function_ids or {}).get(function)
         try:

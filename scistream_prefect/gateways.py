@@ -278,9 +278,10 @@ class LocalGateway(Block):
     def call(self, function: str, request: dict, timeout_s: float | None = None) -> dict:
         """Run gateway function ``function`` on ``request``; raise its error, if any."""
         from scistream_gateway.functions import ALL
+        from scistream_gateway.protocol import FUNCTIONS
 
-        if function not in ALL:  # as GlobusComputeGateway.submit says it
-            raise BadFormat(f"no gateway function {function!r:.80}; known: {sorted(ALL)}")
+        if function not in FUNCTIONS:  # as GlobusComputeGateway.submit says it
+            raise BadFormat(f"no gateway function {function!r:.80}; known: {sorted(FUNCTIONS)}")
         serializer = make_serializer()
         try:
             payload = serializer.pack_buffers([

@@ -119,7 +119,7 @@ def _not_uid(text: str) -> bool:
 
 def _not_address(text: str) -> bool:
     from scistream_gateway.errors import BadFormat
-    from scistream_gateway.validation import parse_address
+    from scistream_gateway.protocol import parse_address
 
     try:
         parse_address(text, "x")

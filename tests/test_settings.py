@@ -8,7 +8,7 @@ import pytest
 
 from scistream_gateway.errors import BadFormat, ServerError
 from scistream_gateway.settings import GatewaySettings
-from scistream_gateway.validation import parse_address
+from scistream_gateway.protocol import parse_address
 
 
 def test_settings_round_trip_through_toml(tmp_path: Path):

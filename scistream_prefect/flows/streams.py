@@ -20,7 +20,7 @@ from prefect.futures import wait
 from pydantic import BaseModel, Field, SecretStr
 
 from scistream_gateway.errors import BadFormat
-from scistream_gateway.validation import parse_address
+from scistream_gateway.protocol import is_canonical_uid, parse_address
 from scistream_prefect.artifacts import publish_listeners, publish_summary
 from scistream_prefect.compute import GlobusComputeGateway
 from scistream_prefect.gateways import Gateway, LocalGateway
@@ -73,13 +73,8 @@ def _key_and_uid(uid: str | None, hello_key: SecretStr | str | None,
     if app_listeners is None and (uid is None or hello_key is None):
         raise BadFormat("give app_listeners (the flow sends the producer's hello), or the uid "
                         "and hello key the producer's controller will use for its own hello")
-    if uid is not None:
-        try:
-            canonical = str(uuid.UUID(uid)) if isinstance(uid, str) else None
-        except ValueError:
-            canonical = None
-        if canonical != uid:
-            raise BadFormat(f"uid must be a lowercase canonical UUID, not {uid!r:.80}")
+    if uid is not None and not is_canonical_uid(uid):
+        raise BadFormat(f"uid must be a lowercase canonical UUID, not {uid!r:.80}")
     if hello_key is None:
         hello_key = SecretStr(secrets.token_urlsafe(32))
     elif isinstance(hello_key, str):
