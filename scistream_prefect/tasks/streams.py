@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import SecretStr
 
 from scistream_gateway.errors import BadFormat, SciStreamError, Timeout, Unavailable
+from scistream_gateway.protocol import MAX_WAIT_HELLO_S, State
 from scistream_prefect.gateways import Gateway
 
 __all__ = [
@@ -216,10 +217,9 @@ def wait_for_app_hello(
     deadline = time.monotonic() + max_wait_seconds
     while True:
         remaining = deadline - time.monotonic()
-        reply = gateway.call("wait_hello", {
-            "uid": uid, "timeout_s": max(0.0, min(poll_frequency_seconds, remaining, 20.0)),
-        })
-        if reply["state"] != "RESERVED":
+        timeout_s = max(0.0, min(poll_frequency_seconds, remaining, MAX_WAIT_HELLO_S))
+        reply = gateway.call("wait_hello", {"uid": uid, "timeout_s": timeout_s})
+        if reply["state"] != State.RESERVED:
             return reply["app_listeners"]
         if time.monotonic() >= deadline:
             raise Timeout(f"no hello for stream {uid} within {max_wait_seconds} s")
