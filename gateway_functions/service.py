@@ -48,13 +48,13 @@ from scistream_gateway.store import ACTIVE_STATES, STARTING, Store, StreamRow
 from scistream_gateway.validation import Request, format_address
 from scistream_proxy.backends import (
     BACKENDS,
-    NativeBackend,
     ProxyError,
     ProxySpec,
     ProxyUnavailable,
     get_backend,
 )
 from scistream_proxy.leaks import working_dirs
+from scistream_proxy.native_backend import NativeBackend
 from scistream_proxy.process import ProcessIdentity, survival_report, terminate
 from scistream_proxy.tls import fingerprint_of_pem, generate_certificate
 

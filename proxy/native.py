@@ -1,6 +1,6 @@
 """The native S2DS: one detached relay process per gateway, hosting every native stream.
 
-Lifecycle (driven by ``scistream_proxy.backends.NativeBackend``):
+Lifecycle (driven by ``scistream_proxy.native_backend.NativeBackend``):
 
 1. the first ``reserve`` of a gateway starts the relay (``spawn_detached``) with that
    stream's listening sockets, already bound by the gateway, as inherited descriptors,
@@ -72,6 +72,7 @@ from pathlib import Path
 from scistream_proxy import frames, pump
 from scistream_proxy.addresses import parse_address
 from scistream_proxy.daemon import become_daemon
+from scistream_proxy.relay_files import CONFIG_FILE, CONTROL_SOCKET, FDS_PER_MESSAGE
 from scistream_proxy.tls import fingerprint_of_der, pinned_context
 
 BUFFER_SIZE = 64 * 1024
@@ -95,20 +96,8 @@ PLAIN_IO_ENV = "SCISTREAM_NATIVE_PLAIN_IO"
 # 45% faster spliced, at half the CPU per GB.
 SPLICE_FROM = 8
 _RECORD = 16 * 1024  # the largest TLS record's plaintext
-CONTROL_SOCKET = "relay.sock"
-LOCK_FILE = "relay.lock"
-LOG_FILE = "relay.log"
-CONFIG_FILE = "proxy.json"
-RELAY_DIR = "relay"
-# The relay's own OpenSSL configuration, set as OPENSSL_CONF when it is started (it must
-# be set before OpenSSL initialises): TLS 1.3 suites in the order AES-128-GCM,
-# AES-256-GCM, ChaCha20. AES-128-GCM is a mandatory TLS 1.3 suite and is cheaper than
-# OpenSSL's default first choice, AES-256-GCM.
-OPENSSL_CONF_FILE = Path(__file__).parent / "templates" / "relay-openssl.cnf"
 # How long an ended connection waits for its peer to close before it is cut.
 DRAIN_TIMEOUT_S = 10.0
-# At most this many descriptors per SCM_RIGHTS message (the kernel's SCM_MAX_FD is 253).
-FDS_PER_MESSAGE = 250
 
 # Kernel TLS: the TCP upper-layer protocol "tls" and OpenSSL's SSL_OP_ENABLE_KTLS
 # (OpenSSL 3; Python 3.11's ssl has no name for it).
@@ -117,12 +106,6 @@ SOL_TLS = 282
 TLS_TX, TLS_RX = 1, 2
 OP_ENABLE_KTLS = 0x8
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-
-
-def relay_dir_of(stream_dir: Path) -> Path:
-    """The relay directory of the gateway that owns ``stream_dir`` (``<state>/streams/<uid>``
-    -> ``<state>/relay``)."""
-    return stream_dir.parent.parent / RELAY_DIR
 
 
 _ktls: str | None | bool = False  # False: not probed yet

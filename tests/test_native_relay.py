@@ -20,18 +20,13 @@ from pathlib import Path
 import pytest
 
 from scistream_proxy import frames
-from scistream_proxy.backends import NativeBackend, ProxySpec
+from scistream_proxy.backends import ProxySpec
 from scistream_proxy.leaks import port_is_free, proxy_pids
-from scistream_proxy.native import (
-    CONTROL_SOCKET,
-    PLAIN_IO_ENV,
-    TLS_IO_ENV,
-    ktls_available,
-    parse_address,
-    relay_dir_of,
-)
+from scistream_proxy.native import PLAIN_IO_ENV, TLS_IO_ENV, ktls_available, parse_address
+from scistream_proxy.native_backend import NativeBackend
 from scistream_proxy.process import ProcessIdentity
 from scistream_proxy.pump import PUMPS_ENV
+from scistream_proxy.relay_files import CONTROL_SOCKET, relay_dir_of
 
 from conftest import make_gateway
 
