@@ -50,7 +50,7 @@ def _conn_label(n: int) -> str:
 def open_chains(args, root: Path, target: str, result: dict, opened: list) -> dict:
     """One stream per usable backend and mode, to ``target``; each goes on ``opened``."""
     from scistream_proxy.backends import BACKENDS
-    from scistream_proxy.native import OPENSSL_CONF_FILE
+    from scistream_proxy.relay_files import OPENSSL_CONF_FILE
 
     chains = {"direct": {"backend": "direct", "mode": "-", "address": target, "pids": []}}
     for index, name in enumerate(args.backends):

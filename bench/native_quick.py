@@ -5,8 +5,8 @@ direct, and the native relay's idle memory per stream.
         [--conns 1,4,64] [--rounds 3] [--seconds 3] [--idle-streams 1,20] [--json]
 
 A backend entry ``native+NAME=VALUE`` runs the native proxy with NAME=VALUE in its
-environment (e.g. ``native+SCISTREAM_NATIVE_TLS_IO=socket``), beside the others, so two
-variants of the relay are compared in one run.
+environment (e.g. ``native+OPENSSL_ia32cap=...``), beside the others, so two variants of
+the relay are compared in one run.
 
 Each backend runs on its own pair of local gateways (app -> consumer-side proxy ->
 TLS or plain -> producer-side proxy -> iperf3 server); every configuration runs once

@@ -62,8 +62,9 @@ from scistream_gateway.errors import (  # noqa: E402
 from scistream_gateway.service import FAULT_STEPS  # noqa: E402
 from scistream_prefect import LocalGateway  # noqa: E402
 from scistream_proxy.apps import EchoServer  # noqa: E402
-from scistream_proxy.backends import BACKENDS, NativeBackend  # noqa: E402
+from scistream_proxy.backends import BACKENDS  # noqa: E402
 from scistream_proxy.leaks import port_is_free, runs_a_proxy, working_dirs  # noqa: E402
+from scistream_proxy.native_backend import NativeBackend  # noqa: E402
 from scistream_proxy.process import ProcessIdentity  # noqa: E402
 from scistream_proxy.tls import generate_certificate  # noqa: E402
 

@@ -20,8 +20,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from scistream_gateway.protocol import State
-from scistream_proxy.backends import NativeBackend, ProxyUnavailable, get_backend
+from scistream_proxy.backends import ProxyUnavailable, get_backend
 from scistream_proxy.leaks import working_dirs
+from scistream_proxy.native_backend import NativeBackend
 from scistream_proxy.process import ProcessIdentity, terminate
 
 __all__ = ["Recovery", "busy_alive"]

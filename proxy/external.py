@@ -27,13 +27,13 @@ import sys
 from pathlib import Path
 from string import Template
 
+from scistream_proxy import procfs
 from scistream_proxy.backends import ProxyBackend, ProxyError, ProxySpec, connect_in_dir
 from scistream_proxy.leaks import working_dirs
 from scistream_proxy.addresses import format_address
 from scistream_proxy.process import (
     ProcessIdentity,
     ProxyStartError,
-    proc_stat,
     spawn_detached,
     terminate,
 )
@@ -116,13 +116,11 @@ def stop_session(sid: int, not_before: int) -> None:
     id is not reused while any process of the session lives, and the start time keeps
     a later, unrelated session with a recycled id out of reach.
     """
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        stat = proc_stat(int(proc.name))
+    for pid in procfs.pids():
+        stat = procfs.stat(pid)
         if stat is None or int(stat[3]) != sid or int(stat[19]) < not_before:
             continue
-        terminate(ProcessIdentity(int(proc.name), int(stat[19])), grace_s=0)
+        terminate(ProcessIdentity(pid, int(stat[19])), grace_s=0)
 
 
 class HeldPortsBackend(ProxyBackend):

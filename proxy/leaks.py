@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 
+from scistream_proxy import procfs
 from scistream_proxy.addresses import parse_address
 
 __all__ = ["port_is_free", "proxy_pids", "runs_a_proxy", "working_dirs"]
@@ -24,26 +24,12 @@ def port_is_free(address: str) -> bool:
     return True
 
 
-def _cmdline(pid: int) -> list[bytes]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return []
-
-
 _DAEMON = b"scistream_proxy.native_daemon"
 
 
 def runs_a_proxy(pid: int) -> bool:
     """Whether ``pid`` is (still) a native proxy daemon."""
-    return _DAEMON in _cmdline(pid)
-
-
-def _cwd(pid: int) -> str:
-    try:
-        return os.readlink(f"/proc/{pid}/cwd")
-    except OSError:
-        return ""
+    return _DAEMON in procfs.cmdline(pid)
 
 
 def working_dirs(under: Path) -> dict[int, str]:
@@ -53,12 +39,10 @@ def working_dirs(under: Path) -> dict[int, str]:
     directory, so this finds them with or without a record of them."""
     top = str(under).rstrip("/")
     found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        cwd = _cwd(int(proc.name)).removesuffix(" (deleted)")
+    for pid in procfs.pids():
+        cwd = procfs.cwd(pid).removesuffix(" (deleted)")
         if cwd == top or cwd.startswith(top + "/"):
-            found[int(proc.name)] = cwd
+            found[pid] = cwd
     return found
 
 
@@ -69,12 +53,10 @@ def proxy_pids(under: Path | None = None) -> list[int]:
     directory, even after it was deleted)."""
     prefix = str(under).encode() if under is not None else b""
     pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        argv = _cmdline(int(proc.name))
+    for pid in procfs.pids():
+        argv = procfs.cmdline(pid)
         if _DAEMON in argv and any(arg.startswith(prefix) for arg in argv[1:]):
-            pids.append(int(proc.name))
-        elif under is not None and _cwd(int(proc.name)).startswith(str(under) + "/"):
-            pids.append(int(proc.name))
+            pids.append(pid)
+        elif under is not None and procfs.cwd(pid).startswith(str(under) + "/"):
+            pids.append(pid)
     return pids

@@ -27,10 +27,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from scistream_proxy import procfs
+
 
 __all__ = [
     "LAUNCH_ENV",
-    "proc_stat",
     "LaunchPlan",
     "ProcessIdentity",
     "ProxyStartError",
@@ -63,22 +64,12 @@ class ProcessIdentity:
 
     def alive(self) -> bool:
         """True while this very process runs (not a zombie, not a reused pid)."""
-        stat = proc_stat(self.pid)
+        stat = procfs.stat(self.pid)
         return stat is not None and stat[0] != "Z" and int(stat[19]) == self.start_time
 
 
-def proc_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after the command name: [state, ppid, pgrp, session,
-    ...], start time at index 19; None if there is no such process (or it went away)."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rindex(")") + 2 :].split()
-
-
 def _start_time(pid: int) -> int | None:
-    stat = proc_stat(pid)
+    stat = procfs.stat(pid)
     return None if stat is None else int(stat[19])
 
 

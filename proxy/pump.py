@@ -16,10 +16,10 @@ thread. Each direction is one of:
   delivered, and a truncation, a bad frame or data after the FINAL frame fails the
   connection.
 
-The semantics are those of the thread-per-direction loops in ``scistream_proxy.frames``:
+The semantics are those of the thread-per-direction loops in ``scistream_proxy.engines``:
 an end of data (FIN, or the FINAL frame) is passed on as an end of data, so each
 direction ends on its own (half-close); any failure cuts both sockets with a reset
-(``frames.reset_now``), never a FIN, and is raised in the setting-up thread. A cut from
+(``engines.reset_now``), never a FIN, and is raised in the setting-up thread. A cut from
 outside (``Stream.stop`` resets the sockets) shows up here as an error or an end on
 the socket and ends the connection the same way.
 
@@ -41,11 +41,14 @@ import struct
 import threading
 
 from scistream_proxy import frames
-from scistream_proxy.frames import FINAL, FRAME_MAX, HEADER, TAG, FrameError, Moved
+from scistream_proxy.engines import reset_now
+from scistream_proxy.frames import FINAL, FRAME_MAX, HEADER, TAG, FrameError
+from scistream_proxy.limits import Moved
 
-# Pumps per relay: connections are spread over them (each is one thread, so with more
-# than one a relay uses more than one core). 0: a thread per direction, no pumps.
-PUMPS_ENV = "SCISTREAM_NATIVE_PUMPS"
+# A pump moves this many connections copied; from then on it splices them (see
+# docs/native.md: one connection moved faster copied, 64 moved faster spliced, at half
+# the CPU per GB).
+SPLICE_FROM = 8
 # Rounds of read-then-write one direction makes per wake-up before the loop moves on
 # to other connections (fairness between busy connections).
 _ROUNDS = 4
@@ -281,33 +284,21 @@ class Seal(Direction):
             self.cipher.run(self.buf, n)
             self.end, self.sealed, self.last = HEADER + n + TAG, n, not n
 
-    def close(self) -> None:
-        super().close()
-        self.cipher.close()
-
-
 class Open(Direction):
     """Peer -> app: frames read whole (in as many reads as they arrive), opened in place
     and delivered; the FINAL frame followed by the end of the TCP stream is passed on
     as the app's end of data."""
 
-    __slots__ = ("cipher", "prefix", "got", "need", "final", "lowat")
+    __slots__ = ("cipher", "got", "need", "final", "lowat")
 
-    def __init__(self, raw: socket.socket, app: socket.socket, key: bytes, prefix: bytes,
-                 moved: Moved):
+    def __init__(self, raw: socket.socket, app: socket.socket, key: bytes, moved: Moved):
         super().__init__(raw, app, moved)
         self.cipher = frames.Cipher(key, encrypt=False)
-        self.prefix = memoryview(prefix)  # bytes the key exchange read past its hello
         self.got, self.need = 0, HEADER  # of the frame being read
         self.final = False  # the FINAL frame arrived; the TCP stream must end next
         self.lowat = False
 
     def _read(self, view: memoryview) -> int:
-        if self.prefix:
-            n = min(len(self.prefix), len(view))
-            view[:n] = self.prefix[:n]
-            self.prefix = self.prefix[n:]
-            return n
         n = self.src.recv_into(view)  # BlockingIOError: the caller waits
         if not n:
             raise FrameError("the TLS hop ended inside a frame (truncation)" if self.got
@@ -354,10 +345,6 @@ class Open(Direction):
             else:
                 self.off, self.end = HEADER, HEADER + n
 
-    def close(self) -> None:
-        super().close()
-        self.cipher.close()
-
 
 class _Connection:
     __slots__ = ("a", "b", "forward", "backward", "finished", "error", "masks")
@@ -401,13 +388,13 @@ class Pump:
         forward.pool = backward.pool = self.pool
         conn = _Connection(a, b, forward, backward)
         try:
-            try:  # here, before the pump sees it: what already waits (the key
-                forward.step()  # exchange's leftover frames) moves without an event
+            try:  # here, before the pump sees it: what already waits moves at once
+                forward.step()
                 backward.step()
             except BaseException as exc:  # noqa: BLE001 - raised below, after the cut
                 conn.error = exc.with_traceback(None)  # (see _end)
-                frames.reset_now(b)
-                frames.reset_now(a)
+                reset_now(b)
+                reset_now(a)
             if conn.error is None and not (forward.done and backward.done):
                 for sock in (a, b):
                     fd = sock.fileno()
@@ -443,8 +430,8 @@ class Pump:
             # Without its traceback: the frames it holds would hold views of the
             # connection's buffers, which the relaying thread is about to free.
             conn.error = error.with_traceback(None)
-            frames.reset_now(conn.b)  # the peer first: nothing may look like an orderly end
-            frames.reset_now(conn.a)
+            reset_now(conn.b)  # the peer first: nothing may look like an orderly end
+            reset_now(conn.a)
         conn.finished.set()
 
     def _loop(self) -> None:
@@ -503,25 +490,17 @@ _lock = threading.Lock()
 
 
 def count() -> int:
-    """How many pumps a relay runs: :data:`PUMPS_ENV`, else half the cores it may use
-    (the kernel's TCP work for the same bytes needs the rest), at least 1, at most 8."""
-    value = os.environ.get(PUMPS_ENV, "").strip()
-    if value:
-        try:
-            return max(0, int(value))
-        except ValueError:
-            pass  # a malformed setting: the default (the relay's log has no place for it)
+    """How many pumps a relay runs: half the cores it may use (the kernel's TCP work for
+    the same bytes needs the rest), at least 1, at most 8."""
     return max(1, min(8, len(os.sched_getaffinity(0)) // 2))
 
 
-def pick() -> Pump | None:
-    """The pump for the next connection (round robin), or None if the relay has none."""
+def pick() -> Pump:
+    """The pump for the next connection (round robin)."""
     global _next
     with _lock:
         if not _pumps:
             for i in range(count()):
                 _pumps.append(Pump(f"pump-{i}"))
-        if not _pumps:
-            return None
         _next = (_next + 1) % len(_pumps)
         return _pumps[_next]

@@ -36,8 +36,9 @@ from scistream_gateway.settings import CONFIG_ENV
 from scistream_gateway.store import SCHEMA_VERSION, Store
 from scistream_prefect.gateways import _POOLS
 from scistream_proxy.apps import EchoServer
-from scistream_proxy.backends import NativeBackend, ProxySpec
+from scistream_proxy.backends import ProxySpec
 from scistream_proxy.leaks import port_is_free, proxy_pids, working_dirs
+from scistream_proxy.native_backend import NativeBackend
 from scistream_proxy.process import ProcessIdentity
 
 KEY = "fault-test-key"

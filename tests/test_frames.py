@@ -18,31 +18,10 @@ import pytest
 
 from scistream_proxy import frames
 from scistream_proxy.addresses import parse_address
-from scistream_proxy.native import TLS_IO_ENV
+from scistream_proxy.engines import reset_now
+from scistream_proxy.ktls import ktls_available
 
 from test_native_relay import KEY, Server, _release, _reserve
-
-pytestmark = pytest.mark.skipif(bool(frames.missing()), reason=frames.missing() or "-")
-
-
-ENGINES = ["cryptography", "libcrypto"]
-
-
-def _engine_reason(name: str) -> str:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(frames.AEAD_ENV, name)
-        return frames.missing()
-
-
-@pytest.fixture(params=ENGINES)
-def engine(request, monkeypatch):
-    """Each AES-GCM implementation frames can run on (frames.AEAD_ENV)."""
-    reason = _engine_reason(request.param)
-    if reason:
-        pytest.skip(f"{request.param}: {reason}")
-    monkeypatch.setenv(frames.AEAD_ENV, request.param)
-    assert frames.engine() == request.param
-    return request.param
 
 
 class _Frame:
@@ -81,11 +60,10 @@ def _sealed(key: bytes, payloads: list[bytes]) -> list[_Frame]:
         frame = _Frame(payload)
         frame.run(cipher)
         out.append(frame)
-    cipher.close()
     return out
 
 
-def test_frames_round_trip_across_key_updates(engine, monkeypatch):
+def test_frames_round_trip_across_key_updates(monkeypatch):
     monkeypatch.setattr(frames, "REKEY_FRAMES", 3)
     key = os.urandom(16)
     payloads = [os.urandom(n) for n in (1, 100, 16384, 5, 70000, 0, 9, 1 << 20)]
@@ -99,7 +77,7 @@ def test_frames_round_trip_across_key_updates(engine, monkeypatch):
     assert opener.key == frames.next_key(frames.next_key(key))
 
 
-def test_a_frame_is_aes_128_gcm_with_the_sequence_number_as_nonce(engine):
+def test_a_frame_is_aes_128_gcm_with_the_sequence_number_as_nonce():
     """The wire format, against AES-GCM computed apart from the relay's code: the nonce
     is 4 zero bytes and the 64-bit sequence number, the header is the associated data,
     the tag follows the ciphertext."""
@@ -113,35 +91,7 @@ def test_a_frame_is_aes_128_gcm_with_the_sequence_number_as_nonce(engine):
         assert frame.raw == header + AESGCM(key).encrypt(nonce, payloads[seq], header)
 
 
-def test_both_engines_read_each_others_frames():
-    """A relay on either AES-GCM implementation talks to a relay on the other."""
-    for name in ENGINES:
-        if _engine_reason(name):
-            pytest.skip(f"{name}: {_engine_reason(name)}")
-    key = os.urandom(16)
-    payloads = [os.urandom(n) for n in (1, 65536, 1 << 20)]
-    for sealer, opener in (ENGINES, ENGINES[::-1]):
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv(frames.AEAD_ENV, sealer)
-            sealed = _sealed(key, payloads)
-            patch.setenv(frames.AEAD_ENV, opener)
-            cipher = frames.Cipher(key, encrypt=False)
-            assert type(cipher).__name__ == {"cryptography": "AeadCipher",
-                                             "libcrypto": "EvpCipher"}[opener]
-            for frame, payload in zip(sealed, payloads, strict=True):
-                frame.run(cipher)
-                assert frame.payload == payload
-
-
-def test_an_unknown_engine_is_refused_by_name(monkeypatch):
-    monkeypatch.setenv(frames.AEAD_ENV, "chacha")
-    assert frames.engine() is None
-    assert "SCISTREAM_NATIVE_AEAD='chacha'" in frames.missing()
-    with pytest.raises(RuntimeError, match="chacha"):
-        frames.Cipher(os.urandom(16), encrypt=True)
-
-
-def test_equal_payloads_seal_differently_and_nothing_out_of_order_opens(engine):
+def test_equal_payloads_seal_differently_and_nothing_out_of_order_opens():
     key = os.urandom(16)
     first, second, third = _sealed(key, [b"same" * 100] * 3)
     assert first.raw != second.raw  # the nonce is the sequence number
@@ -152,7 +102,7 @@ def test_equal_payloads_seal_differently_and_nothing_out_of_order_opens(engine):
 
 
 @pytest.mark.parametrize("where", ["header", "payload", "tag"])
-def test_an_altered_frame_is_refused(engine, where):
+def test_an_altered_frame_is_refused(where):
     key = os.urandom(16)
     (frame,) = _sealed(key, [os.urandom(4096)])
     offset = {"header": 3, "payload": frames.HEADER + 2000, "tag": len(frame.raw) - 1}[where]
@@ -161,7 +111,7 @@ def test_an_altered_frame_is_refused(engine, where):
         frame.run(frames.Cipher(key, encrypt=False))
 
 
-def test_a_replayed_frame_and_a_wrong_key_are_refused(engine):
+def test_a_replayed_frame_and_a_wrong_key_are_refused():
     key = os.urandom(16)
     (frame,) = _sealed(key, [b"x" * 1000])
     replay = frame.copy()
@@ -211,8 +161,8 @@ class ManInTheMiddle(Server):
                 dst.sendall(out)
             dst.shutdown(socket.SHUT_WR)
         except OSError:  # a reset on one side is passed on as a reset
-            frames.reset_now(src)
-            frames.reset_now(dst)
+            reset_now(src)
+            reset_now(dst)
 
 
 def _open_through(producer, consumer, app_address, attack):
@@ -274,12 +224,11 @@ def _replay(offset, data):
     return data
 
 
+@pytest.mark.skipif(ktls_available() is None, reason="the kernel has TLS: no frames")
 @pytest.mark.parametrize("attack,error", [(_flip, "authentication|malformed"), (_replay, ""),
                                           (_cut, "truncation")],
                          ids=["altered", "replayed", "truncated"])
-def test_an_attack_on_the_hop_is_a_reset_and_delivers_nothing_forged(gateways, monkeypatch,
-                                                                      attack, error):
-    monkeypatch.setenv(TLS_IO_ENV, "frames")
+def test_an_attack_on_the_hop_is_a_reset_and_delivers_nothing_forged(gateways, attack, error):
     _replayed.clear()
     producer, consumer = gateways
     state: dict = {}

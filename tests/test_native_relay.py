@@ -1,5 +1,5 @@
-"""The native relay: its fast paths keep every byte (splice on plain hops, TLS, rate
-limits, partial reads and writes, half-close, many connections), and one relay per
+"""The native relay: its data paths keep every byte (sealed frames and plain hops in
+pumps, rate limits, partial reads and writes, half-close, many connections), and one relay per
 gateway hosts many streams, dies visibly, exits with its last stream, drops an
 abandoned one."""
 
@@ -19,75 +19,47 @@ from pathlib import Path
 
 import pytest
 
-from scistream_proxy import frames
-from scistream_proxy.backends import NativeBackend, ProxySpec
+from scistream_proxy.addresses import parse_address
+from scistream_proxy.backends import ProxySpec
 from scistream_proxy.leaks import port_is_free, proxy_pids
-from scistream_proxy.native import (
-    CONTROL_SOCKET,
-    PLAIN_IO_ENV,
-    TLS_IO_ENV,
-    ktls_available,
-    parse_address,
-    relay_dir_of,
-)
+from scistream_proxy.ktls import ktls_available
+from scistream_proxy.native_backend import NativeBackend
 from scistream_proxy.process import ProcessIdentity
-from scistream_proxy.pump import PUMPS_ENV
+from scistream_proxy.relay_files import CONTROL_SOCKET, relay_dir_of
 
 from conftest import make_gateway
 
 KEY = "relay-test-key"
 # How a stream's connections move bytes: TLS with sealed frames between the two native
-# relays (the default where the kernel has no TLS), TLS records through memory BIOs, TLS
-# on the socket (OpenSSL's own socket I/O; kernel TLS where it exists); plain TCP both
-# sides with a buffer per direction (the default), or with splice(2). Frames and plain
-# connections run in the relay's pumps (event loops), or "-threads": without pumps (a
-# thread per direction; splice: a thread per connection).
-MODES = [pytest.param("frames", id="tls-frames"),
-         pytest.param("frames-threads", id="tls-frames-threads"),
-         pytest.param("frames-libcrypto", id="tls-frames-libcrypto"),
-         pytest.param("bio", id="tls-bio"), pytest.param("socket", id="tls-socket"),
-         pytest.param("copy", id="plain-copy"),
-         pytest.param("copy-threads", id="plain-copy-threads"),
-         pytest.param("auto", id="plain-auto"), pytest.param("splice", id="plain-splice"),
-         pytest.param("splice-threads", id="plain-splice-threads")]
-PLAIN_MODES = ("copy", "copy-threads", "auto", "splice", "splice-threads")
-COUNTED = ("spliced", "bio", "frames", "pumped")
+# relays (where the kernel has no TLS; else TLS records with kernel TLS), or plain TCP
+# both sides (copied or spliced by how busy the pump is). A throttled connection runs a
+# thread per direction instead of a pump.
+MODES = [pytest.param("tls", id="tls"), pytest.param("plain", id="plain")]
+COUNTED = ("spliced", "frames", "pumped")
+FRAMES = ktls_available() is not None  # two native relays agree on frames
 
 
 @pytest.fixture(params=MODES)
-def mode(request, monkeypatch) -> str:
-    """How the relays started in this test move bytes (``copy``, ``splice``: a plain
-    stream; else the TLS I/O mode; ``-threads``: without pumps; ``-libcrypto``: frames
-    sealed by the ssl module's OpenSSL through ctypes instead of ``cryptography``)."""
-    io, *flags = request.param.split("-")
-    monkeypatch.setenv(PLAIN_IO_ENV if request.param in PLAIN_MODES else TLS_IO_ENV, io)
-    monkeypatch.setenv(PUMPS_ENV, "0" if "threads" in flags else "2")  # 2: connections spread
-    if "libcrypto" in flags:
-        monkeypatch.setenv(frames.AEAD_ENV, "libcrypto")
-        if frames.missing():  # why the ssl module's libcrypto cannot be loaded here
-            pytest.skip(frames.missing())
+def mode(request) -> str:
+    """Whether the stream this test opens is TLS (``tls``) or plain TCP (``plain``)."""
     return request.param
 
 
 def _counted(mode: str, n: int, throttled: bool = False) -> dict:
     """What status counts for ``n`` connections of a stream in ``mode``."""
-    # Throttled (a token bucket): threads.
-    pumped = mode not in ("bio", "socket") and "threads" not in mode and not throttled
-    spliced = n if mode.startswith("splice") else 0
-    if mode == "auto" and not throttled:
-        spliced = None  # copied or spliced by how busy the pump was as each came
-    return {"spliced": spliced, "bio": n if mode == "bio" else 0,
-            "frames": n if mode.startswith("frames") else 0, "pumped": n if pumped else 0}
+    frames = n if mode == "tls" and FRAMES else 0
+    pumped = 0 if throttled or (mode == "tls" and not FRAMES) else n
+    # Plain in a pump: copied or spliced by how busy the pump was as each came.
+    spliced = None if mode == "plain" and not throttled else 0
+    return {"spliced": spliced, "frames": frames, "pumped": pumped}
 
 
 def _counts(status: dict, mode: str, n: int, throttled: bool = False) -> tuple[dict, dict]:
     """(what status counted, what ``mode`` makes it count) for ``n`` connections."""
     expected = _counted(mode, n, throttled)
     counted = {k: status["connections"][k] for k in COUNTED if expected[k] is not None}
-    # Which AES-GCM sealed the frames: the one asked for, else the best one here.
     counted["aead"] = status["connections"]["frames_aead"]
-    expected["aead"] = None if not mode.startswith("frames") else \
-        "libcrypto" if "libcrypto" in mode else frames.engine()
+    expected["aead"] = "cryptography" if mode == "tls" and FRAMES else None
     return counted, {k: v for k, v in expected.items() if v is not None or k == "aead"}
 
 
@@ -178,7 +150,7 @@ def _relay_pid(gw) -> int:
 def test_many_connections_on_one_stream_keep_every_byte(gateways, mode):
     """64 connections at once through one listener, each echoed end to end."""
     producer, consumer = gateways
-    tls = mode not in PLAIN_MODES
+    tls = mode == "tls"
     server = Server(_echo)
     uid, listeners = _open(producer, consumer, [server.address], tls=tls)
     payloads = [os.urandom(256 << 10) for _ in range(64)]
@@ -226,7 +198,7 @@ def _slow_sink(received: dict):
 
 def test_half_close_from_the_consumer_delivers_everything_with_partial_writes(gateways, mode):
     producer, consumer = gateways
-    tls = mode not in PLAIN_MODES
+    tls = mode == "tls"
     received: dict = {}
     server = Server(_slow_sink(received))
     uid, listeners = _open(producer, consumer, [server.address], tls=tls)
@@ -251,7 +223,7 @@ def test_half_close_from_the_consumer_delivers_everything_with_partial_writes(ga
 
 def test_half_close_from_the_producer_is_a_clean_end_after_every_byte(gateways, mode):
     producer, consumer = gateways
-    tls = mode not in PLAIN_MODES
+    tls = mode == "tls"
     payload = os.urandom((3 << 20) + 777)
 
     def send_and_end(conn):
@@ -277,7 +249,7 @@ def test_half_close_from_the_producer_is_a_clean_end_after_every_byte(gateways, 
 
 def test_rate_limited_stream_keeps_every_byte(gateways, mode):
     producer, consumer = gateways
-    tls = mode not in PLAIN_MODES
+    tls = mode == "tls"
     server = Server(_echo)
     uid, listeners = _open(producer, consumer, [server.address], tls=tls, rate=40_000)
     payload = os.urandom(1 << 20)

@@ -184,7 +184,7 @@ def test_a_consumer_that_hangs_up_stops_the_producer_promptly(gateways, producer
     to it, as over a direct TCP connection. When the consumer then hangs up with data in
     flight, that travels back at once (well before the drain timeout) as a reset, and the
     producer app sees it as one."""
-    from scistream_proxy.native import DRAIN_TIMEOUT_S
+    from scistream_proxy.engines import DRAIN_TIMEOUT_S
 
     producer, consumer = gateways
     app = producer_app(1, 1 << 34)

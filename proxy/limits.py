@@ -1,0 +1,98 @@
+"""A stream's rate limit (a token bucket shared by its connections) and its counters."""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+
+# The largest read a throttled connection makes, and the least burst its bucket allows.
+CHUNK_MAX = 64 * 1024
+
+
+class TokenBucket:
+    """Stream-wide rate limit shared by all connections; ``rate_kbps`` 0 = unlimited."""
+
+    def __init__(self, rate_kbps: int):
+        self.rate = rate_kbps * 1000 / 8  # bytes per second
+        self.capacity = max(self.rate / 10, CHUNK_MAX)  # 100 ms burst
+        self.tokens = self.capacity
+        self.stamp = time.monotonic()
+        self.lock = threading.Lock()
+
+    def chunk(self) -> int:
+        """Largest read worth doing under the limit (smooths the rate)."""
+        return int(min(CHUNK_MAX, max(1024, self.rate / 50)))
+
+    def take(self, n: int) -> None:
+        with self.lock:
+            now = time.monotonic()
+            self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            self.tokens -= n
+            deficit = -self.tokens
+        if deficit > 0:
+            time.sleep(deficit / self.rate)
+
+
+class Moved:
+    """What one direction moved so far (plaintext bytes), read live by status."""
+
+    __slots__ = ("moved",)
+
+    def __init__(self) -> None:
+        self.moved = 0
+
+
+class Counters:
+    """Per-stream totals, live: running connections count what they moved so far."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.bytes_to_app = 0  # of ended connections; live ones are in self.live
+        self.bytes_from_app = 0
+        self.live: set[tuple[Moved, Moved]] = set()  # (app -> peer, peer -> app)
+        self.total = 0
+        self.failed = 0
+        self.spliced = 0  # connections moved with splice(2)
+        self.frames = 0  # connections whose TLS hop carried sealed frames
+        self.pumped = 0  # connections moved by a pump (an event loop), not threads
+        self.ktls_tx = 0  # connections whose TLS records the kernel writes / reads
+        self.ktls_rx = 0
+        self.last_error = ""
+
+    def count(self, name: str) -> None:
+        """One more connection went the way ``name`` counts."""
+        with self.lock:
+            setattr(self, name, getattr(self, name) + 1)
+
+    @contextmanager
+    def tracked(self):
+        """A connection's two directions (app -> peer, peer -> app) as :class:`Moved`,
+        counted live while the block runs and folded into the totals when it ends."""
+        pair = (Moved(), Moved())
+        with self.lock:
+            self.live.add(pair)
+        try:
+            yield pair
+        finally:
+            with self.lock:
+                self.live.discard(pair)
+                self.bytes_from_app += pair[0].moved
+                self.bytes_to_app += pair[1].moved
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            # `moved` is a plain int another thread rebinds: reading it needs no lock.
+            return {
+                "bytes_to_app": self.bytes_to_app + sum(h[1].moved for h in self.live),
+                "bytes_from_app": self.bytes_from_app + sum(h[0].moved for h in self.live),
+                "connections_active": len(self.live),
+                "connections_total": self.total,
+                "connections_failed": self.failed,
+                "connections_spliced": self.spliced,
+                "connections_frames": self.frames,
+                "connections_pumped": self.pumped,
+                "connections_ktls": {"tx": self.ktls_tx, "rx": self.ktls_rx},
+                "last_error": self.last_error,
+            }

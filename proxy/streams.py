@@ -1,0 +1,282 @@
+"""A stream end inside the relay: its listeners, and each connection's set-up (accept,
+connect, the pinned TLS handshake, the frames key exchange), handed then to the engine
+that moves its bytes.
+
+Roles: a ``PROD`` stream accepts TLS from the peer gateway and connects in plain TCP to
+the producer app; a ``CONS`` stream accepts plain TCP from the consumer app and connects
+over TLS to the peer gateway. Connection *i* of listener *i* goes to ``targets[i % n]``.
+
+How a connection moves its bytes (docs/native.md has the figures):
+
+- TLS between two native relays (where the kernel has no TLS): the pinned TLS 1.3
+  handshake, then sealed frames (:mod:`scistream_proxy.frames`), moved by a pump;
+- TLS with any other peer, or where the kernel has TLS: TLS records with OpenSSL on the
+  socket (kernel TLS where it engages), one thread owning both sockets, so an SSL
+  object is never used by two threads at once (OpenSSL forbids it; TLS 1.3 reads can
+  write);
+- plain TCP on both sides: moved by a pump, copied while the pump moves few
+  connections, spliced beyond (:data:`scistream_proxy.pump.SPLICE_FROM`).
+
+A throttled connection (its token bucket sleeps) is moved by a thread per direction
+(:mod:`scistream_proxy.engines`) instead of a pump.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import threading
+import time
+from pathlib import Path
+
+from scistream_proxy import engines, frames, pump
+from scistream_proxy.addresses import parse_address
+from scistream_proxy.ktls import OP_ENABLE_KTLS, ktls_available, ktls_engaged
+from scistream_proxy.limits import Counters, TokenBucket
+from scistream_proxy.tls import fingerprint_of_der, pinned_context
+
+
+class FramesPeer:
+    """A TLS hop whose two native ends agreed on sealed frames: the raw TCP socket and
+    the keys of each direction."""
+
+    __slots__ = ("raw", "seal_key", "open_key")
+
+    def __init__(self, raw: socket.socket, seal_key: bytes, open_key: bytes):
+        self.raw, self.seal_key, self.open_key = raw, seal_key, open_key
+
+
+def _move(app: socket.socket, peer: socket.socket | FramesPeer, bucket: TokenBucket | None,
+          counters: Counters) -> bool:
+    """Move a set-up connection's bytes until it ends, with the engine its kind takes.
+    Returns True when it ended in order (both sockets may be closed normally), False
+    when the caller must reset them; raises what broke it (the caller resets both)."""
+    if isinstance(peer, ssl.SSLSocket):
+        return engines.relay_records(app, peer, bucket, counters)
+    sealed = isinstance(peer, FramesPeer)
+    if sealed:
+        counters.count("frames")
+    with counters.tracked() as (up, down):
+        if bucket is not None:
+            if sealed:
+                engines.relay_frames(app, peer.raw, peer.seal_key, peer.open_key, up, down,
+                                     bucket)
+            else:
+                engines.relay_plain(app, peer, up, down, bucket)
+            return True
+        loop = pump.pick()
+        counters.count("pumped")
+        if sealed:
+            loop.relay(app, peer.raw, pump.Seal(app, peer.raw, peer.seal_key, up),
+                       pump.Open(peer.raw, app, peer.open_key, down))
+        else:
+            kind = pump.Splice if loop.load() >= pump.SPLICE_FROM else pump.Copy
+            if kind is pump.Splice:
+                counters.count("spliced")
+            loop.relay(app, peer, kind(app, peer, up), kind(peer, app, down))
+    return True
+
+
+class _Connection:
+    """The sockets of one relayed connection, so that ``stop`` can cut it from another
+    thread. Its thread forgets it (under the stream's lock) before closing the sockets,
+    so a cut never reaches a descriptor number that was closed and reused."""
+
+    __slots__ = ("socks", "cut")
+
+    def __init__(self, sock: socket.socket):
+        self.socks = [sock]
+        self.cut = False
+
+
+class Stream:
+    """One stream end inside the relay: listeners, accept threads, connection threads."""
+
+    def __init__(self, name: str, stream_dir: Path, config: dict,
+                 listeners: list[socket.socket], log) -> None:
+        self.name = name
+        self.dir = stream_dir
+        self.role = config["role"]
+        self.listeners = listeners
+        self.counters = Counters()
+        self.bucket = TokenBucket(config["rate"]) if config.get("rate") else None
+        self.handshake_timeout = float(config.get("handshake_timeout_s", 30))
+        self.connect_timeout = float(config.get("connect_timeout_s", 10))
+        self.cert_path = stream_dir / config["cert"]
+        self.key_path = stream_dir / config["key"]
+        self.targets: list[tuple[str, int]] = []
+        self.context: ssl.SSLContext | None = None
+        self.frames = False  # TLS hops offer sealed frames (else: kernel TLS)
+        self.peer_fingerprint = ""
+        self.state = "waiting"
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.connections: set[_Connection] = set()
+        self.accept_threads: list[threading.Thread] = []
+        self.log = log
+
+    # -- control operations -------------------------------------------------
+    def connect(self, request: dict) -> dict:
+        if self.state != "waiting":
+            return {"ok": self.state == "running", "state": self.state}
+        self.targets = [parse_address(t) for t in request["targets"]]
+        if request.get("tls", True):
+            self.peer_fingerprint = request["peer_fingerprint"]
+            self.context = pinned_context(
+                server=self.role == "PROD",
+                cert_path=self.cert_path,
+                key_path=self.key_path,
+                peer_cert_path=self.dir / request["peer_cert"],
+            )
+            # Where the kernel does TLS, records on the socket hand it the record layer;
+            # elsewhere two native relays agree on sealed frames (docs/native.md).
+            self.frames = ktls_available() is not None
+            if not self.frames:
+                self.context.options |= OP_ENABLE_KTLS
+            else:
+                # Offered (client) and chosen (server) only here: a C proxy never agrees,
+                # and its hop runs TLS records.
+                self.context.set_alpn_protocols([frames.ALPN])
+                if self.role == "PROD":
+                    self.context.num_tickets = 0  # nothing resumes; no record before ours
+        for index, listener in enumerate(self.listeners):
+            thread = threading.Thread(
+                target=self._accept_loop, args=(index, listener), daemon=True,
+                name=f"accept-{self.name}-{index}",
+            )
+            self.accept_threads.append(thread)
+            thread.start()
+        self.state = "running"
+        return {"ok": True, "state": self.state}
+
+    def status(self) -> dict:
+        return {"ok": True, "state": self.state, "pid": os.getpid(),
+                "frames_aead": "cryptography" if self.frames else None,
+                **self.counters.snapshot()}
+
+    def stop(self) -> None:
+        """Free the ports and cut every connection (the apps see a reset; the peer
+        gateway sees its TLS hop end without close_notify: truncation)."""
+        self.stopping.set()
+        self.state = "stopped"
+        for listener in self.listeners:
+            try:  # wakes a thread blocked in accept(); the port is freed by its close
+                listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for thread in self.accept_threads:
+            thread.join(timeout=5)
+        for listener in self.listeners:
+            listener.close()  # the accept threads closed theirs; these never ran
+        with self.lock:
+            for conn in self.connections:
+                conn.cut = True
+                for sock in conn.socks:
+                    # A reset on the descriptor (never a FIN, which an app would take
+                    # for a clean end); never touches an SSL object.
+                    engines.reset_now(sock)
+
+    # -- data path ------------------------------------------------------------
+    def _accept_loop(self, index: int, listener: socket.socket) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                if self.stopping.is_set():
+                    break
+                time.sleep(0.05)  # EMFILE and friends: back off rather than spin
+                continue
+            if self.stopping.is_set():
+                engines.abort(conn)
+                break
+            threading.Thread(
+                target=self._serve, args=(index, conn), daemon=True,
+                name=f"conn-{self.name}-{index}",
+            ).start()
+        listener.close()
+
+    def _secure(self, sock: socket.socket, server_side: bool,
+                hold) -> ssl.SSLSocket | FramesPeer:
+        """The TLS handshake on ``sock`` (``hold(tls)`` first, so that ``stop`` can cut
+        it), the peer's certificate checked against the pin; then, if both ends agreed
+        on frames, their keys."""
+        sock.settimeout(self.handshake_timeout)
+        tls = self.context.wrap_socket(  # type: ignore[union-attr]
+            sock, server_side=server_side, suppress_ragged_eofs=False,
+            do_handshake_on_connect=False,
+        )
+        hold(tls)
+        tls.do_handshake()
+        presented = tls.getpeercert(binary_form=True)
+        if presented is None or fingerprint_of_der(presented) != self.peer_fingerprint:
+            raise ssl.SSLError("peer certificate does not match the pinned fingerprint")
+        if tls.selected_alpn_protocol() == frames.ALPN:
+            seal_key, open_key = frames.exchange(tls, self.handshake_timeout)
+            # The SSL object goes without a word (no close_notify): frames follow.
+            return FramesPeer(socket.socket(fileno=tls.detach()), seal_key, open_key)
+        tx, rx = ktls_engaged(tls)
+        if tx or rx:
+            with self.counters.lock:
+                self.counters.ktls_tx += tx
+                self.counters.ktls_rx += rx
+        return tls
+
+    def _hold(self, conn: _Connection, *socks: socket.socket) -> None:
+        """Record the connection's current sockets; raise if the stream was stopped."""
+        with self.lock:
+            conn.socks = list(socks)
+            if conn.cut:
+                raise ConnectionAbortedError("stream stopped")
+
+    def _serve(self, index: int, inbound: socket.socket) -> None:
+        c = self.counters
+        with c.lock:
+            c.total += 1
+        conn = _Connection(inbound)
+        with self.lock:
+            self.connections.add(conn)
+        orderly = False
+        try:
+            inbound.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            target = self.targets[index % len(self.targets)]
+            if self.role == "PROD":
+                app_side = peer_side = inbound
+                if self.context is not None:
+                    peer_side = self._secure(inbound, True, lambda tls: self._hold(conn, tls))
+                    self._hold(conn, _raw(peer_side))
+                app_side = socket.create_connection(target, timeout=self.connect_timeout)
+                self._hold(conn, _raw(peer_side), app_side)
+                app_side.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            else:
+                app_side = peer_side = inbound
+                peer_side = socket.create_connection(target, timeout=self.connect_timeout)
+                self._hold(conn, inbound, peer_side)
+                peer_side.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self.context is not None:
+                    peer_side = self._secure(peer_side, False,
+                                             lambda tls: self._hold(conn, inbound, tls))
+                    self._hold(conn, inbound, _raw(peer_side))
+            orderly = _move(app_side, peer_side, self.bucket, c)
+        except Exception as exc:  # noqa: BLE001 - any failure ends this connection only
+            if not conn.cut:
+                with c.lock:
+                    c.failed += 1
+                    c.last_error = f"connection {index}: {type(exc).__name__}: {exc}"
+                self.log(f"{self.name}: {c.last_error}")
+        finally:
+            with self.lock:
+                self.connections.discard(conn)
+                socks, cut = conn.socks, conn.cut
+            if orderly and not cut:
+                for sock in socks:
+                    try:
+                        sock.close()
+                    except OSError:
+                        pass
+            else:
+                engines.abort(*socks)
+
+
+def _raw(peer: socket.socket | FramesPeer) -> socket.socket:
+    return peer.raw if isinstance(peer, FramesPeer) else peer
