@@ -30,7 +30,7 @@ def _loaded_after(statement: str) -> set[str]:
 
 
 @pytest.mark.parametrize("module", [
-    "scistream_proxy.backends", "scistream_gateway.validation", "scistream_gateway.service",
+    "scistream_proxy.backends", "scistream_gateway.protocol", "scistream_gateway.service",
     "scistream_prefect",
 ])
 def test_the_client_and_the_gateway_do_not_import_the_relay(module):
