@@ -24,8 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import benchlib
-from scistream_prefect import LocalGateway
+from scistream_prefect import LocalPair
 from scistream_prefect.cli import parse_size
 from scistream_proxy import apps
 from scistream_proxy.backends import BACKENDS
@@ -33,15 +32,18 @@ from scistream_proxy.backends import BACKENDS
 
 def bench_backend(name: str, root: Path, port_base: int, streams: int, rounds: int,
                   total: int, num_conn: int) -> dict:
-    producer = LocalGateway.create(f"{name}-p", root / f"{name}-p",
-                                   port_range=(port_base, port_base + 39), backend=name)
-    consumer = LocalGateway.create(f"{name}-c", root / f"{name}-c",
-                                   port_range=(port_base + 40, port_base + 79), backend=name)
+    with LocalPair.create(root / name, name=name, port_base=port_base, ports=40,
+                          backend=name) as pair:
+        return _bench_pair(pair, streams, rounds, total, num_conn)
+
+
+def _bench_pair(pair: LocalPair, streams: int, rounds: int, total: int, num_conn: int) -> dict:
+    name = pair.producer.settings.backend
     idle, idle_listeners = apps.start_producer(1, 0)
     setups = []
     try:
         for _ in range(streams):
-            chain = benchlib.open_chain(producer, consumer, idle_listeners, num_conn=num_conn)
+            chain = pair.open(idle_listeners, num_conn=num_conn)
             setups.append(chain.seconds)
             chain.release()
     finally:
@@ -50,7 +52,7 @@ def bench_backend(name: str, root: Path, port_base: int, streams: int, rounds: i
     runs = []
     for _ in range(rounds):
         app, listeners = apps.start_producer(num_conn, total)
-        chain = benchlib.open_chain(producer, consumer, listeners, num_conn=num_conn)
+        chain = pair.open(listeners, num_conn=num_conn)
         try:
             started = time.perf_counter()
             out = subprocess.run([*apps.COMMAND, "consumer", *chain.listeners],

@@ -1,5 +1,6 @@
-"""What the benchmarks share: two-gateway chains, iperf3 runs, A B A B rounds,
-distributions, proxy CPU and memory read from /proc, and the result files.
+"""What the benchmarks share: iperf3 runs, A B A B rounds, distributions, proxy CPU and
+memory read from /proc, and the result files. Their gateways and streams are
+``scistream_prefect.LocalPair``'s.
 
 Every figure a benchmark prints comes from a function here or from its own script; no
 figure is ever written by hand. Results go to ``bench/results/<name>.{json,md,png}``.
@@ -7,20 +8,16 @@ figure is ever written by hand. Results go to ``bench/results/<name>.{json,md,pn
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
-import secrets
 import shutil
 import statistics
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +25,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-from scistream_prefect import LocalGateway  # noqa: E402
+from scistream_prefect.local_pair import PairStream  # noqa: E402
 from scistream_proxy.leaks import port_is_free, proxy_pids  # noqa: E402
 from scistream_proxy.addresses import parse_address  # noqa: E402
 
@@ -37,86 +34,7 @@ README = Path(__file__).parent.parent / "README.md"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-# -- chains of two local gateways ------------------------------------------------------
-
-def gateway_pair(name: str, root: Path, port_base: int, ports: int, *, backend: str = "native",
-                 workers: int = 2) -> tuple[LocalGateway, LocalGateway]:
-    """A producer and a consumer gateway on loopback; ports ``port_base`` ..
-    ``port_base + 2 * ports - 1`` (the producer's half first)."""
-    producer = LocalGateway.create(f"{name}-p", root / name / "p", backend=backend,
-                                   port_range=(port_base, port_base + ports - 1))
-    consumer = LocalGateway.create(f"{name}-c", root / name / "c", backend=backend,
-                                   port_range=(port_base + ports, port_base + 2 * ports - 1))
-    return (LocalGateway(settings_path=producer.settings_path, workers=workers),
-            LocalGateway(settings_path=consumer.settings_path, workers=workers))
-
-
-def warm_up(*gateways: LocalGateway) -> None:
-    """Start every gateway's workers (a gateway's workers are long-lived, as an endpoint's)."""
-    with ThreadPoolExecutor(len(gateways)) as pool:
-        for future in [pool.submit(gw.warm_up) for gw in gateways]:
-            future.result()
-
-
-@dataclass
-class Chain:
-    """One open stream, opened with direct gateway calls (no Prefect)."""
-
-    producer: LocalGateway
-    consumer: LocalGateway
-    uid: str
-    prod: dict
-    cons: dict
-    seconds: float  # first reserve to both proxies listening
-
-    @property
-    def listeners(self) -> list[str]:
-        """Where the consumer app connects."""
-        return self.cons["listeners"]
-
-    def release(self) -> None:
-        release(self.producer, self.consumer, self.uid)
-
-
-def open_chain(producer, consumer, app_listeners: list[str], *, tls: bool = True,
-               num_conn: int | None = None) -> Chain:
-    """reserve ‖ reserve -> hello -> connect ‖ connect, as the client flow does it; on a
-    failure both ends are released and the failure raised."""
-    uid, key = str(uuid.uuid4()), secrets.token_urlsafe(16)
-    request = {"uid": uid, "num_conn": num_conn or len(app_listeners),
-               "key_sha256": hashlib.sha256(key.encode()).hexdigest()}
-    started = time.perf_counter()
-    try:
-        with ThreadPoolExecutor(2) as pool:
-            prod_f = pool.submit(producer.call, "reserve", {**request, "role": "PROD"})
-            cons_f = pool.submit(consumer.call, "reserve", {**request, "role": "CONS"})
-            prod, cons = prod_f.result(), cons_f.result()
-            producer.call("hello", {"uid": uid, "key": key, "role": "PROD",
-                                    "app_listeners": app_listeners})
-
-            def connect(gw, peer: dict) -> dict:
-                extra = ({"peer_certificate": peer["certificate"],
-                          "peer_fingerprint": peer["cert_fingerprint"]} if tls
-                         else {"tls": False})
-                return gw.call("connect", {"uid": uid, "remote_listeners": peer["listeners"],
-                                           **extra})
-
-            for future in [pool.submit(connect, producer, cons),
-                           pool.submit(connect, consumer, prod)]:
-                future.result()
-    except BaseException:
-        release(producer, consumer, uid)
-        raise
-    return Chain(producer, consumer, uid, prod, cons, time.perf_counter() - started)
-
-
-def release(producer, consumer, uid: str) -> None:
-    """Release both ends concurrently (idempotent)."""
-    with ThreadPoolExecutor(2) as pool:
-        for future in [pool.submit(gw.call, "release", {"uid": uid})
-                       for gw in (producer, consumer)]:
-            future.result()
-
+# -- leftovers and backends -------------------------------------------------------------
 
 def stop_leftovers(root: Path) -> list[int]:
     """Kill (by pid) every proxy process still working below ``root``, which only a run
@@ -186,13 +104,13 @@ def descendants(roots: Iterable[int]) -> set[int]:
     return found
 
 
-def chain_pids(chain: Chain) -> set[int]:
+def chain_pids(chain: PairStream) -> set[int]:
     """The processes serving ``chain`` on both gateways: each end's proxy (from its
     status, so containers count too), every process working in the stream's
     directories (holders, workers), and their descendants. The native relay serves
     all of its gateway's streams in one process, so it counts whole."""
     pids = set()
-    for gw in (chain.producer, chain.consumer):
+    for gw in (chain.pair.producer, chain.pair.consumer):
         status = gw.call("status", {"uid": chain.uid})
         if status.get("pid"):
             pids.add(int(status["pid"]))

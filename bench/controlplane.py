@@ -42,6 +42,7 @@ from prefect import flow  # noqa: E402 - benchlib sets Prefect's environment fir
 
 from scistream_prefect import (  # noqa: E402
     LocalGateway,
+    LocalPair,
     open_stream,
     release_stream,
     stream_session,
@@ -130,12 +131,13 @@ def alternating_opens(producer: LocalGateway, consumer: LocalGateway, open_runs:
     released with direct calls, and a ``stream_session`` (the session's tasks), until
     each has run its count."""
     recorder, trips = CallRecorder(), TripCounter()
+    pair = LocalPair(producer, consumer)
     opens, releases, enter, setup, leave, leave_calls = [], [], [], [], [], []
     with recorder:
         for index in range(max(open_runs, session_runs)):
             if index < open_runs:
                 recorder.take()
-                chain = benchlib.open_chain(producer, consumer, IDLE_APP)
+                chain = pair.open(IDLE_APP)
                 opens.append(chain.seconds)
                 trips.add("open (direct calls)", recorder.take())
                 started = time.perf_counter()
@@ -183,7 +185,7 @@ def flow_runs(producer, consumer, runs: int, recorder: CallRecorder, trips: Trip
             "release_stream_s": benchlib.distribution(releases)}
 
 
-def concurrent_streams(producer, consumer, counts: list[int], num_conn: int,
+def concurrent_streams(pair: LocalPair, counts: list[int], num_conn: int,
                        root: Path) -> dict:
     """Open each count of streams at once; memory of every proxy process of both
     gateways with them idle, against the same with one stream."""
@@ -193,7 +195,7 @@ def concurrent_streams(producer, consumer, counts: list[int], num_conn: int,
         return {**benchlib.memory_kib(pids), "processes": len(pids)}
 
     def open_one(_):
-        return benchlib.open_chain(producer, consumer, IDLE_APP * num_conn)
+        return pair.open(IDLE_APP * num_conn)
 
     one = open_one(0)
     time.sleep(0.5)
@@ -324,9 +326,23 @@ def run(args) -> dict:
 
 def measure(args, root: Path, result: dict) -> None:
     biggest = max(args.concurrent, default=0) * args.num_conn
-    producer, consumer = benchlib.gateway_pair("open", root, args.port_base, 20,
-                                               backend=args.backend, workers=args.workers)
-    benchlib.warm_up(producer, consumer)
+    with LocalPair.create(root / "open", name="open", port_base=args.port_base, ports=20,
+                          backend=args.backend, workers=args.workers) as pair:
+        pair.warm_up()
+        measure_opens(args, pair, result)
+    if args.concurrent:
+        print(f"concurrent streams {args.concurrent} ...", file=sys.stderr)
+        with LocalPair.create(root / "many", name="many", port_base=args.port_base + 40,
+                              ports=biggest + 10, backend=args.backend,
+                              workers=args.workers) as many:
+            many.warm_up()
+            result["concurrent"] = concurrent_streams(many, args.concurrent, args.num_conn,
+                                                      root / "many")
+
+
+def measure_opens(args, pair: LocalPair, result: dict) -> None:
+    """Opens with direct calls and sessions alternately, then flow runs, on ``pair``."""
+    producer, consumer = pair.producer, pair.consumer
     print(f"alternately: open/release with direct calls x{args.open_runs}, "
           f"stream_session x{args.session_runs}, inside one flow ...", file=sys.stderr)
     opens = alternating_opens(producer, consumer, args.open_runs, args.session_runs)
@@ -349,14 +365,6 @@ def measure(args, root: Path, result: dict) -> None:
         timings["open_stream flow run (wall)"] = flows["open_stream_s"]
         timings["release_stream flow run (wall)"] = flows["release_stream_s"]
         result["round_trips"].update(trips.result())
-    if args.concurrent:
-        print(f"concurrent streams {args.concurrent} ...", file=sys.stderr)
-        cproducer, cconsumer = benchlib.gateway_pair(
-            "many", root, args.port_base + 40, biggest + 10, backend=args.backend,
-            workers=args.workers)
-        benchlib.warm_up(cproducer, cconsumer)
-        result["concurrent"] = concurrent_streams(cproducer, cconsumer, args.concurrent,
-                                                  args.num_conn, root / "many")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import benchlib
+from scistream_prefect import LocalPair
 
 ALL_BACKENDS = ["native", "stunnel", "haproxy", "nginx", "haproxy-docker", "nginx-docker"]
 # Reference chains of two minimal C relays (not backends: no gateway, no TLS, no control).
@@ -47,8 +48,10 @@ def _conn_label(n: int) -> str:
     return f"{n} conn" if n == 1 else f"{n} conns"
 
 
-def open_chains(args, root: Path, target: str, result: dict, opened: list) -> dict:
-    """One stream per usable backend and mode, to ``target``; each goes on ``opened``."""
+def open_chains(args, root: Path, target: str, result: dict, opened: list,
+                pairs: contextlib.ExitStack) -> dict:
+    """One stream per usable backend and mode, to ``target``; each goes on ``opened``,
+    each backend's pair of gateways on ``pairs``."""
     from scistream_proxy.backends import BACKENDS
     from scistream_proxy.relay_files import OPENSSL_CONF_FILE
 
@@ -60,14 +63,14 @@ def open_chains(args, root: Path, target: str, result: dict, opened: list) -> di
             print(f"{name}: skipped ({reason})", file=sys.stderr)
             continue
         base = args.port_base + 10 + 2 * PORTS_PER_GATEWAY * index
-        producer, consumer = benchlib.gateway_pair(name, root, base, PORTS_PER_GATEWAY,
-                                                   backend=name)
-        benchlib.warm_up(producer, consumer)
+        pair = pairs.enter_context(LocalPair.create(
+            root / name, name=name, port_base=base, ports=PORTS_PER_GATEWAY, backend=name))
+        pair.warm_up()
         for mode in args.modes:
             if mode == "plain" and not BACKENDS[name].supports_plain:
                 result["skipped"][f"{name} plain"] = "the backend relays TLS only"
                 continue
-            chain = benchlib.open_chain(producer, consumer, [target], tls=mode == "tls")
+            chain = pair.open([target], tls=mode == "tls")
             opened.append(chain)
             label = f"{name} {mode}"
             pids = sorted(benchlib.chain_pids(chain))
@@ -109,10 +112,11 @@ def run(args) -> dict:
     }
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="scistream-bench-dataplane-") as tmp, \
-            benchlib.IperfServer(args.port_base) as server, contextlib.ExitStack() as floors:
+            benchlib.IperfServer(args.port_base) as server, contextlib.ExitStack() as floors, \
+            contextlib.ExitStack() as pairs:
         opened: list = []
         try:
-            chains = open_chains(args, Path(tmp), server.address, result, opened)
+            chains = open_chains(args, Path(tmp), server.address, result, opened, pairs)
             open_floors(args, Path(tmp), server.address, result, chains, floors)
             configs = [(label, n) for n in args.conns for label in chains]
 
@@ -152,7 +156,7 @@ def _record_native_io(chain, chains: dict) -> None:
     if not infos:
         return
     try:
-        conns = chain.consumer.call("status", {"uid": chain.uid}).get("connections") or {}
+        conns = chain.pair.consumer.call("status", {"uid": chain.uid}).get("connections") or {}
     except Exception as exc:  # noqa: BLE001 - a figure of the report, never fatal
         conns = {"error": str(exc)}
     for info in infos:

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import benchlib
-from scistream_prefect import LocalGateway
+from scistream_prefect import LocalGateway, LocalPair
 from scistream_proxy.backends import BACKENDS
 from scistream_proxy.leaks import proxy_pids
 
@@ -46,7 +46,7 @@ def idle_memory(root: Path, port_base: int, counts: list[int]) -> dict:
     try:
         for n in sorted(counts):
             while len(uids) < n:
-                uids.append(benchlib.open_chain(producer, consumer, ["127.0.0.1:9"]).uid)
+                uids.append(LocalPair(producer, consumer).open(["127.0.0.1:9"]).uid)
             time.sleep(0.5)
             pids = proxy_pids(under=root)
             found[n] = {"processes": len(pids), "rss_kib": benchlib.memory_kib(pids)["rss_kib"]}
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                     for tls in modes:
                         if not tls and not BACKENDS[name].supports_plain:
                             continue
-                        chain = benchlib.open_chain(producer, consumer, [target], tls=tls)
+                        chain = LocalPair(producer, consumer).open([target], tls=tls)
                         opened.append((producer, consumer, chain.uid))
                         chains[f"{entry}-{'tls' if tls else 'plain'}"] = chain.listeners[0]
                         roots[f"{entry}-{'tls' if tls else 'plain'}"] = root / f"g{index}"

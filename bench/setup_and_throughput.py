@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -32,7 +31,12 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from prefect import flow  # noqa: E402
 
-from scistream_prefect import LocalGateway, setup_stream, teardown_stream  # noqa: E402
+from scistream_prefect import (  # noqa: E402
+    LocalGateway,
+    LocalPair,
+    setup_stream,
+    teardown_stream,
+)
 from scistream_prefect.cli import parse_size  # noqa: E402
 from scistream_proxy import apps  # noqa: E402
 
@@ -101,14 +105,11 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="scistream-bench-") as root:
-        producer = LocalGateway.create("bench-prod", Path(root) / "prod",
-                                       port_range=(args.port_base, args.port_base + 99))
-        consumer = LocalGateway.create("bench-cons", Path(root) / "cons",
-                                       port_range=(args.port_base + 100, args.port_base + 199))
-        producer.warm_up()
-        consumer.warm_up()
-        result = bench(producer, consumer, args.streams, args.rounds, args.bytes, args.num_conn)
+    with tempfile.TemporaryDirectory(prefix="scistream-bench-") as root, \
+            LocalPair.create(root, name="bench", port_base=args.port_base, ports=100) as pair:
+        pair.warm_up()
+        result = bench(pair.producer, pair.consumer, args.streams, args.rounds, args.bytes,
+                       args.num_conn)
 
     if args.json:
         print(json.dumps(result))

@@ -3,11 +3,12 @@
     .venv/bin/python bench/soak.py --lifecycles 1000 --seed 1 \
         --backends native,stunnel,haproxy,nginx --concurrency 4 [--port-base 10000] [--json]
 
-Each of ``--concurrency`` slots owns a producer-side and a consumer-side local gateway
-per backend (LocalGateway: real worker processes, the Globus Compute serializer,
-SQLite, real proxies) and runs lifecycles one after another: reserve ‖ reserve, hello,
-connect ‖ connect, a checksummed echo through the chain, release; each end's backend
-drawn from ``--backends``, and one fault drawn per lifecycle:
+Each of ``--concurrency`` slots owns a pair of local gateways per backend (LocalPair:
+real worker processes, the Globus Compute serializer, SQLite, real proxies) and runs
+lifecycles one after another: reserve ‖ reserve, hello, connect ‖ connect, a
+checksummed echo through the chain, release; each end's backend drawn from
+``--backends`` (the producer end from one pair, the consumer end from another), and
+one fault drawn per lifecycle:
 
 - ``none``; ``kill-proxy`` (SIGKILL one end's proxy mid-transfer);
 - ``worker-death`` (a worker SIGKILLs itself at a fault point of reserve or connect,
@@ -35,6 +36,7 @@ import json
 import os
 import random
 import secrets
+import select
 import signal
 import socket
 import sqlite3
@@ -60,7 +62,7 @@ from scistream_gateway.errors import (  # noqa: E402
     Unavailable,
 )
 from scistream_gateway.service import FAULT_STEPS  # noqa: E402
-from scistream_prefect import LocalGateway  # noqa: E402
+from scistream_prefect import LocalGateway, LocalPair  # noqa: E402
 from scistream_proxy.apps import EchoServer  # noqa: E402
 from scistream_proxy.backends import BACKENDS  # noqa: E402
 from scistream_proxy.leaks import port_is_free, runs_a_proxy, working_dirs  # noqa: E402
@@ -221,46 +223,57 @@ def _send_quietly(sock: socket.socket, payload: bytes, errors: list | None = Non
 
 # -- lifecycles ----------------------------------------------------------------------------
 class Ports:
-    """Slices of the port range for the gateways, handed out once each."""
+    """Slices of the port range for the pairs of gateways, handed out once each."""
 
     def __init__(self, base: int, limit: int):
         self.next, self.limit = base, limit
         self.lock = threading.Lock()
 
-    def take(self) -> tuple[int, int]:
+    def take(self) -> int:
+        """The first port of a pair's two ranges of ``PORTS_PER_GATEWAY``."""
         with self.lock:
             low = self.next
-            self.next += PORTS_PER_GATEWAY
+            self.next += 2 * PORTS_PER_GATEWAY
         if self.next - 1 > self.limit:
             raise RuntimeError(f"port range exhausted at {low} (limit {self.limit})")
-        return low, low + PORTS_PER_GATEWAY - 1
+        return low
+
+
+def kill_workers(gw: LocalGateway) -> None:
+    """SIGKILL every worker of ``gw``, as an endpoint restart does; return once they
+    are dead (so the next call starts a new one instead of meeting a dying one)."""
+    for pid in gw.worker_pids():
+        fd = os.pidfd_open(pid)
+        try:
+            os.killpg(pid, signal.SIGKILL)
+            select.select([fd], [], [], 10)
+        finally:
+            os.close(fd)
 
 
 class Slot:
-    """One lane of lifecycles: its own gateways (per backend and role) and app."""
+    """One lane of lifecycles: its own pair of gateways per backend, and app."""
 
     def __init__(self, root: Path, index: int, ports: Ports, rng: random.Random):
         self.root, self.index, self.ports, self.rng = root, index, ports, rng
-        self.gws: dict[tuple[str, str], LocalGateway] = {}
-        self.ranges: dict[tuple[str, str], tuple[int, int]] = {}
+        self.pairs: dict[str, LocalPair] = {}
         self.app = EchoServer()
         self.pool = ThreadPoolExecutor(2)
 
     def gateway(self, backend: str, role: str) -> LocalGateway:
-        key = (backend, role)
-        if key not in self.gws:
-            low, high = self.ports.take()
-            name = f"s{self.index}-{role.lower()}-{backend}"
-            created = LocalGateway.create(name, self.root / name, port_range=(low, high),
-                                          backend=backend)
-            self.gws[key] = LocalGateway(settings_path=created.settings_path, workers=2,
-                                         call_timeout_s=120)
-            self.ranges[key] = (low, high)
-        return self.gws[key]
+        if backend not in self.pairs:
+            name = f"s{self.index}-{backend}"
+            self.pairs[backend] = LocalPair.create(
+                self.root / name, name=name, port_base=self.ports.take(),
+                ports=PORTS_PER_GATEWAY, backend=backend, workers=2, call_timeout_s=120)
+        pair = self.pairs[backend]
+        return pair.producer if role == "PROD" else pair.consumer
 
     def close(self) -> None:
         self.app.close()
         self.pool.shutdown()
+        for pair in self.pairs.values():
+            pair.close()
 
     # -- calls --------------------------------------------------------------------------
     def both(self, calls: list) -> list:
@@ -517,18 +530,13 @@ class Slot:
         killed = None
         orphan = None
         for gw in (P, C):
-            pool = gw._pool()  # every worker of the gateway, as an endpoint restart does
-            for worker in list(pool.idle):
-                os.killpg(worker.proc.pid, signal.SIGKILL)
-                worker.proc.wait()
+            kill_workers(gw)
         if what == "workers+proxy":
             killed = self.rng.choice([P, C])
             pid = killed.call("status", {"uid": uid})["pid"]
             # The status call above ran in a new worker (it reconciled, found all well);
             # kill that worker too, then the proxy, so the next worker meets a dead proxy.
-            for worker in list(killed._pool().idle):
-                os.killpg(worker.proc.pid, signal.SIGKILL)
-                worker.proc.wait()
+            kill_workers(killed)
             identity = ProcessIdentity.of(pid)
             os.kill(pid, signal.SIGKILL)
             while identity and identity.alive():
@@ -592,11 +600,11 @@ def run_soak(lifecycles: int, seed: int, backends: list[str], concurrency: int,
             # The next call on each gateway reaps what the fault left; then check.
             found = []
             for key in touched:
-                gw = slot.gws[key]
+                gw = slot.gateway(*key)
                 try:
                     gw.call("gateway_info", {})
-                    found += check_gateway(gw.settings.state_dir, "127.0.0.1",
-                                           slot.ranges[key],
+                    s = gw.settings
+                    found += check_gateway(s.state_dir, "127.0.0.1", (s.port_min, s.port_max),
                                            docker=docker and key[0] in CONTAINER_BACKENDS)
                 except SciStreamError as exc:
                     found.append(f"gateway_info after {label}: {exc}")

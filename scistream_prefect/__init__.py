@@ -4,6 +4,8 @@ Open a stream between two gateways, give the consumer app its listeners, release
 
     from scistream_prefect import LocalGateway, open_stream, release_stream
 
+Two local gateways on one machine, released and closed together: ``LocalPair``.
+
 Errors are one tree, caught by meaning (``except NoResource``); see
 ``scistream_gateway.errors``.
 """
@@ -30,6 +32,7 @@ from scistream_prefect.flows import (
 from scistream_prefect.auth import GlobusCredentials
 from scistream_prefect.compute import GlobusComputeGateway
 from scistream_prefect.gateways import Gateway, LocalGateway
+from scistream_prefect.local_pair import LocalPair
 from scistream_prefect.session import release_session_streams, stream_session
 from scistream_prefect.tasks import (
     connect_gateway_proxy,
@@ -51,6 +54,7 @@ __all__ = [
     "GlobusCredentials",
     "InvalidUid",
     "LocalGateway",
+    "LocalPair",
     "NoResource",
     "NotImplementedHere",
     "SciStreamError",

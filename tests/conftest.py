@@ -30,7 +30,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(_TESTS / "netguard_site"), str(_TESTS), os.environ.get("PYTHONPATH"))
     if p)
 
-from scistream_prefect import LocalGateway  # noqa: E402
+from scistream_prefect import LocalGateway, LocalPair  # noqa: E402
+from scistream_prefect.gateways import close_local_gateways  # noqa: E402
 from scistream_proxy import apps  # noqa: E402
 from scistream_proxy.leaks import proxy_pids  # noqa: E402
 
@@ -51,6 +52,15 @@ def _environment_restored():
     if os.environ != saved:
         os.environ.clear()
         os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def _gateway_workers_stopped():
+    """Every gateway's worker processes stop when the test ends: the pools would
+    otherwise live until the session does (hundreds of processes, gigabytes). A
+    module-scoped gateway starts new workers at its next call."""
+    yield
+    close_local_gateways()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -76,9 +86,12 @@ def gateway_root(tmp_path: Path):
 
 
 @pytest.fixture
-def gateways(gateway_root: Path) -> tuple[LocalGateway, LocalGateway]:
-    """A producer-side and a consumer-side local gateway on loopback."""
-    return make_gateway(gateway_root, "prod-gw"), make_gateway(gateway_root, "cons-gw")
+def gateways(gateway_root: Path):
+    """A producer-side and a consumer-side local gateway on loopback; what the test left
+    on them is released afterwards."""
+    with LocalPair(make_gateway(gateway_root, "prod-gw"),
+                   make_gateway(gateway_root, "cons-gw")) as pair:
+        yield pair.producer, pair.consumer
 
 
 class ProducerApp:

@@ -14,12 +14,9 @@ import pytest
 
 from backend_chain import (
     MIB,
-    assert_nothing_left,
     connect_early,
-    connect_pair,
     holds_port,
     impostor,
-    reserve_pair,
     round_robin_transfer,
     skip_reason,
     status_line,
@@ -27,6 +24,7 @@ from backend_chain import (
 from conftest import make_gateway, run_consumer
 from scistream_gateway.errors import NotImplementedHere, ServerError
 from scistream_gateway.settings import GatewaySettings
+from scistream_prefect import LocalPair
 from scistream_proxy.process import ProcessIdentity
 
 EXTERNAL = ("stunnel", "haproxy", "nginx")
@@ -64,7 +62,7 @@ def test_checksummed_transfer_through_every_pairing(gateway_root, producer_app, 
     for status in statuses:
         if status["bytes"] is None:  # the backend must say that it does not count
             assert "no byte counters" in status["proxy_detail"], status_line(status)
-    assert_nothing_left(chain, gateway_root)
+    assert not chain.pair.leftovers()
 
 
 @pytest.mark.parametrize("name", EXTERNAL)
@@ -76,13 +74,13 @@ def test_ports_are_held_from_reserve_and_early_connections_kept(gateway_root, pr
         pytest.skip(skip_reason(name))
     producer, consumer = chain_gateways(gateway_root, "native", name)
     app = producer_app(1, 4 * MIB)
-    chain = reserve_pair(producer, consumer, 1)
+    chain = LocalPair(producer, consumer).reserve(1)
     try:
         assert holds_port(chain.cons["listeners"][0])
         status = consumer.call("status", {"uid": chain.uid})
         assert status["alive"] is True and status["state"] == "RESERVED"
         early = connect_early(chain.cons["listeners"][0])  # before connect
-        connect_pair(chain, app.listeners)
+        chain.connect(app.listeners)
         received = bytearray()
         with early:
             while chunk := early.recv(1 << 20):
@@ -91,7 +89,7 @@ def test_ports_are_held_from_reserve_and_early_connections_kept(gateway_root, pr
     finally:
         chain.release()
     assert len(received) == 4 * MIB and sent[0]["bytes"] == 4 * MIB
-    assert_nothing_left(chain, gateway_root)
+    assert not chain.pair.leftovers()
 
 
 @pytest.mark.parametrize("name", EXTERNAL)
@@ -105,13 +103,13 @@ def test_a_peer_with_the_wrong_certificate_is_refused(gateway_root, producer_app
     prod, cons = (name, "native") if side == "PROD" else ("native", name)
     producer, consumer = chain_gateways(gateway_root, prod, cons)
     app = producer_app(1, 1 * MIB)
-    chain = reserve_pair(producer, consumer, 1)
+    chain = LocalPair(producer, consumer).reserve(1)
     wrong = impostor(tmp_path)
     try:
         if side == "PROD":
-            connect_pair(chain, app.listeners, prod_peer=wrong)
+            chain.connect(app.listeners, prod_peer=wrong)
         else:
-            connect_pair(chain, app.listeners, cons_peer=wrong)
+            chain.connect(app.listeners, cons_peer=wrong)
         code, received = run_consumer(chain.cons["listeners"], timeout=60)
         statuses = chain.status()
     finally:
@@ -126,7 +124,7 @@ def test_a_peer_with_the_wrong_certificate_is_refused(gateway_root, producer_app
     # (nginx as a TLS client checks the server's certificate after the handshake, so
     # the native producer proxy may already have dialled the app when nginx hangs up.)
     assert all(s["alive"] for s in statuses)
-    assert_nothing_left(chain, gateway_root)
+    assert not chain.pair.leftovers()
 
 
 @pytest.mark.parametrize("name", EXTERNAL)
@@ -135,9 +133,9 @@ def test_a_killed_proxy_is_reported_dead_and_release_cleans_up(gateway_root, pro
         pytest.skip(skip_reason(name))
     producer, consumer = chain_gateways(gateway_root, name, name)
     app = producer_app(1, 1 << 34)
-    chain = reserve_pair(producer, consumer, 1)
+    chain = LocalPair(producer, consumer).reserve(1)
     try:
-        connect_pair(chain, app.listeners)
+        chain.connect(app.listeners)
         with connect_early(chain.cons["listeners"][0]) as sock:
             assert len(sock.recv(65536)) > 0  # data flows
             pid = producer.call("status", {"uid": chain.uid})["pid"]
@@ -151,7 +149,7 @@ def test_a_killed_proxy_is_reported_dead_and_release_cleans_up(gateway_root, pro
         chain.release()
     assert status["alive"] is False and status["state"] == "FAILED", status_line(status)
     # nginx's worker outlives a killed master on its own: release must stop it too.
-    assert_nothing_left(chain, gateway_root)
+    assert not chain.pair.leftovers()
 
 
 @pytest.mark.parametrize("name", ["stunnel", "haproxy"])
@@ -161,7 +159,7 @@ def test_a_rate_is_refused_where_the_backend_cannot_enforce_it(gateway_root, nam
     gateway = make_gateway(gateway_root, f"gw-{name}", backend=name)
     consumer = make_gateway(gateway_root, "cons-native")
     with pytest.raises(NotImplementedHere, match="cannot enforce a rate"):
-        reserve_pair(gateway, consumer, 2, rate=8000)
+        LocalPair(gateway, consumer).reserve(2, rate=8000)
     info = gateway.call("gateway_info", {})
     assert info["active_streams"] == 0 and info["free_ports"] == 40
     assert list((gateway.settings.state_dir / "streams").iterdir()) == []
@@ -177,9 +175,9 @@ def test_nginx_enforces_the_rate_per_connection(gateway_root, producer_app):
     producer, consumer = chain_gateways(gateway_root, "nginx", "native")
     total = 8 * MIB
     app = producer_app(2, total)
-    chain = reserve_pair(producer, consumer, 2, rate=16_000)
+    chain = LocalPair(producer, consumer).reserve(2, rate=16_000)
     try:
-        connect_pair(chain, app.listeners)
+        chain.connect(app.listeners)
         conf = (producer.settings.state_dir / "streams" / chain.uid / "nginx.conf").read_text()
         started = time.monotonic()
         code, received = run_consumer(chain.cons["listeners"])
@@ -195,14 +193,14 @@ def test_nginx_enforces_the_rate_per_connection(gateway_root, producer_app):
 def test_stunnel_refuses_plain_tcp_by_name(gateway_root, producer_app):
     producer, consumer = chain_gateways(gateway_root, "stunnel", "native")
     app = producer_app(1, 1024)
-    chain = reserve_pair(producer, consumer, 1)
+    chain = LocalPair(producer, consumer).reserve(1)
     try:
         with pytest.raises(NotImplementedHere, match="without TLS"):
-            connect_pair(chain, app.listeners, tls=False)
+            chain.connect(app.listeners, tls=False)
         assert producer.call("status", {"uid": chain.uid})["state"] == "HELLO"
     finally:
         chain.release()
-    assert_nothing_left(chain, gateway_root)
+    assert not chain.pair.leftovers()
 
 
 @needs("haproxy")
@@ -210,9 +208,9 @@ def test_haproxy_reports_live_byte_counters(gateway_root, producer_app):
     producer, consumer = chain_gateways(gateway_root, "haproxy", "haproxy")
     total = 8 * MIB
     app = producer_app(1, total)
-    chain = reserve_pair(producer, consumer, 1)
+    chain = LocalPair(producer, consumer).reserve(1)
     try:
-        connect_pair(chain, app.listeners)
+        chain.connect(app.listeners)
         code, _ = run_consumer(chain.cons["listeners"])
         prod_status, cons_status = chain.status()
     finally:
@@ -250,7 +248,7 @@ def test_a_missing_binary_makes_reserve_unavailable(gateway_root, monkeypatch):
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))  # the gateway's workers start with this PATH
     with pytest.raises(Unavailable, match="stunnel4 or stunnel not found"):
-        reserve_pair(gateway, make_gateway(gateway_root, "cons-native"), 1)
+        LocalPair(gateway, make_gateway(gateway_root, "cons-native")).reserve(1)
     info = gateway.call("gateway_info", {})
     assert info["backends"]["stunnel"]["available"] is False
     assert info["active_streams"] == 0 and info["free_ports"] == 40
@@ -305,9 +303,9 @@ def test_configs_and_keys_are_private(gateway_root, producer_app, name):
         pytest.skip(skip_reason(name))
     producer, consumer = chain_gateways(gateway_root, name, name)
     app = producer_app(1, 1024)
-    chain = reserve_pair(producer, consumer, 1)
+    chain = LocalPair(producer, consumer).reserve(1)
     try:
-        connect_pair(chain, app.listeners)
+        chain.connect(app.listeners)
         for gw in (producer, consumer):
             directory = gw.settings.state_dir / "streams" / chain.uid
             assert stat.S_IMODE(directory.stat().st_mode) == 0o700
@@ -320,7 +318,7 @@ def test_configs_and_keys_are_private(gateway_root, producer_app, name):
             assert {"key.pem", "launch.json"} <= set(written)
     finally:
         chain.release()
-    assert_nothing_left(chain, gateway_root)
+    assert not chain.pair.leftovers()
 
 
 def test_the_backend_bench_stays_runnable(tmp_path):

@@ -16,19 +16,16 @@ import pytest
 
 from backend_chain import (
     MIB,
-    assert_nothing_left,
     connect_early,
-    connect_pair,
     holds_port,
     impostor,
-    reserve_pair,
     round_robin_transfer,
     status_line,
 )
 from backend_chain import skip_reason as _backend_skip_reason
 from conftest import run_consumer
 from scistream_gateway.errors import NotImplementedHere, Unavailable
-from scistream_prefect import LocalGateway
+from scistream_prefect import LocalGateway, LocalPair
 
 CONTAINER = ("haproxy-docker", "nginx-docker")
 _SLICES = itertools.count(18000, 40)
@@ -113,7 +110,7 @@ def test_checksummed_transfer_through_every_pairing(docker_root, producer_app, p
         assert container.labels["org.scistream.gateway"] in (f"prod-{prod}", f"cons-{cons}")
         assert container.attrs["HostConfig"]["NetworkMode"] == "host"
         assert container.attrs["HostConfig"]["ReadonlyRootfs"] is True
-    assert_nothing_left(chain, docker_root)
+    assert not chain.pair.leftovers()
 
 
 @pytest.mark.parametrize("name", CONTAINER)
@@ -123,9 +120,9 @@ def test_a_killed_container_is_reported_dead_and_release_removes_it(docker_root,
         pytest.skip(skip_reason(name))
     producer, consumer = chain_gateways(docker_root, name, "native")
     app = producer_app(1, 1 << 34)
-    chain = reserve_pair(producer, consumer, 1)
+    chain = LocalPair(producer, consumer).reserve(1)
     try:
-        connect_pair(chain, app.listeners)
+        chain.connect(app.listeners)
         with connect_early(chain.cons["listeners"][0]) as sock:
             assert len(sock.recv(65536)) > 0
             (container,) = containers_of(docker_root)
@@ -140,7 +137,7 @@ def test_a_killed_container_is_reported_dead_and_release_removes_it(docker_root,
         chain.release()
     assert status["alive"] is False and status["state"] == "FAILED", status_line(status)
     assert containers_of(docker_root) == []
-    assert_nothing_left(chain, docker_root)
+    assert not chain.pair.leftovers()
 
 
 @pytest.mark.parametrize("name", CONTAINER)
@@ -149,17 +146,17 @@ def test_ports_are_held_until_the_container_takes_them(docker_root, producer_app
         pytest.skip(skip_reason(name))
     producer, consumer = chain_gateways(docker_root, "native", name)
     app = producer_app(1, 2 * MIB)
-    chain = reserve_pair(producer, consumer, 1)
+    chain = LocalPair(producer, consumer).reserve(1)
     try:
         assert holds_port(chain.cons["listeners"][0])
         assert containers_of(docker_root) == []  # no container before connect
-        connect_pair(chain, app.listeners)
+        chain.connect(app.listeners)
         assert holds_port(chain.cons["listeners"][0])
         code, received = run_consumer(chain.cons["listeners"])
     finally:
         chain.release()
     assert code == 0 and received[0]["bytes"] == 2 * MIB
-    assert_nothing_left(chain, docker_root)
+    assert not chain.pair.leftovers()
 
 
 @pytest.mark.parametrize("name", CONTAINER)
@@ -168,22 +165,22 @@ def test_a_peer_with_the_wrong_certificate_is_refused(docker_root, producer_app,
         pytest.skip(skip_reason(name))
     producer, consumer = chain_gateways(docker_root, name, "native")
     app = producer_app(1, 1 * MIB)
-    chain = reserve_pair(producer, consumer, 1)
+    chain = LocalPair(producer, consumer).reserve(1)
     try:
-        connect_pair(chain, app.listeners, prod_peer=impostor(tmp_path))
+        chain.connect(app.listeners, prod_peer=impostor(tmp_path))
         code, received = run_consumer(chain.cons["listeners"], timeout=60)
     finally:
         chain.release()
     assert code != 0 and received[0].get("bytes", 0) == 0, received
     assert app.proc.poll() is None  # refused in the handshake: the app was never dialled
-    assert_nothing_left(chain, docker_root)
+    assert not chain.pair.leftovers()
 
 
 @needs("haproxy-docker")
 def test_haproxy_docker_refuses_a_rate(docker_root):
     gateway = make_gateway(docker_root, "gw-hd", backend="haproxy-docker")
     with pytest.raises(NotImplementedHere, match="cannot enforce a rate"):
-        reserve_pair(gateway, make_gateway(docker_root, "cons-native"), 1, rate=8000)
+        LocalPair(gateway, make_gateway(docker_root, "cons-native")).reserve(1, rate=8000)
     assert gateway.call("gateway_info", {})["active_streams"] == 0
 
 
@@ -195,9 +192,9 @@ def test_nginx_docker_enforces_the_rate(docker_root, producer_app):
     producer, consumer = chain_gateways(docker_root, "nginx-docker", "native")
     total = 4 * MIB
     app = producer_app(1, total)
-    chain = reserve_pair(producer, consumer, 1, rate=8_000)
+    chain = LocalPair(producer, consumer).reserve(1, rate=8_000)
     try:
-        connect_pair(chain, app.listeners)
+        chain.connect(app.listeners)
         started = time.monotonic()
         code, received = run_consumer(chain.cons["listeners"])
         elapsed = time.monotonic() - started
@@ -205,7 +202,7 @@ def test_nginx_docker_enforces_the_rate(docker_root, producer_app):
         chain.release()
     assert code == 0 and received[0]["bytes"] == total
     assert elapsed >= 2.0, elapsed
-    assert_nothing_left(chain, docker_root)
+    assert not chain.pair.leftovers()
 
 
 @needs("haproxy-docker")
@@ -213,9 +210,9 @@ def test_haproxy_docker_reports_byte_counters(docker_root, producer_app):
     producer, consumer = chain_gateways(docker_root, "haproxy-docker", "native")
     total = 4 * MIB
     app = producer_app(1, total)
-    chain = reserve_pair(producer, consumer, 1)
+    chain = LocalPair(producer, consumer).reserve(1)
     try:
-        connect_pair(chain, app.listeners)
+        chain.connect(app.listeners)
         code, _ = run_consumer(chain.cons["listeners"])
         status = producer.call("status", {"uid": chain.uid})
     finally:
@@ -228,7 +225,7 @@ def test_no_engine_is_unavailable_and_takes_nothing(docker_root, monkeypatch):
     monkeypatch.setenv("DOCKER_HOST", f"unix://{docker_root}/no-engine.sock")
     gateway = make_gateway(docker_root, "gw-noengine", backend="nginx-docker")
     with pytest.raises(Unavailable, match="no Docker engine answers"):
-        reserve_pair(gateway, make_gateway(docker_root, "cons-native"), 1)
+        LocalPair(gateway, make_gateway(docker_root, "cons-native")).reserve(1)
     info = gateway.call("gateway_info", {})
     assert info["backends"]["nginx-docker"]["available"] is False
     assert info["active_streams"] == 0 and info["free_ports"] == 40
@@ -254,10 +251,10 @@ def test_a_connection_before_connect_is_reset_not_silently_dropped(docker_root, 
         pytest.skip(skip_reason(name))
     producer, consumer = chain_gateways(docker_root, "native", name)
     app = producer_app(1, 1 * MIB)
-    chain = reserve_pair(producer, consumer, 1)
+    chain = LocalPair(producer, consumer).reserve(1)
     try:
         early = connect_early(chain.cons["listeners"][0])
-        connect_pair(chain, app.listeners)
+        chain.connect(app.listeners)
         received = 0
         with early:
             try:
@@ -273,7 +270,7 @@ def test_a_connection_before_connect_is_reset_not_silently_dropped(docker_root, 
         assert received == MIB
     else:
         assert received == 0 and "reset 1 connection" in log
-    assert_nothing_left(chain, docker_root)
+    assert not chain.pair.leftovers()
 
 
 @needs("nginx-docker")
@@ -286,9 +283,9 @@ def test_an_engine_that_went_away_is_unavailable_and_loses_nothing(docker_root, 
 
     producer, consumer = chain_gateways(docker_root, "nginx-docker", "native")
     app = producer_app(1, 1024)
-    chain = reserve_pair(producer, consumer, 1)
+    chain = LocalPair(producer, consumer).reserve(1)
     try:
-        connect_pair(chain, app.listeners)
+        chain.connect(app.listeners)
         monkeypatch.setenv("DOCKER_HOST", f"unix://{docker_root}/no-engine.sock")
         # Another pool of workers for the same gateway, started without an engine.
         cut_off = LocalGateway(settings_path=producer.settings_path, workers=3)
@@ -302,4 +299,4 @@ def test_an_engine_that_went_away_is_unavailable_and_loses_nothing(docker_root, 
         assert len(containers_of(docker_root)) == 1
     finally:
         chain.release()
-    assert_nothing_left(chain, docker_root)
+    assert not chain.pair.leftovers()

@@ -22,10 +22,7 @@ from pathlib import Path
 import pytest
 
 from backend_chain import (
-    assert_nothing_left,
-    connect_pair,
     impostor,
-    reserve_pair,
     skip_reason,
 )
 from conftest import make_gateway
@@ -34,6 +31,7 @@ from scistream_gateway.errors import AuthError, BadFormat, InvalidUid, Unavailab
 from scistream_gateway.service import FAULT_STEPS, FAULTS_ENV, Gateway
 from scistream_gateway.settings import CONFIG_ENV
 from scistream_gateway.store import SCHEMA_VERSION, Store
+from scistream_prefect import LocalPair
 from scistream_prefect.gateways import _POOLS
 from scistream_proxy.apps import EchoServer
 from scistream_proxy.backends import ProxySpec
@@ -298,9 +296,9 @@ def _kill_mid_transfer(gateway_root, producer_app, prod_backend, cons_backend) -
     producer = make_gateway(gateway_root, "prod", backend=prod_backend)
     consumer = make_gateway(gateway_root, "cons", backend=cons_backend)
     app = producer_app(1, 1 << 36)  # more than flows before the kill
-    chain = reserve_pair(producer, consumer, 1)
+    chain = LocalPair(producer, consumer).reserve(1)
     try:
-        connect_pair(chain, app.listeners)
+        chain.connect(app.listeners)
         outcome: list = []
         reader = _read_until_cut(chain.cons["listeners"][0], outcome)
         time.sleep(0.5)  # data flows
@@ -316,7 +314,7 @@ def _kill_mid_transfer(gateway_root, producer_app, prod_backend, cons_backend) -
         chain.release()
     assert status["state"] == "FAILED" and status["alive"] is False
     assert status["error_code"] == "CONN_ERROR" and status["last_error"]
-    assert_nothing_left(chain, gateway_root)
+    assert not chain.pair.leftovers()
     return cut
 
 
@@ -347,8 +345,8 @@ def test_a_restart_reconciles_state_with_what_runs(gateway_root, echo):
     resources are freed without a release."""
     producer = make_gateway(gateway_root, "prod")
     consumer = make_gateway(gateway_root, "cons")
-    chain = reserve_pair(producer, consumer, 1)
-    connect_pair(chain, [echo.address])
+    chain = LocalPair(producer, consumer).reserve(1)
+    chain.connect([echo.address])
     state = consumer.settings.state_dir
     try:
         kill_workers(consumer)
@@ -392,7 +390,7 @@ def test_a_restart_reconciles_state_with_what_runs(gateway_root, echo):
     finally:
         squatter.kill()
         chain.release()
-    assert_nothing_left(chain, gateway_root)
+    assert not chain.pair.leftovers()
 
 
 @pytest.mark.parametrize("backend", ["haproxy", "nginx"])
@@ -402,10 +400,11 @@ def test_a_restart_finds_a_dead_external_proxy_and_keeps_the_live_one(gateway_ro
         pytest.skip(skip_reason(backend))
     producer = make_gateway(gateway_root, "prod")
     consumer = make_gateway(gateway_root, "cons", backend=backend)
-    dead, live = reserve_pair(producer, consumer, 1), reserve_pair(producer, consumer, 1)
+    pair = LocalPair(producer, consumer)
+    dead, live = pair.reserve(1), pair.reserve(1)
     try:
         for chain in (dead, live):
-            connect_pair(chain, [echo.address])
+            chain.connect([echo.address])
         pid = consumer.call("status", {"uid": dead.uid})["pid"]
         kill_workers(consumer)
         identity = ProcessIdentity.of(pid)
@@ -424,7 +423,7 @@ def test_a_restart_finds_a_dead_external_proxy_and_keeps_the_live_one(gateway_ro
     finally:
         dead.release()
         live.release()
-    assert_nothing_left(live, gateway_root)
+    assert not live.pair.leftovers()
 
 
 # -- the peer -------------------------------------------------------------------------------
@@ -433,7 +432,7 @@ def test_an_unreachable_peer_shows_on_the_data_path_and_leaks_nothing(gateways, 
     more connection to account for); the consumer's relay reports each refused
     connection in status, and the app's connection is cut."""
     producer, consumer = gateways
-    chain = reserve_pair(producer, consumer, 1)
+    chain = LocalPair(producer, consumer).reserve(1)
     closed = socket.create_server(("127.0.0.1", 0))
     dead_end = f"127.0.0.1:{closed.getsockname()[1]}"
     closed.close()
@@ -453,15 +452,15 @@ def test_an_unreachable_peer_shows_on_the_data_path_and_leaks_nothing(gateways, 
         assert status["state"] == "CONNECTED" and status["alive"]
     finally:
         chain.release()
-    assert_nothing_left(chain, producer.settings.state_dir.parent)
+    assert not chain.pair.leftovers()
 
 
 def test_a_peer_with_another_certificate_is_refused_on_the_data_path(gateways, echo,
                                                                      tmp_path):
     producer, consumer = gateways
-    chain = reserve_pair(producer, consumer, 1)
+    chain = LocalPair(producer, consumer).reserve(1)
     try:
-        connect_pair(chain, [echo.address], cons_peer=impostor(tmp_path))
+        chain.connect([echo.address], cons_peer=impostor(tmp_path))
         assert roundtrip(chain.cons["listeners"][0]) in ("eof", "ConnectionResetError")
         status = consumer.call("status", {"uid": chain.uid})
         assert status["connections"]["failed"] >= 1
@@ -469,13 +468,14 @@ def test_a_peer_with_another_certificate_is_refused_on_the_data_path(gateways, e
         assert status["connections"]["total"] == status["connections"]["failed"]
     finally:
         chain.release()
-    assert_nothing_left(chain, producer.settings.state_dir.parent)
+    assert not chain.pair.leftovers()
 
 
 # -- hello ------------------------------------------------------------------------------------
 def test_hello_with_another_streams_key_a_replay_and_other_listeners(gateways, echo):
     producer, consumer = gateways
-    first, second = reserve_pair(producer, consumer, 1), reserve_pair(producer, consumer, 1)
+    pair = LocalPair(producer, consumer)
+    first, second = pair.reserve(1), pair.reserve(1)
     try:
         hello = {"uid": first.uid, "key": first.key, "role": "PROD",
                  "app_listeners": [echo.address]}

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from backend_chain import assert_nothing_left, connect_pair, reserve_pair
 from scistream_gateway.errors import Unavailable
 from scistream_gateway.service import FAULTS_ENV
-from scistream_prefect import LocalGateway
+from scistream_prefect import LocalGateway, LocalPair
 from scistream_proxy.leaks import port_is_free, working_dirs
 from test_backends_docker import containers_of, skip_reason
 from test_faults import kill_workers, plant
@@ -105,10 +104,11 @@ def test_a_restart_removes_a_container_of_no_stream_and_keeps_the_live_one(gatew
     _skip("haproxy-docker")
     producer = make_gateway(gateway_root, "prod")
     consumer = make_gateway(gateway_root, "cons", backend="haproxy-docker")
-    kept, lost = reserve_pair(producer, consumer, 1), reserve_pair(producer, consumer, 1)
+    pair = LocalPair(producer, consumer)
+    kept, lost = pair.reserve(1), pair.reserve(1)
     try:
         for chain in (kept, lost):
-            connect_pair(chain, ["127.0.0.1:9"])
+            chain.connect(["127.0.0.1:9"])
         assert len(containers_of(gateway_root)) == 2
         kill_workers(consumer)
         # The record of one stream is lost while the gateway is down (a restored backup).
@@ -125,16 +125,16 @@ def test_a_restart_removes_a_container_of_no_stream_and_keeps_the_live_one(gatew
         kept.release()
         lost.release()
     assert containers_of(gateway_root) == []
-    assert_nothing_left(kept, gateway_root)
+    assert not kept.pair.leftovers()
 
 
 def test_a_killed_container_is_failed_at_the_next_workers_first_call(gateway_root):
     _skip("nginx-docker")
     producer = make_gateway(gateway_root, "prod")
     consumer = make_gateway(gateway_root, "cons", backend="nginx-docker")
-    chain = reserve_pair(producer, consumer, 1)
+    chain = LocalPair(producer, consumer).reserve(1)
     try:
-        connect_pair(chain, ["127.0.0.1:9"])
+        chain.connect(["127.0.0.1:9"])
         pid = consumer.call("status", {"uid": chain.uid})["pid"]
         kill_workers(consumer)
         os.kill(pid, signal.SIGKILL)  # the container's first process: the container stops
@@ -149,4 +149,4 @@ def test_a_killed_container_is_failed_at_the_next_workers_first_call(gateway_roo
     finally:
         chain.release()
     assert containers_of(gateway_root) == []
-    assert_nothing_left(chain, gateway_root)
+    assert not chain.pair.leftovers()

@@ -22,9 +22,9 @@ from prefect import flow
 
 from scistream_prefect.flows.streams import setup_stream, teardown_stream
 from scistream_prefect.gateways import LocalGateway
+from scistream_prefect.local_pair import LocalPair
 from scistream_prefect.tasks.streams import get_stream_status
 from scistream_proxy import apps
-from scistream_proxy.leaks import port_is_free, runs_a_proxy
 
 __all__ = ["run_demo", "stream_demo"]
 
@@ -52,7 +52,7 @@ def stream_demo(
     """Open a stream, let the consumer app read everything through it, release it.
 
     Returns the consumer app's per-connection results, its timing, the stream's setup
-    time and what each proxy process was (for the leak check after release).
+    time and listeners, and each end's proxy (pid, bytes, state) before release.
     """
     handle = setup_stream(producer, consumer, num_conn=num_conn, app_listeners=app_listeners,
                           tls=tls)
@@ -113,41 +113,29 @@ def run_demo(
 
 def _run_demo_in(root: Path, *, total_bytes: int, num_conn: int, tls: bool, port_base: int,
                  show_progress: bool, keep: bool) -> dict:
-    producer = LocalGateway.create("demo-producer-gw", root / "producer-gw",
-                                   port_range=(port_base, port_base + 99))
-    consumer = LocalGateway.create("demo-consumer-gw", root / "consumer-gw",
-                                   port_range=(port_base + 100, port_base + 199))
-    # A gateway's workers are long-lived (an endpoint keeps them warm); start ours
-    # before the clock runs, so setup time measures the protocol, not process spawn.
-    warmers = [threading.Thread(target=gw.warm_up) for gw in (producer, consumer)]
-    for thread in warmers:
-        thread.start()
-    for thread in warmers:
-        thread.join()
-    producer_app, app_listeners = apps.start_producer(num_conn, total_bytes)
-    try:
-        run = stream_demo(producer, consumer, app_listeners, num_conn=num_conn,
-                          total_bytes=total_bytes, tls=tls, show_progress=show_progress)
-        out, _ = producer_app.communicate(timeout=60)
-        sent = apps.connection_results(out)
-    finally:
-        if producer_app.poll() is None:
-            producer_app.kill()
-            producer_app.wait()
+    with LocalPair.create(root, name="demo", port_base=port_base, ports=100) as pair:
+        # A gateway's workers are long-lived (an endpoint keeps them warm); start ours
+        # before the clock runs, so setup time measures the protocol, not process spawn.
+        pair.warm_up()
+        producer_app, app_listeners = apps.start_producer(num_conn, total_bytes)
+        try:
+            run = stream_demo(pair.producer, pair.consumer, app_listeners, num_conn=num_conn,
+                              total_bytes=total_bytes, tls=tls, show_progress=show_progress)
+            out, _ = producer_app.communicate(timeout=60)
+            sent = apps.connection_results(out)
+        finally:
+            if producer_app.poll() is None:
+                producer_app.kill()
+                producer_app.wait()
+        # The flow released the stream: whatever either gateway still holds is a leak.
+        left = pair.leftovers()
 
     received = run["consumer"]
     key = lambda r: (r.get("bytes", -1), r.get("sha256", ""))  # noqa: E731
     checksum_ok = (run["consumer_exit"] == 0 and len(received) == num_conn
                    and sorted(map(key, sent)) == sorted(map(key, received)))
     total_received = sum(r.get("bytes", 0) for r in received)
-    # Leak check: the proxies that ran are gone, their ports bind again, no stream is
-    # active and no per-stream directory (keys, configs) is left on either gateway.
-    leaked_processes = [p["pid"] for p in run["proxies"] if p["pid"] and runs_a_proxy(p["pid"])]
-    held_ports = [a for a in run["listeners"] if not port_is_free(a)]
-    infos = [gw.call("gateway_info", {}) for gw in (producer, consumer)]
-    leftover_dirs = [str(p) for gw in (producer, consumer)
-                     for p in (gw.settings.state_dir / "streams").iterdir()]
-    summary = {
+    return {
         "uid": run["uid"],
         "num_conn": num_conn,
         "tls": tls,
@@ -157,13 +145,10 @@ def _run_demo_in(root: Path, *, total_bytes: int, num_conn: int, tls: bool, port
         "throughput_gbit_s": round(total_received * 8 / run["seconds"] / 1e9, 3),
         "checksum_ok": checksum_ok,
         "proxy_bytes": [p["bytes"] for p in run["proxies"]],
-        "leaked_processes": len(leaked_processes),
-        "held_ports": len(held_ports),
-        "active_streams": sum(i["active_streams"] for i in infos),
-        "leftover_stream_dirs": len(leftover_dirs),
+        "leaked_processes": len(left.processes),
+        "held_ports": len(left.ports),
+        "active_streams": left.active_streams,
+        "leftover_stream_dirs": len(left.stream_dirs),
         "state_root": str(root) if keep else None,
+        "clean": not left,
     }
-    summary["clean"] = not (leaked_processes or held_ports or summary["active_streams"]
-                            or leftover_dirs)
-    return summary
-
