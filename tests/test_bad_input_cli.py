@@ -32,8 +32,7 @@ from scistream_gateway.errors import ERROR_CODES
 from scistream_prefect import cli as client_cli
 
 from conftest import make_gateway
-from test_bad_input_functions import APP, HYPOTHESIS, KEY
-from test_gateway_properties import dump_state
+from badinputkit import APP, HYPOTHESIS, KEY, dump_state
 
 VERDICT = re.compile(r"^scistream(-gateway)?( [a-z-]+)?: (?P<code>[A-Z_]+): \S")
 

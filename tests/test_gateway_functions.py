@@ -3,7 +3,6 @@ processes, SQLite state, real proxies): the wire contract and its error codes.""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import stat
@@ -24,14 +23,8 @@ from scistream_prefect import (
 from scistream_proxy.process import ProcessIdentity
 
 from conftest import make_gateway
+from gatewaykit import reserve
 from scistream_proxy.leaks import port_is_free
-
-
-def reserve(gw, role="PROD", num_conn=2, key="k" * 43, uid=None, **extra):
-    uid = uid or str(uuid.uuid4())
-    request = {"uid": uid, "role": role, "num_conn": num_conn,
-               "key_sha256": hashlib.sha256(key.encode()).hexdigest(), **extra}
-    return uid, key, gw.call("reserve", request)
 
 
 @contextmanager

@@ -34,8 +34,8 @@ from scistream_proxy.process import ProcessIdentity
 from scistream_proxy.pump import PUMPS_ENV
 
 from conftest import make_gateway
+from relaykit import KEY, Server, release_both, reserve_end
 
-KEY = "relay-test-key"
 # How a stream's connections move bytes: TLS with sealed frames between the two native
 # relays (the default where the kernel has no TLS), TLS records through memory BIOs, TLS
 # on the socket (OpenSSL's own socket I/O; kernel TLS where it exists); plain TCP both
@@ -91,16 +91,11 @@ def _counts(status: dict, mode: str, n: int, throttled: bool = False) -> tuple[d
     return counted, {k: v for k, v in expected.items() if v is not None or k == "aead"}
 
 
-def _reserve(gw, role, uid, num_conn=1, rate=0):
-    return gw.call("reserve", {"uid": uid, "role": role, "num_conn": num_conn, "rate": rate,
-                               "key_sha256": hashlib.sha256(KEY.encode()).hexdigest()})
-
-
 def _open(producer, consumer, app_listeners, *, tls=True, rate=0) -> tuple[str, list[str]]:
     """Both ends of a stream through the gateway calls; returns (uid, consumer listeners)."""
     uid, num_conn = str(uuid.uuid4()), len(app_listeners)
-    prod = _reserve(producer, "PROD", uid, num_conn, rate)
-    cons = _reserve(consumer, "CONS", uid, num_conn, rate)
+    prod = reserve_end(producer, "PROD", uid, num_conn, rate)
+    cons = reserve_end(consumer, "CONS", uid, num_conn, rate)
     producer.call("hello", {"uid": uid, "key": KEY, "role": "PROD",
                             "app_listeners": app_listeners})
 
@@ -113,40 +108,6 @@ def _open(producer, consumer, app_listeners, *, tls=True, rate=0) -> tuple[str, 
     producer.call("connect", {"uid": uid, "remote_listeners": cons["listeners"], **peer(cons)})
     consumer.call("connect", {"uid": uid, "remote_listeners": prod["listeners"], **peer(prod)})
     return uid, cons["listeners"]
-
-
-def _release(producer, consumer, uid):
-    producer.call("release", {"uid": uid})
-    consumer.call("release", {"uid": uid})
-
-
-class Server:
-    """A threaded TCP server behind the producer gateway; ``handler(conn)`` per connection."""
-
-    def __init__(self, handler):
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=128)
-        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        self.handler = handler
-        self.errors: list[BaseException] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
-
-    def _run(self, conn):
-        try:
-            with conn:
-                self.handler(conn)
-        except BaseException as exc:  # noqa: BLE001 - the test asserts on it
-            self.errors.append(exc)
-
-    def close(self):
-        self.sock.close()
 
 
 def _echo(conn):
@@ -195,7 +156,7 @@ def test_many_connections_on_one_stream_keep_every_byte(gateways, mode):
             thread.join(timeout=120)
         statuses = [gw.call("status", {"uid": uid}) for gw in (producer, consumer)]
     finally:
-        _release(producer, consumer, uid)
+        release_both(producer, consumer, uid)
         server.close()
     assert all(r is not None and hashlib.sha256(r).digest() == hashlib.sha256(p).digest()
                for r, p in zip(results, payloads, strict=True))
@@ -243,7 +204,7 @@ def test_half_close_from_the_consumer_delivers_everything_with_partial_writes(ga
         while not received and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
-        _release(producer, consumer, uid)
+        release_both(producer, consumer, uid)
         server.close()
     assert not server.errors
     assert received == {len(payload): hashlib.sha256(payload).hexdigest()}
@@ -270,7 +231,7 @@ def test_half_close_from_the_producer_is_a_clean_end_after_every_byte(gateways, 
             while chunk := sock.recv(5000):  # small reads; ends with b"", not a reset
                 got += chunk
     finally:
-        _release(producer, consumer, uid)
+        release_both(producer, consumer, uid)
         server.close()
     assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
 
@@ -285,7 +246,7 @@ def test_rate_limited_stream_keeps_every_byte(gateways, mode):
         back = _echo_roundtrip(listeners[0], payload)
         status = consumer.call("status", {"uid": uid})
     finally:
-        _release(producer, consumer, uid)
+        release_both(producer, consumer, uid)
         server.close()
     assert hashlib.sha256(back).digest() == hashlib.sha256(payload).digest()
     counted, expected = _counts(status, mode, 1, throttled=True)
@@ -315,7 +276,7 @@ def test_tls_hop_negotiates_aes_128_gcm_and_a_peer_without_frames_gets_tls_recor
                 cipher, alpn = tls.cipher(), tls.selected_alpn_protocol()
         status = producer.call("status", {"uid": uid})["connections"]
     finally:
-        _release(producer, consumer, uid)
+        release_both(producer, consumer, uid)
         server.close()
     assert cipher[0] == "TLS_AES_128_GCM_SHA256" and cipher[1] == "TLSv1.3"
     assert alpn is None
@@ -332,7 +293,7 @@ def test_kernel_tls_is_engaged_where_the_kernel_offers_it(gateways):
         back = _echo_roundtrip(listeners[0], payload)
         statuses = [gw.call("status", {"uid": uid}) for gw in (producer, consumer)]
     finally:
-        _release(producer, consumer, uid)
+        release_both(producer, consumer, uid)
         server.close()
     assert back == payload
     # OpenSSL hands at least the sending direction to the kernel where it can.
@@ -352,13 +313,13 @@ def test_one_relay_per_gateway_hosts_many_streams_and_exits_with_the_last(gatewa
             assert _echo_roundtrip(listeners[0], b"x" * 100_000) == b"x" * 100_000
         # Releasing all but the last keeps the relay; the last release ends it.
         for uid, _ in streams[:-1]:
-            _release(producer, consumer, uid)
+            release_both(producer, consumer, uid)
         assert _relay_pid(producer) == prod_pid
         last_uid, last_listeners = streams[-1]
         assert _echo_roundtrip(last_listeners[0], b"y" * 1000) == b"y" * 1000
     finally:
         for uid, _ in streams:
-            _release(producer, consumer, uid)
+            release_both(producer, consumer, uid)
         server.close()
     assert proxy_pids(under=gateway_root) == []
     relay_dir = Path(producer.settings_path).parent / "relay"
@@ -380,7 +341,7 @@ def test_a_killed_relay_shows_in_every_stream_and_the_next_reserve_starts_anothe
         assert all(s["alive"] is False and s["state"] == "FAILED" for s in statuses)
         assert all(consumer.call("status", {"uid": u})["alive"] for u, _ in streams)
         for uid, _ in streams:
-            _release(producer, consumer, uid)
+            release_both(producer, consumer, uid)
         # A new reserve replaces the dead relay (its stale control socket included).
         uid, listeners = _open(producer, consumer, [server.address])
         streams.append((uid, listeners))
@@ -388,7 +349,7 @@ def test_a_killed_relay_shows_in_every_stream_and_the_next_reserve_starts_anothe
         assert _echo_roundtrip(listeners[0], b"z" * 50_000) == b"z" * 50_000
     finally:
         for uid, _ in streams:
-            _release(producer, consumer, uid)
+            release_both(producer, consumer, uid)
         server.close()
 
 
@@ -429,7 +390,7 @@ def test_abandon_drops_a_stream_whose_handle_was_never_recorded(gateways, others
             assert not relay_dir_of(stream_dir).joinpath(CONTROL_SOCKET).exists()
     finally:
         for uid_, _ in kept:
-            _release(producer, consumer, uid_)
+            release_both(producer, consumer, uid_)
         server.close()
         shutil.rmtree(stream_dir)
 
