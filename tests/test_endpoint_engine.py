@@ -15,6 +15,7 @@ import uuid
 import pytest
 
 from scistream_gateway.engine import engine_for
+from scistream_proxy.backends import NativeBackend
 from scistream_proxy.leaks import port_is_free
 from scistream_proxy.process import ProcessIdentity
 
@@ -201,9 +202,9 @@ def test_lease_expiry_is_reaped_by_any_later_call(gateway_root):
         time.sleep(1.1)
         # Any function reaps, even one about another stream.
         assert engine.call("renew", {"uid": keep, "lease_s": 600})["uid"] == keep
-        # Its proxy is gone, unless it is the gateway's native relay, which runs on
-        # for `keep` (the freed ports below show the stream left it).
-        assert not identity.alive() or engine.call("status", {"uid": keep})["pid"] == pid
+        # The gateway's one native relay runs on for `keep`, without the expired stream.
+        assert identity.alive() and engine.call("status", {"uid": keep})["pid"] == pid
+        assert NativeBackend.relay_streams(gw.settings.state_dir) == [keep]
         assert all(port_is_free(a) for a in reply["listeners"])
         assert not (gw.settings.state_dir / "streams" / uid).exists()
         assert engine.call("status", {"uid": uid})["state"] == "EXPIRED"
