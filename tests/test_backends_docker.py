@@ -29,6 +29,8 @@ from dockerkit import containers_of, needs, skip_reason
 from scistream_gateway.errors import NotImplementedHere, Unavailable
 from scistream_prefect import LocalGateway
 
+pytestmark = pytest.mark.docker
+
 CONTAINER = ("haproxy-docker", "nginx-docker")
 _SLICES = itertools.count(18000, 40)
 

@@ -27,6 +27,8 @@ from scistream_proxy.leaks import port_is_free, working_dirs
 from dockerkit import containers_of, skip_reason
 from gatewaykit import kill_workers, plant
 
+pytestmark = pytest.mark.docker
+
 CONTAINER = ("haproxy-docker", "nginx-docker")
 _SLICES = itertools.count(11500, 20)
 KEY = "docker-fault-key"
