@@ -31,6 +31,7 @@ from scistream_gateway.settings import GatewaySettings
 from scistream_proxy.process import ProcessIdentity
 
 EXTERNAL = ("stunnel", "haproxy", "nginx")
+FAST_PAIRING = ("native", "haproxy", True)  # the one external pairing of the fast tier
 
 
 def needs(*names: str):
@@ -47,10 +48,14 @@ def pairs():
             for tls in (True, False):
                 if not tls and "stunnel" in (prod, cons):
                     continue  # stunnel only relays TLS: refused, tested below
+                marks = [needs(prod, cons)]
+                if (prod, cons, tls) != FAST_PAIRING:
+                    marks.append(pytest.mark.slow)
                 yield pytest.param(prod, cons, tls, id=f"{prod}-{cons}-{'tls' if tls else 'plain'}",
-                                   marks=needs(prod, cons))
+                                   marks=marks)
     for prod, cons in crossed:
-        yield pytest.param(prod, cons, True, id=f"{prod}-{cons}-tls", marks=needs(prod, cons))
+        yield pytest.param(prod, cons, True, id=f"{prod}-{cons}-tls",
+                           marks=[needs(prod, cons), pytest.mark.slow])
 
 
 def chain_gateways(root: Path, prod: str, cons: str):
@@ -68,6 +73,7 @@ def test_checksummed_transfer_through_every_pairing(gateway_root, producer_app, 
     assert_nothing_left(chain, gateway_root)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", EXTERNAL)
 def test_ports_are_held_from_reserve_and_early_connections_kept(gateway_root, producer_app,
                                                                 name):
@@ -95,6 +101,7 @@ def test_ports_are_held_from_reserve_and_early_connections_kept(gateway_root, pr
     assert_nothing_left(chain, gateway_root)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", EXTERNAL)
 @pytest.mark.parametrize("side", ["PROD", "CONS"])
 def test_a_peer_with_the_wrong_certificate_is_refused(gateway_root, producer_app, tmp_path,
@@ -130,6 +137,7 @@ def test_a_peer_with_the_wrong_certificate_is_refused(gateway_root, producer_app
     assert_nothing_left(chain, gateway_root)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", EXTERNAL)
 def test_a_killed_proxy_is_reported_dead_and_release_cleans_up(gateway_root, producer_app, name):
     if skip_reason(name):
@@ -155,6 +163,7 @@ def test_a_killed_proxy_is_reported_dead_and_release_cleans_up(gateway_root, pro
     assert_nothing_left(chain, gateway_root)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["stunnel", "haproxy"])
 def test_a_rate_is_refused_where_the_backend_cannot_enforce_it(gateway_root, name):
     if skip_reason(name):
@@ -168,6 +177,7 @@ def test_a_rate_is_refused_where_the_backend_cannot_enforce_it(gateway_root, nam
     assert list((gateway.settings.state_dir / "streams").iterdir()) == []
 
 
+@pytest.mark.slow
 @needs("nginx")
 def test_nginx_enforces_the_rate_per_connection(gateway_root, producer_app):
     """nginx limits each connection to rate / num_conn, so the stream stays within its
@@ -192,6 +202,7 @@ def test_nginx_enforces_the_rate_per_connection(gateway_root, producer_app):
     assert elapsed >= 2.0, elapsed
 
 
+@pytest.mark.slow
 @needs("stunnel")
 def test_stunnel_refuses_plain_tcp_by_name(gateway_root, producer_app):
     producer, consumer = chain_gateways(gateway_root, "stunnel", "native")
@@ -206,6 +217,7 @@ def test_stunnel_refuses_plain_tcp_by_name(gateway_root, producer_app):
     assert_nothing_left(chain, gateway_root)
 
 
+@pytest.mark.slow
 @needs("haproxy")
 def test_haproxy_reports_live_byte_counters(gateway_root, producer_app):
     producer, consumer = chain_gateways(gateway_root, "haproxy", "haproxy")
@@ -311,6 +323,7 @@ def test_the_holder_steers_a_reuseport_group_to_the_proxys_socket():
             sock.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", EXTERNAL)
 def test_configs_and_keys_are_private(gateway_root, producer_app, name):
     """Everything a backend writes into the 0700 stream directory is 0600; only the two
@@ -339,6 +352,7 @@ def test_configs_and_keys_are_private(gateway_root, producer_app, name):
     assert_nothing_left(chain, gateway_root)
 
 
+@pytest.mark.slow
 def test_the_backend_bench_stays_runnable(tmp_path):
     """A tiny run of bench/backends.py (no figure asserted, only that it measured)."""
     import json

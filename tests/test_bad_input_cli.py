@@ -34,6 +34,8 @@ from scistream_prefect import cli as client_cli
 from conftest import make_gateway
 from badinputkit import APP, HYPOTHESIS, KEY, dump_state
 
+pytestmark = pytest.mark.slow
+
 VERDICT = re.compile(r"^scistream(-gateway)?( [a-z-]+)?: (?P<code>[A-Z_]+): \S")
 
 

@@ -28,6 +28,8 @@ from scistream_prefect import tasks
 from conftest import make_gateway
 from badinputkit import APP, HYPOTHESIS, KEY, dump_state
 
+pytestmark = pytest.mark.slow
+
 class World:
     """A LocalGateway with one stream in HELLO state (so nothing valid would wait)."""
 

@@ -16,8 +16,9 @@ import pytest
 
 BENCH = Path(__file__).parent.parent / "bench" / "dataplane.py"
 
-pytestmark = pytest.mark.skipif(shutil.which("iperf3") is None,
-                                reason="iperf3 is not installed (apt-get install iperf3)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("iperf3") is None,
+                                 reason="iperf3 is not installed (apt-get install iperf3)")]
 
 
 def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:

@@ -32,6 +32,7 @@ def scistream(tmp_path, *args, stdin: str | None = None, env: dict | None = None
                           env=env or _env(tmp_path))
 
 
+@pytest.mark.slow
 def test_open_status_release_by_settings_file(gateways, producer_app, tmp_path):
     producer, consumer = gateways
     app = producer_app(2, 16 << 20)
@@ -62,6 +63,7 @@ def test_open_status_release_by_settings_file(gateways, producer_app, tmp_path):
     assert [gw.call("gateway_info", {})["active_streams"] for gw in gateways] == [0, 0]
 
 
+@pytest.mark.slow
 def test_controllers_say_hello_with_keys_that_never_touch_argv(gateways, producer_app, tmp_path):
     """open waits for the producer controller's hello; the consumer controller learns
     where to connect. Keys come from standard input and an owner-only file."""
@@ -121,6 +123,7 @@ def test_controllers_say_hello_with_keys_that_never_touch_argv(gateways, produce
         scistream(tmp_path, "release", uid, "--gateway", prod, "--gateway", cons)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, code_text", [
     (["status", str(uuid.uuid4()), "--gateway", "/nonexistent/gateway.toml"], "BAD_FORMAT"),
     (["status", str(uuid.uuid4()), "--gateway", "no-such-saved-block"], "BAD_FORMAT"),
@@ -140,6 +143,7 @@ def test_unknown_uid_is_invalid_uid(gateways, tmp_path):
     assert proc.returncode == 2 and "INVALID_UID" in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_gateways_named_by_saved_blocks(gateways, producer_app, tmp_path):
     producer, consumer = gateways
     producer.save("cli-prod-gw", overwrite=True)

@@ -31,6 +31,8 @@ from scistream_proxy.leaks import port_is_free, proxy_pids
 from conftest import run_consumer
 from deploykit import served_scistream_fixture, wait_for  # noqa: F401 - a fixture
 
+pytestmark = pytest.mark.slow
+
 
 def _status(gateway, uid: str) -> dict:
     return gateway.call("status", {"uid": uid})

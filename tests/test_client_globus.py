@@ -270,6 +270,7 @@ def test_without_function_ids_the_shipped_function_is_registered_by_source(globu
     _bound_to_task(future, task_id)
 
 
+@pytest.mark.slow
 def test_a_call_round_trips_through_the_executor_and_an_endpoint_engine(globus_offline,
                                                                         gateway_root):
     """The whole path with only the cloud replaced: the Executor registers the shipped

@@ -125,8 +125,9 @@ def _nothing_left(gateway_root, *gws) -> None:
     assert proxy_pids(under=gateway_root) == []
 
 
-@pytest.mark.parametrize("backend", ["native", "stunnel"])
-@pytest.mark.parametrize("step", RESERVE_STEPS)
+@pytest.mark.parametrize("backend", ["native", pytest.param("stunnel", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("step", [pytest.param(step, marks=[pytest.mark.slow] * (i > 0))
+                                  for i, step in enumerate(RESERVE_STEPS)])
 def test_a_worker_killed_during_reserve_is_undone_by_the_next_call(gateway_root, faults_on,
                                                                   echo, step, backend):
     """The consumer end's worker dies at ``step`` of reserve; the next call on that gateway,
@@ -160,8 +161,9 @@ def test_a_worker_killed_during_reserve_is_undone_by_the_next_call(gateway_root,
     _nothing_left(gateway_root, producer, consumer)
 
 
-@pytest.mark.parametrize("backend", ["native", "stunnel"])
-@pytest.mark.parametrize("step", CONNECT_STEPS)
+@pytest.mark.parametrize("backend", ["native", pytest.param("stunnel", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("step", [pytest.param(step, marks=[pytest.mark.slow] * (i > 0))
+                                  for i, step in enumerate(CONNECT_STEPS)])
 def test_a_worker_killed_during_connect_fails_the_stream_and_frees_it(gateway_root, faults_on,
                                                                      step, backend):
     """The consumer end's worker dies at ``step`` of connect; the next call on that gateway
@@ -193,6 +195,7 @@ def test_a_worker_killed_during_connect_fails_the_stream_and_frees_it(gateway_ro
     _nothing_left(gateway_root, producer, consumer)
 
 
+@pytest.mark.slow
 def test_a_worker_of_the_endpoint_engine_killed_mid_reserve_is_undone_after_restart(
         gateway_root):
     """Through globus-compute-endpoint's own ProcessPoolEngine: the worker dies after
@@ -218,6 +221,7 @@ def test_a_worker_of_the_endpoint_engine_killed_mid_reserve_is_undone_after_rest
         assert engine.call("release", {"uid": uid})["released"]
 
 
+@pytest.mark.slow
 def test_release_waits_for_a_call_in_progress_then_undoes_a_dead_one(gateways):
     """A connect in progress (its worker: here a stand-in process) holds release back;
     when that worker dies, release goes on; a live one past the wait is UNAVAILABLE."""
@@ -353,6 +357,7 @@ def _kill_mid_transfer(gateway_root, producer_app, prod_backend, cons_backend) -
     return cut
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prod_backend", ["native", "stunnel", "haproxy"])
 def test_a_producer_proxy_killed_mid_transfer_is_a_connection_error_for_the_app(
         gateway_root, producer_app, prod_backend):
@@ -362,6 +367,7 @@ def test_a_producer_proxy_killed_mid_transfer_is_a_connection_error_for_the_app(
         "ConnectionResetError"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cons_backend", ["stunnel", "haproxy", "nginx"])
 def test_an_external_consumer_end_resets_the_app_when_the_producer_proxy_dies(
         gateway_root, producer_app, cons_backend):
@@ -375,6 +381,7 @@ def test_an_external_consumer_end_resets_the_app_when_the_producer_proxy_dies(
 
 
 # -- restart ----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_restart_reconciles_state_with_what_runs(gateway_root, echo):
     """Workers die (an endpoint restart) while streams run; meanwhile orphans appear:
     a stream directory, a process working in it, a relay stream and a port row of no
@@ -431,6 +438,7 @@ def test_a_restart_reconciles_state_with_what_runs(gateway_root, echo):
     assert_nothing_left(chain, gateway_root)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["haproxy", "nginx"])
 def test_a_restart_finds_a_dead_external_proxy_and_keeps_the_live_one(gateway_root, echo,
                                                                       backend):
@@ -464,6 +472,7 @@ def test_a_restart_finds_a_dead_external_proxy_and_keeps_the_live_one(gateway_ro
 
 
 # -- the peer -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_an_unreachable_peer_shows_on_the_data_path_and_leaks_nothing(gateways, echo):
     """connect does not probe the peer (it may come up later, and a probe would be one
     more connection to account for); the consumer's relay reports each refused
@@ -492,6 +501,7 @@ def test_an_unreachable_peer_shows_on_the_data_path_and_leaks_nothing(gateways, 
     assert_nothing_left(chain, producer.settings.state_dir.parent)
 
 
+@pytest.mark.slow
 def test_a_peer_with_another_certificate_is_refused_on_the_data_path(gateways, echo,
                                                                      tmp_path):
     producer, consumer = gateways
@@ -509,6 +519,7 @@ def test_a_peer_with_another_certificate_is_refused_on_the_data_path(gateways, e
 
 
 # -- hello ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_hello_with_another_streams_key_a_replay_and_other_listeners(gateways, echo):
     producer, consumer = gateways
     first, second = reserve_pair(producer, consumer, 1), reserve_pair(producer, consumer, 1)

@@ -274,6 +274,7 @@ def test_broken_settings_are_a_server_error_naming_the_file(tmp_path, monkeypatc
     assert str(path) in reply["error"]["message"] and "port_range" in reply["error"]["message"]
 
 
+@pytest.mark.slow
 def test_hello_key_is_never_written_or_recorded(gateways, producer_app):
     """The key reaches a gateway only in hello: not in gateway files, not in Prefect's
     records of the runs, not in logs."""
@@ -311,6 +312,7 @@ def test_hello_key_is_never_written_or_recorded(gateways, producer_app):
     assert all(key not in log.message for log in logs)
 
 
+@pytest.mark.slow
 def test_concurrent_reserves_never_share_a_port(gateway_root):
     from concurrent.futures import ThreadPoolExecutor
 

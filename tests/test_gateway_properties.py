@@ -22,6 +22,8 @@ from scistream_proxy.leaks import proxy_pids
 
 from badinputkit import APP, KEY, dump_state
 
+pytestmark = pytest.mark.slow
+
 class World:
     """One gateway with one stream in HELLO state (so wait_hello never blocks)."""
 

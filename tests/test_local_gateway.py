@@ -69,6 +69,7 @@ def test_a_worker_that_dies_during_a_call_is_unavailable(gateway_root):
     gw.call("release", {"uid": uid})
 
 
+@pytest.mark.slow
 def test_works_from_a_script_without_a_main_guard(gateway_root, tmp_path):
     """Workers never re-import the caller's __main__ (as multiprocessing's spawn would)."""
     gw = make_gateway(gateway_root, "script-gw")
@@ -99,6 +100,7 @@ def test_requests_really_cross_the_globus_compute_serializer(gateway_root):
         gw.call("status", {"uid": ["not", "a", "string"]})
 
 
+@pytest.mark.slow
 def test_a_stream_outlives_the_workers_that_started_it(gateways, producer_app):
     """Proxies are detached (own session, reparented): killing every worker process of
     both gateways, as an endpoint restart would, does not touch a running stream."""

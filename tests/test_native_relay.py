@@ -42,14 +42,18 @@ from relaykit import KEY, Server, release_both, reserve_end
 # sides with a buffer per direction (the default), or with splice(2). Frames and plain
 # connections run in the relay's pumps (event loops), or "-threads": without pumps (a
 # thread per direction; splice: a thread per connection).
+# The defaults (frames, copy) are in the fast tier; the other modes are marked slow.
+SLOW = pytest.mark.slow
 MODES = [pytest.param("frames", id="tls-frames"),
-         pytest.param("frames-threads", id="tls-frames-threads"),
-         pytest.param("frames-libcrypto", id="tls-frames-libcrypto"),
-         pytest.param("bio", id="tls-bio"), pytest.param("socket", id="tls-socket"),
+         pytest.param("frames-threads", id="tls-frames-threads", marks=SLOW),
+         pytest.param("frames-libcrypto", id="tls-frames-libcrypto", marks=SLOW),
+         pytest.param("bio", id="tls-bio", marks=SLOW),
+         pytest.param("socket", id="tls-socket", marks=SLOW),
          pytest.param("copy", id="plain-copy"),
-         pytest.param("copy-threads", id="plain-copy-threads"),
-         pytest.param("auto", id="plain-auto"), pytest.param("splice", id="plain-splice"),
-         pytest.param("splice-threads", id="plain-splice-threads")]
+         pytest.param("copy-threads", id="plain-copy-threads", marks=SLOW),
+         pytest.param("auto", id="plain-auto", marks=SLOW),
+         pytest.param("splice", id="plain-splice", marks=SLOW),
+         pytest.param("splice-threads", id="plain-splice-threads", marks=SLOW)]
 PLAIN_MODES = ("copy", "copy-threads", "auto", "splice", "splice-threads")
 COUNTED = ("spliced", "bio", "frames", "pumped")
 
@@ -185,6 +189,7 @@ def _slow_sink(received: dict):
     return handler
 
 
+@pytest.mark.slow
 def test_half_close_from_the_consumer_delivers_everything_with_partial_writes(gateways, mode):
     producer, consumer = gateways
     tls = mode not in PLAIN_MODES
@@ -210,6 +215,7 @@ def test_half_close_from_the_consumer_delivers_everything_with_partial_writes(ga
     assert received == {len(payload): hashlib.sha256(payload).hexdigest()}
 
 
+@pytest.mark.slow
 def test_half_close_from_the_producer_is_a_clean_end_after_every_byte(gateways, mode):
     producer, consumer = gateways
     tls = mode not in PLAIN_MODES
@@ -236,6 +242,7 @@ def test_half_close_from_the_producer_is_a_clean_end_after_every_byte(gateways, 
     assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
 
 
+@pytest.mark.slow
 def test_rate_limited_stream_keeps_every_byte(gateways, mode):
     producer, consumer = gateways
     tls = mode not in PLAIN_MODES
@@ -283,6 +290,7 @@ def test_tls_hop_negotiates_aes_128_gcm_and_a_peer_without_frames_gets_tls_recor
     assert status["frames"] == 0 and status["total"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(ktls_available() is not None, reason=str(ktls_available()))
 def test_kernel_tls_is_engaged_where_the_kernel_offers_it(gateways):
     producer, consumer = gateways
@@ -327,6 +335,7 @@ def test_one_relay_per_gateway_hosts_many_streams_and_exits_with_the_last(gatewa
     assert all(port_is_free(a) for _, ls in streams for a in ls)
 
 
+@pytest.mark.slow
 def test_a_killed_relay_shows_in_every_stream_and_the_next_reserve_starts_another(gateways):
     producer, consumer = gateways
     server = Server(_echo)
@@ -362,6 +371,7 @@ def _start_and_die(stream_dir: str, port: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("others", [0, 1], ids=["alone", "beside-another-stream"])
 def test_abandon_drops_a_stream_whose_handle_was_never_recorded(gateways, others):
     producer, consumer = gateways
@@ -395,6 +405,7 @@ def test_abandon_drops_a_stream_whose_handle_was_never_recorded(gateways, others
         shutil.rmtree(stream_dir)
 
 
+@pytest.mark.slow
 def test_a_retried_reserve_replaces_the_stream_a_dead_worker_left_in_the_relay(gateways):
     _, consumer = gateways
     state_dir = Path(consumer.settings_path).parent

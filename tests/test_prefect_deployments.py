@@ -30,6 +30,8 @@ from deploykit import (  # noqa: F401 - served_scistream_fixture: a fixture
     wait_for,
 )
 
+pytestmark = pytest.mark.slow
+
 
 def _active(*gateways) -> list[int]:
     return [gw.call("gateway_info", {})["active_streams"] for gw in gateways]
