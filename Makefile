@@ -1,5 +1,5 @@
-# The two commands of the quick start: `make demo` and `make test`. Each creates or
-# updates the virtual environment it needs first.
+# The two commands of the quick start: `make demo` and `make test`, and `make test-fast`
+# for local work. Each creates or updates the virtual environment it needs first.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,7 +7,7 @@ DEMO_STAMP := $(VENV)/.installed-demo
 TEST_STAMP := $(VENV)/.installed-test
 PYTEST_ARGS ?=
 
-.PHONY: demo test clean
+.PHONY: demo test test-fast clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -40,6 +40,13 @@ test: $(TEST_STAMP)
 	@$(COMPILE)
 	$(BIN)/ruff check .
 	scripts/with-test-env $(BIN)/python $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fast tier for local work: no Docker engine, no root, none of the tests marked slow
+# (each of those has a smaller sibling here, so every module is still exercised).
+test-fast: $(TEST_STAMP)
+	@$(COMPILE)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -m "not slow and not docker and not root" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -87,11 +87,13 @@ def gateway_root(tmp_path: Path):
 
 @pytest.fixture
 def gateways(gateway_root: Path):
-    """A producer-side and a consumer-side local gateway on loopback; what the test left
-    on them is released afterwards."""
+    """A producer-side and a consumer-side local gateway on loopback. A proxy the test
+    left running fails it (as ``gateway_root`` does), after the pair has released it."""
     with LocalPair(make_gateway(gateway_root, "prod-gw"),
                    make_gateway(gateway_root, "cons-gw")) as pair:
         yield pair.producer, pair.consumer
+        left = pair.leftovers().processes
+    assert not left, f"proxy processes left running: {left}"
 
 
 class ProducerApp:

@@ -8,7 +8,6 @@ suite uses. Images come from ``python -m scistream_proxy.images build``.
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from pathlib import Path
 
@@ -22,10 +21,12 @@ from backend_chain import (
     round_robin_transfer,
     status_line,
 )
-from backend_chain import skip_reason as _backend_skip_reason
 from conftest import run_consumer
+from dockerkit import containers_of, needs, skip_reason
 from scistream_gateway.errors import NotImplementedHere, Unavailable
 from scistream_prefect import LocalGateway, LocalPair
+
+pytestmark = pytest.mark.docker
 
 CONTAINER = ("haproxy-docker", "nginx-docker")
 _SLICES = itertools.count(18000, 40)
@@ -35,45 +36,6 @@ def make_gateway(root: Path, name: str, **settings) -> LocalGateway:
     base = next(_SLICES)
     assert base + 39 <= 21999, "the Docker suite ran out of its port range"
     return LocalGateway.create(name, root / name, port_range=(base, base + 39), **settings)
-
-
-def _namespace_reason() -> str | None:
-    """Why host-networked containers are out of this test's reach: the engine (a local
-    dockerd) runs in another network namespace than this test (unshare --net)."""
-    mine = os.readlink("/proc/self/ns/net")
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and (proc / "comm").read_text().strip() == "dockerd" \
-                    and os.readlink(proc / "ns" / "net") != mine:
-                return ("container backends: the Docker engine's host network is another "
-                        "network namespace than this test's")
-        except OSError:
-            continue
-    return None
-
-
-def needs(*names: str):
-    reasons = [r for r in (_backend_skip_reason(n) for n in names if n != "native") if r]
-    reasons += [r for r in (_namespace_reason(),) if r]
-    return pytest.mark.skipif(bool(reasons), reason="; ".join(reasons))
-
-
-def skip_reason(name: str) -> str | None:  # noqa: F811 - the namespace matters here too
-    return _backend_skip_reason(name) or _namespace_reason()
-
-
-def containers_of(root: Path) -> list:
-    from scistream_proxy.docker_backends import LABEL, ProxyUnavailable, docker_client
-
-    try:
-        client = docker_client()
-    except ProxyUnavailable:
-        return []  # no engine: no container either
-    try:
-        return [c for c in client.containers.list(all=True, filters={"label": f"{LABEL}.managed=1"})
-                if c.labels.get(f"{LABEL}.stream_dir", "").startswith(str(root))]
-    finally:
-        client.close()
 
 
 @pytest.fixture

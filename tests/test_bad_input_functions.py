@@ -16,26 +16,19 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import uuid
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from scistream_gateway.errors import ERROR_CODES, SciStreamError
 from scistream_prefect import tasks
 
 from conftest import make_gateway
-from test_gateway_properties import dump_state
+from badinputkit import APP, HYPOTHESIS, KEY, dump_state
 
-EXAMPLES = int(os.environ.get("SCISTREAM_BAD_INPUT_EXAMPLES", "40"))
-KEY = "the-right-hello-key"
-APP = "127.0.0.1:5074"
-HYPOTHESIS = settings(max_examples=EXAMPLES, deadline=None,
-                      suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                             HealthCheck.too_slow])
-
+pytestmark = pytest.mark.slow
 
 class World:
     """A LocalGateway with one stream in HELLO state (so nothing valid would wait)."""

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 BENCH_DIR = Path(__file__).parent.parent / "bench"
 
 

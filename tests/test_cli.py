@@ -12,6 +12,7 @@ import pytest
 from scistream_prefect.cli import build_parser, parse_size
 
 
+@pytest.mark.slow
 def test_demo_json_streams_for_real_and_leaves_nothing(tmp_path):
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"))
     env.pop("PREFECT_API_URL", None)
@@ -55,6 +56,7 @@ def test_parse_size_refuses_nonsense(text):
         parse_size(text)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["--num-conn", "0"], ["--num-conn", "many"],
                                   ["--port-base", "65500"], ["--bytes", "lots"]])
 def test_demo_refuses_bad_arguments_without_a_traceback(args):
@@ -64,6 +66,7 @@ def test_demo_refuses_bad_arguments_without_a_traceback(args):
     assert "Traceback" not in proc.stderr and "usage:" in proc.stderr
 
 
+@pytest.mark.slow
 def test_demo_reports_a_gateway_error_with_its_code(tmp_path):
     """Every port of the producer gateway's range is taken: NO_RESOURCE, exit 2."""
     import socket

@@ -29,7 +29,9 @@ from scistream_prefect import release_session_streams, setup_stream, stream_sess
 from scistream_proxy.leaks import port_is_free, proxy_pids
 
 from conftest import run_consumer
-from test_prefect_deployments import _wait, served_scistream  # noqa: F401 - a fixture
+from deploykit import served_scistream_fixture, wait_for  # noqa: F401 - a fixture
+
+pytestmark = pytest.mark.slow
 
 
 def _status(gateway, uid: str) -> dict:
@@ -58,7 +60,7 @@ def _wait_reserved(producer, consumer, uid: str, timeout: float = 180) -> list[l
             return None
         return ends if all(e["state"] == "RESERVED" for e in ends) else None
 
-    return [end["listeners"] for end in _wait(reserved, "both ends reserved", timeout, 0.2)]
+    return [end["listeners"] for end in wait_for(reserved, "both ends reserved", timeout, 0.2)]
 
 
 def _no_variable_left(uid: str) -> bool:
@@ -145,7 +147,7 @@ def key_block():
 
 
 def test_a_cancelled_open_stream_run_waiting_for_hello_releases_both_ends(
-        served_scistream, gateways, key_block):  # noqa: F811
+        served_scistream, gateways, key_block):
     from prefect.states import Cancelling
 
     producer, consumer = gateways
@@ -154,16 +156,16 @@ def test_a_cancelled_open_stream_run_waiting_for_hello_releases_both_ends(
     listeners = _wait_reserved(producer, consumer, uid)
     with get_client(sync_client=True) as client:
         client.set_flow_run_state(run.id, Cancelling(), force=True)
-        _wait(lambda: client.read_flow_run(run.id).state.is_cancelled()
+        wait_for(lambda: client.read_flow_run(run.id).state.is_cancelled()
               and _active(producer, consumer) == [0, 0],
               "the run cancelled and both ends released", timeout=240)
     for gw, ls in zip((producer, consumer), listeners, strict=True):
         assert_gone(gw, uid, ls)
-    _wait(lambda: _no_variable_left(uid), "the run's record of the stream dropped", 60)
+    wait_for(lambda: _no_variable_left(uid), "the run's record of the stream dropped", 60)
 
 
 def test_a_killed_open_stream_run_waiting_for_hello_is_released_by_its_hook(
-        served_scistream, gateways, key_block):  # noqa: F811
+        served_scistream, gateways, key_block):
     """SIGKILL while waiting for the hello: nothing runs in the flow's process. The
     runner marks the run crashed and its hook releases from the identifiers stored
     before the first reserve."""
@@ -171,18 +173,18 @@ def test_a_killed_open_stream_run_waiting_for_hello_is_released_by_its_hook(
     uid = str(uuid.uuid4())
     run = _open_waiting_for_hello(producer, consumer, uid, key_block)
     listeners = _wait_reserved(producer, consumer, uid)
-    pid = _wait(lambda: _flow_run_pid(run.id), "the flow run's process", 30, 0.1)
+    pid = wait_for(lambda: _flow_run_pid(run.id), "the flow run's process", 30, 0.1)
     assert Variable.get(f"scistream-session-{run.id}", default=None)
     os.kill(pid, signal.SIGKILL)
     with get_client(sync_client=True) as client:
-        _wait(lambda: client.read_flow_run(run.id).state.is_crashed()
+        wait_for(lambda: client.read_flow_run(run.id).state.is_crashed()
               and _active(producer, consumer) == [0, 0],
               "the crashed run's stream released by its hook", timeout=240)
     for gw, ls in zip((producer, consumer), listeners, strict=True):
         assert_gone(gw, uid, ls)
     assert Variable.get(f"scistream-session-{run.id}", default=None) is None
     hook = "Running hook 'release_session_streams' in response to entering state 'Crashed'"
-    _wait(lambda: hook in served_scistream.log.read_text(), "the runner's log of the hook", 60)
+    wait_for(lambda: hook in served_scistream.log.read_text(), "the runner's log of the hook", 60)
 
 
 def _active(*gateways) -> list[int]:

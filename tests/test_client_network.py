@@ -26,6 +26,7 @@ def test_remote_names_are_not_resolved():
         socket.create_connection(("compute.api.globus.org", 443), timeout=1)
 
 
+@pytest.mark.slow  # globus-sdk retries with back-off: about 16 s
 def test_the_globus_sdk_itself_cannot_reach_globus():
     """Without a registered response, a real globus-sdk call fails here, offline."""
     import globus_sdk

@@ -38,6 +38,7 @@ def _examples() -> list[tuple[str, str]]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, code", _examples(), ids=[n for n, _ in _examples()])
 def test_example_runs(name, code, tmp_path, gateway_root):
     code = code.replace('"/tmp/', f'"{tmp_path}/')

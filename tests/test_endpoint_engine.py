@@ -15,6 +15,7 @@ import uuid
 import pytest
 
 from scistream_gateway.engine import engine_for
+from scistream_proxy.backends import NativeBackend
 from scistream_proxy.leaks import port_is_free
 from scistream_proxy.process import ProcessIdentity
 
@@ -30,6 +31,7 @@ def _reserve(engine, role="PROD", num_conn=2, uid=None, key="hello-key", **extra
     return uid, key, reply
 
 
+@pytest.mark.slow
 def test_every_function_runs_on_the_endpoint_engine(gateway_root, producer_app):
     """A whole stream, all eight functions, each call an endpoint task."""
     import subprocess
@@ -112,6 +114,7 @@ def test_the_endpoint_refuses_pickled_arguments(gateway_root):
             engine.result(future)
 
 
+@pytest.mark.slow
 def test_proxies_survive_the_worker_and_the_engine_that_started_them(gateway_root):
     gw = make_gateway(gateway_root, "survive-ep")
     engine = engine_for(gw.settings_path, max_workers=1).__enter__()
@@ -138,6 +141,7 @@ def test_proxies_survive_the_worker_and_the_engine_that_started_them(gateway_roo
     assert not identity.alive()
 
 
+@pytest.mark.slow
 def test_restart_keeps_state_and_reports_a_dead_proxy_without_touching_a_reused_pid(
         gateway_root):
     """State survives the gateway's restart; a proxy recorded as running is checked by
@@ -191,6 +195,7 @@ def test_restart_keeps_state_and_reports_a_dead_proxy_without_touching_a_reused_
         bystander.wait()
 
 
+@pytest.mark.slow
 def test_lease_expiry_is_reaped_by_any_later_call(gateway_root):
     gw = make_gateway(gateway_root, "lease-ep")
     with engine_for(gw.settings_path) as engine:
@@ -201,9 +206,9 @@ def test_lease_expiry_is_reaped_by_any_later_call(gateway_root):
         time.sleep(1.1)
         # Any function reaps, even one about another stream.
         assert engine.call("renew", {"uid": keep, "lease_s": 600})["uid"] == keep
-        # Its proxy is gone, unless it is the gateway's native relay, which runs on
-        # for `keep` (the freed ports below show the stream left it).
-        assert not identity.alive() or engine.call("status", {"uid": keep})["pid"] == pid
+        # The gateway's one native relay runs on for `keep`, without the expired stream.
+        assert identity.alive() and engine.call("status", {"uid": keep})["pid"] == pid
+        assert NativeBackend.relay_streams(gw.settings.state_dir) == [keep]
         assert all(port_is_free(a) for a in reply["listeners"])
         assert not (gw.settings.state_dir / "streams" / uid).exists()
         assert engine.call("status", {"uid": uid})["state"] == "EXPIRED"
@@ -211,6 +216,7 @@ def test_lease_expiry_is_reaped_by_any_later_call(gateway_root):
         engine.call("release", {"uid": keep})
 
 
+@pytest.mark.slow
 def test_connect_to_a_dead_proxy_is_conn_error_and_the_failure_is_kept(gateway_root):
     gw = make_gateway(gateway_root, "dead-ep")
     with engine_for(gw.settings_path) as engine:

@@ -23,8 +23,10 @@ from scistream_gateway.errors import Unavailable
 from scistream_gateway.service import FAULTS_ENV
 from scistream_prefect import LocalGateway, LocalPair
 from scistream_proxy.leaks import port_is_free, working_dirs
-from test_backends_docker import containers_of, skip_reason
-from test_faults import kill_workers, plant
+from dockerkit import containers_of, skip_reason
+from gatewaykit import kill_workers, plant
+
+pytestmark = pytest.mark.docker
 
 CONTAINER = ("haproxy-docker", "nginx-docker")
 _SLICES = itertools.count(11500, 20)

@@ -23,6 +23,8 @@ from backend_chain import skip_reason
 from conftest import make_gateway
 from scistream_proxy.process import ProcessIdentity
 
+pytestmark = pytest.mark.slow
+
 BENCH = Path(__file__).parent.parent / "bench" / "soak.py"
 SOAK_PORTS = (10000, 10999)  # helper range of this suite (the docker one uses 11500-12999)
 

@@ -21,7 +21,7 @@ from scistream_proxy.addresses import parse_address
 from scistream_proxy.engines import reset_now
 from scistream_proxy.ktls import ktls_available
 
-from test_native_relay import KEY, Server, _release, _reserve
+from relaykit import KEY, Server, release_both, reserve_end
 
 
 class _Frame:
@@ -169,8 +169,8 @@ def _open_through(producer, consumer, app_address, attack):
     """A TLS stream whose consumer relay reaches the producer relay only through a
     ManInTheMiddle with ``attack``."""
     uid = str(uuid.uuid4())
-    prod = _reserve(producer, "PROD", uid)
-    cons = _reserve(consumer, "CONS", uid)
+    prod = reserve_end(producer, "PROD", uid)
+    cons = reserve_end(consumer, "CONS", uid)
     producer.call("hello", {"uid": uid, "key": KEY, "role": "PROD",
                             "app_listeners": [app_address]})
     mitm = ManInTheMiddle(prod["listeners"][0], attack)
@@ -248,7 +248,7 @@ def test_an_attack_on_the_hop_is_a_reset_and_delivers_nothing_forged(gateways, a
             time.sleep(0.05)
         status = producer.call("status", {"uid": uid})
     finally:
-        _release(producer, consumer, uid)
+        release_both(producer, consumer, uid)
         server.close()
         mitm.close()
     # The producer app got an exact prefix of what was sent (only authenticated frames),

@@ -15,6 +15,10 @@ from scistream_gateway.settings import CONFIG_ENV, GatewaySettings
 from scistream_gateway.store import Store
 from scistream_proxy.leaks import port_is_free, proxy_pids
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 PROCESSES = 50
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from scistream_proxy.process import (
+    LAUNCH_ENV,
     LaunchPlan,
     ProcessIdentity,
     ProxyStartError,
@@ -80,11 +81,24 @@ def test_survival_report_warns_inside_a_service_cgroup():
                            )["warning"] is None
 
 
-def test_gateway_info_reports_how_proxies_are_launched(gateways):
-    info = gateways[0].call("gateway_info", {})
-    assert info["proxy_launch"]["launch"] in ("direct", "systemd-scope")
-    assert info["warnings"] == ([info["proxy_launch"]["warning"]]
-                                if info["proxy_launch"]["warning"] else [])
+def test_gateway_info_reports_how_proxies_are_launched(gateway_root, monkeypatch):
+    """Two launch settings whose outcome is known here: a direct launch, outside any
+    endpoint's service unit, warns of nothing; systemd asked for where no scope can be
+    made is the one warning, that every reserve will fail."""
+    from conftest import make_gateway
+
+    monkeypatch.setenv(LAUNCH_ENV, "direct")  # the gateway's workers inherit it
+    info = make_gateway(gateway_root, "direct-gw").call("gateway_info", {})
+    assert info["proxy_launch"]["launch"] == "direct"
+    assert info["proxy_launch"]["warning"] is None and info["warnings"] == []
+    if Path("/run/systemd/system").exists():
+        pytest.skip("systemd manages this machine: a scope can be made here")
+    monkeypatch.setenv(LAUNCH_ENV, "systemd")
+    info = make_gateway(gateway_root, "systemd-gw").call("gateway_info", {})
+    assert info["proxy_launch"]["launch"] == "direct"
+    (warning,) = info["warnings"]
+    assert warning.startswith(f"{LAUNCH_ENV}=systemd but no systemd scope can be made here")
+    assert warning.endswith("every reserve will fail")
 
 
 def _standin_systemd_run(tmp_path: Path) -> Path:

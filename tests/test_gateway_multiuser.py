@@ -22,6 +22,8 @@ import pytest
 from scistream_gateway.settings import GatewaySettings
 from scistream_proxy.leaks import port_is_free, proxy_pids
 
+pytestmark = pytest.mark.root
+
 USERS = ("scistream-test-a", "scistream-test-b")
 PORTS = (30300, 30311)  # both users get the same 12 ports
 

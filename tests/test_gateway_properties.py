@@ -20,24 +20,9 @@ from scistream_gateway.errors import ERROR_CODES
 from scistream_gateway.settings import CONFIG_ENV, GatewaySettings
 from scistream_proxy.leaks import proxy_pids
 
-KEY = "the-right-hello-key"
-APP = "127.0.0.1:5074"
+from badinputkit import APP, KEY, dump_state
 
-
-def dump_state(state_dir: Path) -> dict:
-    """Everything a gateway keeps: its tables and every other file in its state dir."""
-    with sqlite3.connect(state_dir / "state.sqlite3") as db:
-        tables = {name: db.execute(f"SELECT * FROM {name} ORDER BY 1").fetchall()
-                  for name in ("streams", "ports")}
-    files = {}
-    for path in sorted(state_dir.rglob("*")):
-        if path.name.startswith("state.sqlite3"):
-            continue  # compared as tables above (WAL checkpoints move bytes around)
-        info = path.lstat()
-        content = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-        files[str(path.relative_to(state_dir))] = (info.st_mode, info.st_size, content)
-    return {"tables": tables, "files": files}
-
+pytestmark = pytest.mark.slow
 
 class World:
     """One gateway with one stream in HELLO state (so wait_hello never blocks)."""

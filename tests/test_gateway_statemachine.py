@@ -22,6 +22,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -37,6 +38,8 @@ from scistream_gateway import functions
 from scistream_gateway.settings import CONFIG_ENV, GatewaySettings
 from scistream_proxy.leaks import port_is_free, proxy_pids
 from scistream_proxy.process import ProcessIdentity
+
+pytestmark = pytest.mark.slow
 
 CAPACITY = 10_000
 ACTIVE = ("RESERVED", "HELLO", "CONNECTED", "FAILED")

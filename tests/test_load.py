@@ -31,6 +31,10 @@ from scistream_prefect.cli import parse_size
 from scistream_proxy.leaks import port_is_free, proxy_pids
 from scistream_proxy.addresses import parse_address
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 STREAMS = int(os.environ.get("SCISTREAM_LOAD_STREAMS", "200"))
 NUM_CONN = int(os.environ.get("SCISTREAM_LOAD_NUM_CONN", "2"))
 BYTES = parse_size(os.environ.get("SCISTREAM_LOAD_BYTES", "1MiB"))

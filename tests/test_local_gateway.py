@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -10,13 +9,9 @@ import textwrap
 import pytest
 
 from scistream_prefect import Timeout, Unavailable
-from scistream_prefect.gateways import _POOLS
 
 from conftest import make_gateway
-
-
-def _pool(gw):
-    return _POOLS[(os.getpid(), str(gw.settings_path), gw.workers)]
+from gatewaykit import kill_workers, reserve
 
 
 def test_a_call_that_outlives_its_timeout_is_killed_and_the_gateway_recovers(gateway_root):
@@ -24,8 +19,6 @@ def test_a_call_that_outlives_its_timeout_is_killed_and_the_gateway_recovers(gat
     gw.call("gateway_info", {})
     with pytest.raises(Timeout, match="did not finish"):
         # wait_hello on an unknown uid fails fast, so use a long-poll on a real stream.
-        from test_gateway_functions import reserve
-
         uid, _, _ = reserve(gw)
         try:
             gw.call("wait_hello", {"uid": uid, "timeout_s": 5}, timeout_s=0.5)
@@ -37,22 +30,22 @@ def test_a_call_that_outlives_its_timeout_is_killed_and_the_gateway_recovers(gat
 def test_a_worker_that_dies_idle_is_replaced_transparently(gateway_root):
     gw = make_gateway(gateway_root, "fragile-gw", size=4)
     gw.warm_up()
-    old = [w.proc.pid for w in _pool(gw).idle]
-    for worker in _pool(gw).idle:
-        worker.proc.kill()
-        worker.proc.wait()
+    old = kill_workers(gw)
+    assert len(old) == gw.workers
     assert gw.call("gateway_info", {})["name"] == "fragile-gw"
-    assert not set(old) & {w.proc.pid for w in _pool(gw).idle}
+    new = gw.worker_pids()
+    assert new and not set(old) & set(new)
 
 
 def test_a_worker_that_dies_during_a_call_is_unavailable(gateway_root):
     import threading
     import time
 
-    from test_gateway_functions import reserve
-
     gw = make_gateway(gateway_root, "fragile-gw", size=4)
     uid, _, _ = reserve(gw)
+    # With no worker left, the long-poll's pool starts one and hands it to the call the
+    # moment it is ready: a worker that shows up below is the one running that call.
+    gw.close()
     outcome: list[BaseException] = []
 
     def long_poll() -> None:
@@ -63,11 +56,11 @@ def test_a_worker_that_dies_during_a_call_is_unavailable(gateway_root):
 
     poller = threading.Thread(target=long_poll)
     poller.start()
-    deadline = time.monotonic() + 10
-    while not _pool(gw).busy and time.monotonic() < deadline:
+    deadline = time.monotonic() + 30
+    while not gw.worker_pids():
+        assert time.monotonic() < deadline, "no worker started for the long-poll"
         time.sleep(0.01)
-    for worker in list(_pool(gw).busy):
-        worker.proc.kill()
+    assert len(kill_workers(gw)) == 1
     poller.join(timeout=30)
     assert len(outcome) == 1 and isinstance(outcome[0], Unavailable), outcome
     assert "workers.log" in str(outcome[0])
@@ -76,6 +69,7 @@ def test_a_worker_that_dies_during_a_call_is_unavailable(gateway_root):
     gw.call("release", {"uid": uid})
 
 
+@pytest.mark.slow
 def test_works_from_a_script_without_a_main_guard(gateway_root, tmp_path):
     """Workers never re-import the caller's __main__ (as multiprocessing's spawn would)."""
     gw = make_gateway(gateway_root, "script-gw")
@@ -106,11 +100,10 @@ def test_requests_really_cross_the_globus_compute_serializer(gateway_root):
         gw.call("status", {"uid": ["not", "a", "string"]})
 
 
+@pytest.mark.slow
 def test_a_stream_outlives_the_workers_that_started_it(gateways, producer_app):
     """Proxies are detached (own session, reparented): killing every worker process of
     both gateways, as an endpoint restart would, does not touch a running stream."""
-    import signal
-
     from scistream_prefect import open_stream, release_stream
 
     from conftest import run_consumer
@@ -120,9 +113,7 @@ def test_a_stream_outlives_the_workers_that_started_it(gateways, producer_app):
     handle = open_stream(producer, consumer, num_conn=2, app_listeners=app.listeners)
     try:
         for gw in (producer, consumer):
-            for worker in _pool(gw).idle:
-                os.killpg(worker.proc.pid, signal.SIGKILL)
-                worker.proc.wait()
+            kill_workers(gw)
         code, received = run_consumer(handle.listeners)
         assert code == 0 and sum(r["bytes"] for r in received) == 32 << 20
         assert sorted(r["sha256"] for r in received) == sorted(r["sha256"] for r in app.result())

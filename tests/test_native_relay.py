@@ -28,8 +28,8 @@ from scistream_proxy.process import ProcessIdentity
 from scistream_proxy.relay_files import CONTROL_SOCKET, relay_dir_of
 
 from conftest import make_gateway
+from relaykit import KEY, Server, release_both, reserve_end
 
-KEY = "relay-test-key"
 # How a stream's connections move bytes: TLS with sealed frames between the two native
 # relays (where the kernel has no TLS; else TLS records with kernel TLS), or plain TCP
 # both sides (copied or spliced by how busy the pump is). A throttled connection runs a
@@ -63,16 +63,11 @@ def _counts(status: dict, mode: str, n: int, throttled: bool = False) -> tuple[d
     return counted, {k: v for k, v in expected.items() if v is not None or k == "aead"}
 
 
-def _reserve(gw, role, uid, num_conn=1, rate=0):
-    return gw.call("reserve", {"uid": uid, "role": role, "num_conn": num_conn, "rate": rate,
-                               "key_sha256": hashlib.sha256(KEY.encode()).hexdigest()})
-
-
 def _open(producer, consumer, app_listeners, *, tls=True, rate=0) -> tuple[str, list[str]]:
     """Both ends of a stream through the gateway calls; returns (uid, consumer listeners)."""
     uid, num_conn = str(uuid.uuid4()), len(app_listeners)
-    prod = _reserve(producer, "PROD", uid, num_conn, rate)
-    cons = _reserve(consumer, "CONS", uid, num_conn, rate)
+    prod = reserve_end(producer, "PROD", uid, num_conn, rate)
+    cons = reserve_end(consumer, "CONS", uid, num_conn, rate)
     producer.call("hello", {"uid": uid, "key": KEY, "role": "PROD",
                             "app_listeners": app_listeners})
 
@@ -85,40 +80,6 @@ def _open(producer, consumer, app_listeners, *, tls=True, rate=0) -> tuple[str, 
     producer.call("connect", {"uid": uid, "remote_listeners": cons["listeners"], **peer(cons)})
     consumer.call("connect", {"uid": uid, "remote_listeners": prod["listeners"], **peer(prod)})
     return uid, cons["listeners"]
-
-
-def _release(producer, consumer, uid):
-    producer.call("release", {"uid": uid})
-    consumer.call("release", {"uid": uid})
-
-
-class Server:
-    """A threaded TCP server behind the producer gateway; ``handler(conn)`` per connection."""
-
-    def __init__(self, handler):
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=128)
-        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        self.handler = handler
-        self.errors: list[BaseException] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
-
-    def _run(self, conn):
-        try:
-            with conn:
-                self.handler(conn)
-        except BaseException as exc:  # noqa: BLE001 - the test asserts on it
-            self.errors.append(exc)
-
-    def close(self):
-        self.sock.close()
 
 
 def _echo(conn):
@@ -167,7 +128,7 @@ def test_many_connections_on_one_stream_keep_every_byte(gateways, mode):
             thread.join(timeout=120)
         statuses = [gw.call("status", {"uid": uid}) for gw in (producer, consumer)]
     finally:
-        _release(producer, consumer, uid)
+        release_both(producer, consumer, uid)
         server.close()
     assert all(r is not None and hashlib.sha256(r).digest() == hashlib.sha256(p).digest()
                for r, p in zip(results, payloads, strict=True))
@@ -196,6 +157,7 @@ def _slow_sink(received: dict):
     return handler
 
 
+@pytest.mark.slow
 def test_half_close_from_the_consumer_delivers_everything_with_partial_writes(gateways, mode):
     producer, consumer = gateways
     tls = mode == "tls"
@@ -215,12 +177,13 @@ def test_half_close_from_the_consumer_delivers_everything_with_partial_writes(ga
         while not received and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
-        _release(producer, consumer, uid)
+        release_both(producer, consumer, uid)
         server.close()
     assert not server.errors
     assert received == {len(payload): hashlib.sha256(payload).hexdigest()}
 
 
+@pytest.mark.slow
 def test_half_close_from_the_producer_is_a_clean_end_after_every_byte(gateways, mode):
     producer, consumer = gateways
     tls = mode == "tls"
@@ -242,11 +205,12 @@ def test_half_close_from_the_producer_is_a_clean_end_after_every_byte(gateways, 
             while chunk := sock.recv(5000):  # small reads; ends with b"", not a reset
                 got += chunk
     finally:
-        _release(producer, consumer, uid)
+        release_both(producer, consumer, uid)
         server.close()
     assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
 
 
+@pytest.mark.slow
 def test_rate_limited_stream_keeps_every_byte(gateways, mode):
     producer, consumer = gateways
     tls = mode == "tls"
@@ -257,7 +221,7 @@ def test_rate_limited_stream_keeps_every_byte(gateways, mode):
         back = _echo_roundtrip(listeners[0], payload)
         status = consumer.call("status", {"uid": uid})
     finally:
-        _release(producer, consumer, uid)
+        release_both(producer, consumer, uid)
         server.close()
     assert hashlib.sha256(back).digest() == hashlib.sha256(payload).digest()
     counted, expected = _counts(status, mode, 1, throttled=True)
@@ -287,13 +251,14 @@ def test_tls_hop_negotiates_aes_128_gcm_and_a_peer_without_frames_gets_tls_recor
                 cipher, alpn = tls.cipher(), tls.selected_alpn_protocol()
         status = producer.call("status", {"uid": uid})["connections"]
     finally:
-        _release(producer, consumer, uid)
+        release_both(producer, consumer, uid)
         server.close()
     assert cipher[0] == "TLS_AES_128_GCM_SHA256" and cipher[1] == "TLSv1.3"
     assert alpn is None
     assert status["frames"] == 0 and status["total"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(ktls_available() is not None, reason=str(ktls_available()))
 def test_kernel_tls_is_engaged_where_the_kernel_offers_it(gateways):
     producer, consumer = gateways
@@ -304,7 +269,7 @@ def test_kernel_tls_is_engaged_where_the_kernel_offers_it(gateways):
         back = _echo_roundtrip(listeners[0], payload)
         statuses = [gw.call("status", {"uid": uid}) for gw in (producer, consumer)]
     finally:
-        _release(producer, consumer, uid)
+        release_both(producer, consumer, uid)
         server.close()
     assert back == payload
     # OpenSSL hands at least the sending direction to the kernel where it can.
@@ -324,13 +289,13 @@ def test_one_relay_per_gateway_hosts_many_streams_and_exits_with_the_last(gatewa
             assert _echo_roundtrip(listeners[0], b"x" * 100_000) == b"x" * 100_000
         # Releasing all but the last keeps the relay; the last release ends it.
         for uid, _ in streams[:-1]:
-            _release(producer, consumer, uid)
+            release_both(producer, consumer, uid)
         assert _relay_pid(producer) == prod_pid
         last_uid, last_listeners = streams[-1]
         assert _echo_roundtrip(last_listeners[0], b"y" * 1000) == b"y" * 1000
     finally:
         for uid, _ in streams:
-            _release(producer, consumer, uid)
+            release_both(producer, consumer, uid)
         server.close()
     assert proxy_pids(under=gateway_root) == []
     relay_dir = Path(producer.settings_path).parent / "relay"
@@ -338,6 +303,7 @@ def test_one_relay_per_gateway_hosts_many_streams_and_exits_with_the_last(gatewa
     assert all(port_is_free(a) for _, ls in streams for a in ls)
 
 
+@pytest.mark.slow
 def test_a_killed_relay_shows_in_every_stream_and_the_next_reserve_starts_another(gateways):
     producer, consumer = gateways
     server = Server(_echo)
@@ -352,7 +318,7 @@ def test_a_killed_relay_shows_in_every_stream_and_the_next_reserve_starts_anothe
         assert all(s["alive"] is False and s["state"] == "FAILED" for s in statuses)
         assert all(consumer.call("status", {"uid": u})["alive"] for u, _ in streams)
         for uid, _ in streams:
-            _release(producer, consumer, uid)
+            release_both(producer, consumer, uid)
         # A new reserve replaces the dead relay (its stale control socket included).
         uid, listeners = _open(producer, consumer, [server.address])
         streams.append((uid, listeners))
@@ -360,7 +326,7 @@ def test_a_killed_relay_shows_in_every_stream_and_the_next_reserve_starts_anothe
         assert _echo_roundtrip(listeners[0], b"z" * 50_000) == b"z" * 50_000
     finally:
         for uid, _ in streams:
-            _release(producer, consumer, uid)
+            release_both(producer, consumer, uid)
         server.close()
 
 
@@ -373,6 +339,7 @@ def _start_and_die(stream_dir: str, port: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("others", [0, 1], ids=["alone", "beside-another-stream"])
 def test_abandon_drops_a_stream_whose_handle_was_never_recorded(gateways, others):
     producer, consumer = gateways
@@ -401,11 +368,12 @@ def test_abandon_drops_a_stream_whose_handle_was_never_recorded(gateways, others
             assert not relay_dir_of(stream_dir).joinpath(CONTROL_SOCKET).exists()
     finally:
         for uid_, _ in kept:
-            _release(producer, consumer, uid_)
+            release_both(producer, consumer, uid_)
         server.close()
         shutil.rmtree(stream_dir)
 
 
+@pytest.mark.slow
 def test_a_retried_reserve_replaces_the_stream_a_dead_worker_left_in_the_relay(gateways):
     _, consumer = gateways
     state_dir = Path(consumer.settings_path).parent

@@ -25,6 +25,7 @@ def test_the_package_is_a_prefect_collection():
     assert "scistream_prefect" in load_prefect_collections()
 
 
+@pytest.mark.slow
 def test_prefect_block_register_finds_every_block(tmp_path):
     from prefect.settings import PREFECT_API_URL
 

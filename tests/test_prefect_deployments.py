@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from pathlib import Path
 
@@ -22,79 +21,16 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
 from conftest import run_consumer
+from deploykit import (  # noqa: F401 - served_scistream_fixture: a fixture
+    Served,
+    forget_deployments,
+    prefect_env,
+    read_deployment,
+    served_scistream_fixture,
+    wait_for,
+)
 
-
-def _env() -> dict:
-    from prefect.settings import PREFECT_API_URL
-
-    return dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value())
-
-
-def _wait(predicate, what: str, timeout: float = 180.0, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"gave up waiting for {what}")
-
-
-def _deployment(name: str):
-    with get_client(sync_client=True) as client:
-        try:
-            return client.read_deployment_by_name(name)
-        except Exception:  # noqa: BLE001 - not there yet
-            return None
-
-
-class Served:
-    """A serving subprocess, stopped (SIGINT, then its process group) afterwards."""
-
-    def __init__(self, argv: list[str], log: Path, cwd: Path | None = None):
-        self.log = log
-        # TMPDIR: Prefect's runner keeps a directory per run under the temp dir
-        # (runner_storage/); this keeps those in the test's own directory.
-        # PYTHONUNBUFFERED: what the runner logs is in the file when it happens.
-        env = dict(_env(), TMPDIR=str(log.parent), PYTHONUNBUFFERED="1")
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                         cwd=cwd, start_new_session=True)
-
-    def tail(self) -> str:
-        return self.log.read_text()[-4000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-
-def _forget_deployments(*names: str) -> None:
-    """So a wait for a deployment sees this test's, not one an earlier test left."""
-    with get_client(sync_client=True) as client:
-        for name in names:
-            deployment = _deployment(name)
-            if deployment is not None:
-                client.delete_deployment(deployment.id)
-
-
-@pytest.fixture
-def served_scistream(tmp_path):
-    _forget_deployments("open-stream/scistream", "release-stream/scistream")
-    served = Served([sys.executable, "-m", "scistream_prefect.cli", "serve"],
-                    tmp_path / "serve.log")
-    try:
-        _wait(lambda: served.proc.poll() is not None or (_deployment("open-stream/scistream")
-              and _deployment("release-stream/scistream")), "the served deployments")
-        assert served.proc.poll() is None, served.tail()
-        yield served
-    finally:
-        served.stop()
+pytestmark = pytest.mark.slow
 
 
 def _active(*gateways) -> list[int]:
@@ -159,7 +95,7 @@ def served_holder(tmp_path):
     script.write_text(HOLDING_FLOW)
     served = Served([sys.executable, str(script)], tmp_path / "hold.log", cwd=tmp_path)
     try:
-        _wait(lambda: served.proc.poll() is not None or _deployment("hold-stream/hold"),
+        wait_for(lambda: served.proc.poll() is not None or read_deployment("hold-stream/hold"),
               "the served hold-stream deployment")
         assert served.proc.poll() is None, served.tail()
         yield served
@@ -173,7 +109,7 @@ def _hold(producer, consumer, app, pid_file: Path):
         "consumer": {"settings_path": str(consumer.settings_path)},
         "app_listeners": app.listeners, "pid_file": str(pid_file),
     })
-    _wait(lambda: pid_file.exists() and pid_file.read_text(), "the session's stream")
+    wait_for(lambda: pid_file.exists() and pid_file.read_text(), "the session's stream")
     assert _active(producer, consumer) == [1, 1]
     return run, int(pid_file.read_text())
 
@@ -192,8 +128,8 @@ def test_a_cancelled_run_releases_its_stream(served_holder, gateways, producer_a
             state = client.read_flow_run(run.id).state
             return state.is_cancelled() and _active(producer, consumer) == [0, 0]
 
-        _wait(cancelled, "the run cancelled and its stream released", timeout=240)
-    _wait(lambda: "Hook 'release_session_streams' finished running successfully"
+        wait_for(cancelled, "the run cancelled and its stream released", timeout=240)
+    wait_for(lambda: "Hook 'release_session_streams' finished running successfully"
           in served_holder.tail(), "the cancellation hook", timeout=60)
 
 
@@ -208,7 +144,7 @@ def test_a_killed_run_is_released_by_the_hook_from_stored_identifiers(
     assert Variable.get(f"scistream-session-{run.id}", default=None)
     os.kill(pid, signal.SIGKILL)
     with get_client(sync_client=True) as client:
-        _wait(lambda: client.read_flow_run(run.id).state.is_crashed()
+        wait_for(lambda: client.read_flow_run(run.id).state.is_crashed()
               and _active(producer, consumer) == [0, 0]
               and Variable.get(f"scistream-session-{run.id}", default=None) is None,
               "the crashed run's stream released by the hook", timeout=240)
@@ -219,8 +155,8 @@ def test_a_killed_run_is_released_by_the_hook_from_stored_identifiers(
 def test_prefect_yaml_deploys_both_flows_to_a_process_pool(tmp_path):
     """``prefect deploy --all`` accepts prefect.yaml as shipped (against the harness)."""
     root = Path(__file__).parent.parent
-    env = _env()
-    _forget_deployments("open-stream/scistream", "release-stream/scistream")
+    env = prefect_env()
+    forget_deployments("open-stream/scistream", "release-stream/scistream")
     pool = subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", "scistream",
                            "--type", "process", "--overwrite"], capture_output=True, text=True,
                           timeout=300, env=env, cwd=root)
@@ -229,7 +165,7 @@ def test_prefect_yaml_deploys_both_flows_to_a_process_pool(tmp_path):
                           capture_output=True, text=True, timeout=300, env=env, cwd=root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in ("open-stream/scistream", "release-stream/scistream"):
-        deployment = _deployment(name)
+        deployment = read_deployment(name)
         assert deployment is not None and deployment.work_pool_name == "scistream", name
         assert deployment.entrypoint.startswith("scistream_prefect/flows/streams.py:")
         assert "producer" in deployment.parameter_openapi_schema["properties"]

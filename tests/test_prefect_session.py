@@ -77,6 +77,7 @@ def _flow_run_id():
     return FlowRunContext.get().flow_run.id
 
 
+@pytest.mark.slow
 def test_a_failing_block_still_releases_and_the_error_is_the_users(gateways, producer_app):
     producer, consumer = gateways
     app = producer_app(1, 1024)
@@ -95,6 +96,7 @@ def test_a_failing_block_still_releases_and_the_error_is_the_users(gateways, pro
     assert "RELEASED after ValueError" in summary.data
 
 
+@pytest.mark.slow
 def test_the_hook_releases_from_stored_identifiers_alone(gateways, producer_app):
     """What a cancelled deployment run does: the flow's process is gone, the hook runs
     elsewhere with only the flow run. Here the run ends in the state a killed session
@@ -122,6 +124,7 @@ def test_the_hook_releases_from_stored_identifiers_alone(gateways, producer_app)
     assert Variable.get(f"scistream-session-{seen['run_id']}", default=None) is None
 
 
+@pytest.mark.slow
 def test_the_hello_key_is_in_no_artifact_log_or_record(gateways, producer_app):
     producer, consumer = gateways
     app = producer_app(1, 1024)

@@ -18,6 +18,7 @@ def _digests(results: list[dict]) -> list[tuple[int, str]]:
     return sorted((r["bytes"], r["sha256"]) for r in results)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain-asked-by-name"])
 def test_stream_carries_checksummed_data(gateways, producer_app, tls):
     producer, consumer = gateways
@@ -85,6 +86,7 @@ def test_a_failed_setup_releases_the_end_that_succeeded(gateway_root, producer_a
     # gateway_root's check: no proxy process of either gateway is left.
 
 
+@pytest.mark.slow
 def test_status_counts_bytes_while_the_stream_runs(gateways, producer_app):
     import socket
 

@@ -73,6 +73,7 @@ def test_consumer_proxy_refuses_a_server_that_is_not_the_pinned_peer(gateways, t
     assert status["connections"]["failed"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("present_cert", [True, False], ids=["own-cert", "no-cert"])
 def test_producer_proxy_refuses_a_client_that_is_not_the_pinned_peer(
         gateways, producer_app, tmp_path, present_cert):
@@ -142,6 +143,7 @@ def test_traffic_flows_both_ways_through_the_tls_hop(gateways):
     assert hashlib.sha256(back).digest() == hashlib.sha256(payload).digest()
 
 
+@pytest.mark.slow
 def test_a_killed_producer_proxy_is_a_reset_not_a_clean_end(gateways, producer_app):
     """Truncation must never look like the end of the data to the consumer app."""
     producer, consumer = gateways
@@ -160,6 +162,7 @@ def test_a_killed_producer_proxy_is_a_reset_not_a_clean_end(gateways, producer_a
         release_stream(producer, consumer, handle.uid)
 
 
+@pytest.mark.slow
 def test_rate_limit_is_enforced(gateways, producer_app):
     producer, consumer = gateways
     total = 4 << 20
@@ -179,6 +182,7 @@ def test_rate_limit_is_enforced(gateways, producer_app):
     assert elapsed >= 1.5, elapsed
 
 
+@pytest.mark.slow
 def test_a_consumer_that_hangs_up_stops_the_producer_promptly(gateways, producer_app):
     """A half-close from the consumer is only that: the producer's data keeps flowing
     to it, as over a direct TCP connection. When the consumer then hangs up with data in
