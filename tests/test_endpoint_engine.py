@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from scistream_gateway.engine import engine_for
-from scistream_proxy.backends import NativeBackend
+from scistream_proxy.native_backend import NativeBackend
 from scistream_proxy.leaks import port_is_free
 from scistream_proxy.process import ProcessIdentity
 
