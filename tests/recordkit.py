@@ -87,7 +87,14 @@ def encodings(secret: str) -> list[bytes]:
 
 
 def files_containing(root: Path, secret: str) -> list[Path]:
-    """Files under ``root`` that hold ``secret``, as it is or in base64."""
+    """Files under ``root`` that hold ``secret``, as it is or in base64 (also broken
+    into lines, as Prefect stores a result: MIME base64, 76 characters a line)."""
     needles = encodings(secret)
-    return [path for path in sorted(root.rglob("*")) if path.is_file()
-            and any(needle in path.read_bytes() for needle in needles)]
+    found = []
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            data = path.read_bytes()
+            joined = data.replace(b"\r", b"").replace(b"\n", b"")
+            if any(needle in text for needle in needles for text in (data, joined)):
+                found.append(path)
+    return found
