@@ -31,6 +31,8 @@ PAGE = 200
 
 @dataclass
 class RunRecords:
+    """Flow runs, their task runs, and the log lines of either, as the API holds them."""
+
     flow_runs: list[FlowRun]
     task_runs: list[TaskRun]
     logs: list[Log]
