@@ -314,7 +314,7 @@ class ContainerBackend(HeldPortsBackend):
                 client.close()
         holder = _identity(handle.get("holder"))
         if holder is not None:
-            self._stop_holder(stream_dir, holder)  # asks it to go, then terminate()
+            self._stop_holder(stream_dir, holder)  # asks it to go, then stops it
 
 
     def abandon(self, stream_dir: Path, uid: str) -> None:
