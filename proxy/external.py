@@ -440,7 +440,8 @@ class NginxBackend(HeldPortsBackend):
 
     @staticmethod
     def config(handle: dict, *, targets: list[str], tls: bool, peer_cert_file: str | None,
-               listens: list[str], load_module: str | None, pid_file: str) -> str:
+               listens: list[str], load_module: str | None, pid_file: str,
+               single_process: bool = False) -> str:
         server = handle["role"] == "PROD"
         extra = []
         if handle["rate"]:
@@ -471,7 +472,11 @@ class NginxBackend(HeldPortsBackend):
                             target=targets[index % len(targets)],
                             extra="".join(f"        {line}\n" for line in extra))
             for index, listen in enumerate(listens))
+        # One process in a container: the engine supervises it, and a master started as
+        # root would need CAP_SETUID/CAP_SETGID to hand its worker to another user.
+        process_model = "master_process off;" if single_process else "worker_processes 1;"
         return render_template("nginx.conf", servers=servers, pid_file=pid_file,
+                               process_model=process_model,
                                load_module=f"load_module {load_module};" if load_module else "")
 
     def render(self, stream_dir, handle, *, targets, tls, peer_cert_file):
