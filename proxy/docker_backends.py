@@ -147,6 +147,15 @@ def _listening_inodes(host: str, port: int) -> set[int]:
     return found
 
 
+def _gateway_user(client) -> str:
+    """The container user that is the gateway's own uid:gid on the host. A rootless
+    engine maps its container uid 0 to the user that runs it (the gateway's user)."""
+    security = client.info().get("SecurityOptions") or []
+    if any("name=rootless" in option for option in security):
+        return "0:0"
+    return f"{os.getuid()}:{os.getgid()}"
+
+
 def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", text)[:40] or "gw"
 
@@ -242,7 +251,7 @@ class ContainerBackend(HeldPortsBackend):
         try:
             container = client.containers.run(
                 self.image, command, name=name, labels=labels, detach=True,
-                network_mode="host", user=f"{os.getuid()}:{os.getgid()}",
+                network_mode="host", user=_gateway_user(client),
                 working_dir=CONF_DIR, mounts=mounts, read_only=True, cap_drop=["ALL"],
                 security_opt=["no-new-privileges"], init=False,
                 pids_limit=self.options.pids_limit,

@@ -80,3 +80,10 @@ def test_settings_that_allow_a_backend(tmp_path: Path, body: str):
     path = tmp_path / "gateway.toml"
     path.write_text('[gateway]\nname = "x"\nstate_dir = "/s"\n' + body + "\n")
     GatewaySettings.from_toml(path)
+
+
+def test_the_shipped_multi_user_example_is_shared():
+    example = (Path(__file__).parent.parent / "endpoint_configs" / "multi_user"
+               / "gateway.user.example.toml")
+    settings = GatewaySettings.from_toml(example)
+    assert settings.shared is True and settings.docker_host == ""
