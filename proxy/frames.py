@@ -81,10 +81,11 @@ def traffic_secrets(client_random: bytes, server_random: bytes) -> tuple[bytes, 
     from cryptography.hazmat.primitives.hashes import SHA256
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-    return tuple(  # type: ignore[return-value]
-        HKDF(SHA256(), SECRET_SIZE, _LABEL, _LABEL + b" " + direction)
-        .derive(client_random + server_random)
-        for direction in (b"client to server", b"server to client"))
+    def secret(direction: bytes) -> bytes:
+        return HKDF(SHA256(), SECRET_SIZE, _LABEL, _LABEL + b" " + direction).derive(
+            client_random + server_random)
+
+    return secret(b"client to server"), secret(b"server to client")
 
 
 def key_and_iv(secret: bytes) -> tuple[bytes, bytes]:

@@ -18,6 +18,7 @@ import struct
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -716,6 +717,49 @@ def _echo(conn):
         conn.sendall(memoryview(buf)[:n])
 
 
+def _open(producer, consumer, app_address):
+    """A TLS stream between the two gateways' relays: (uid, PROD reserve, CONS reserve)."""
+    uid = str(uuid.uuid4())
+    prod = reserve_end(producer, "PROD", uid)
+    cons = reserve_end(consumer, "CONS", uid)
+    producer.call("hello", {"uid": uid, "key": KEY, "role": "PROD",
+                            "app_listeners": [app_address]})
+    producer.call("connect", {"uid": uid, "remote_listeners": cons["listeners"],
+                              "peer_fingerprint": cons["cert_fingerprint"],
+                              "peer_certificate": cons["certificate"]})
+    consumer.call("connect", {"uid": uid, "remote_listeners": prod["listeners"],
+                              "peer_fingerprint": prod["cert_fingerprint"],
+                              "peer_certificate": prod["certificate"]})
+    return uid, prod, cons
+
+
+@pytest.mark.skipif(ktls_available() is None, reason="the kernel has TLS: no frames")
+def test_a_relay_serves_a_peer_of_an_unknown_frames_version_tls_records(gateways):
+    """A pinned client offering only scistream-frames/3 (as a newer relay might) is
+    served as a peer without frames: no ALPN, TLS records, the bytes intact."""
+    producer, consumer = gateways
+    server = Server(_echo)
+    uid, prod, _ = _open(producer, consumer, server.address)
+    cons_dir = Path(consumer.settings_path).parent / "streams" / uid
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_cert_chain(cons_dir / "cert.pem", cons_dir / "key.pem")
+    ctx.set_alpn_protocols(["scistream-frames/3"])
+    try:
+        with socket.create_connection(parse_address(prod["listeners"][0]), timeout=30) as raw:
+            with ctx.wrap_socket(raw) as tls:
+                tls.sendall(b"ping")
+                assert tls.recv(4) == b"ping"
+                alpn = tls.selected_alpn_protocol()
+        status = producer.call("status", {"uid": uid})["connections"]
+    finally:
+        release_both(producer, consumer, uid)
+        server.close()
+    assert alpn is None
+    assert status["frames"] == 0 and status["total"] == 1
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(ktls_available() is None, reason="the kernel has TLS: no frames")
 def test_a_transfer_past_two_to_the_sixteen_frames_updates_keys_in_step(gateways):
@@ -724,17 +768,7 @@ def test_a_transfer_past_two_to_the_sixteen_frames_updates_keys_in_step(gateways
     frames); every message comes back intact."""
     producer, consumer = gateways
     server = Server(_echo)
-    uid = str(uuid.uuid4())
-    prod = reserve_end(producer, "PROD", uid)
-    cons = reserve_end(consumer, "CONS", uid)
-    producer.call("hello", {"uid": uid, "key": KEY, "role": "PROD",
-                            "app_listeners": [server.address]})
-    producer.call("connect", {"uid": uid, "remote_listeners": cons["listeners"],
-                              "peer_fingerprint": cons["cert_fingerprint"],
-                              "peer_certificate": cons["certificate"]})
-    consumer.call("connect", {"uid": uid, "remote_listeners": prod["listeners"],
-                              "peer_fingerprint": prod["cert_fingerprint"],
-                              "peer_certificate": prod["certificate"]})
+    uid, prod, cons = _open(producer, consumer, server.address)
     rounds = frames.REKEY_FRAMES + 500
     try:
         with socket.create_connection(parse_address(cons["listeners"][0]), timeout=30) as sock:
