@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from scistream_proxy import frames, streams
@@ -32,6 +32,7 @@ from scistream_proxy.ktls import ktls_available
 from scistream_proxy.limits import Counters, TokenBucket
 from scistream_proxy.tls import generate_certificate, pinned_context
 
+from badinputkit import HYPOTHESIS
 from relaykit import KEY, Server, release_both, reserve_end
 
 # Known answers, computed with OpenSSL's HKDF (not the relay's code), for
@@ -270,8 +271,7 @@ def _exchange_on(server: ssl.SSLSocket) -> tuple[dict, threading.Thread]:
     return box, thread
 
 
-@settings(max_examples=40, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@HYPOTHESIS
 @given(magic=st.sampled_from([frames.HELLO_MAGIC, b"SSF1", b"SSF3", b"\0\0\0\0"]),
        cuts=st.lists(st.integers(1, frames.HELLO_SIZE - 1), max_size=3, unique=True),
        extra=st.binary(max_size=24))
@@ -364,8 +364,7 @@ _payload_sizes = st.one_of(st.integers(0, 3000), st.integers(130_000, 300_000))
 
 
 @pytest.mark.parametrize("engine", ["pump", "threads"])
-@settings(max_examples=40, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@HYPOTHESIS
 @given(sizes=st.lists(_payload_sizes, max_size=5), final=st.booleans(),
        trailer=st.one_of(st.just(b""), st.binary(min_size=1, max_size=40)),
        tamper=st.one_of(
