@@ -608,6 +608,9 @@ def test_an_attack_on_the_frames_is_a_reset_and_delivers_nothing_forged(gateways
     try:
         _send(listener, payload)
         _wait_for(lambda: "end" in state)
+        # The relay counts the failure after it cut the sockets (the app may see the
+        # reset first).
+        _wait_for(lambda: producer.call("status", {"uid": uid})["connections"]["failed"])
         status = producer.call("status", {"uid": uid})
     finally:
         release_both(producer, consumer, uid)
