@@ -18,21 +18,18 @@ import threading
 import time
 from pathlib import Path
 
+from scistream_proxy import procfs
+
 WORKER = b"scistream_gateway.local_worker"
 
 
 def _processes() -> dict[int, tuple[int, list[bytes]]]:
     """pid -> (parent pid, argv) of every process readable now."""
     found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            stat = (proc / "stat").read_text()
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        found[int(proc.name)] = (int(stat[stat.rindex(")") + 2:].split()[1]), argv)
+    for pid in procfs.pids():
+        fields = procfs.stat(pid)
+        if fields is not None:
+            found[pid] = (int(fields[1]), procfs.cmdline(pid))
     return found
 
 
