@@ -24,6 +24,7 @@ from scistream_proxy.process import ProcessIdentity
 
 from conftest import make_gateway
 from gatewaykit import reserve
+from recordkit import run_records
 from scistream_proxy.leaks import port_is_free
 
 
@@ -276,8 +277,10 @@ def test_broken_settings_are_a_server_error_naming_the_file(tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_hello_key_is_never_written_or_recorded(gateways, producer_app):
-    """The key reaches a gateway only in hello: not in gateway files, not in Prefect's
-    records of the runs, not in logs."""
+    """The key reaches a gateway only in hello: not in gateway files, not in the handle,
+    not in Prefect's records of the open and release runs (flow runs, task runs, every
+    log line of either). Each run is named by a marker that its own log must show, so a
+    search that reads nothing fails."""
     from prefect.blocks.system import Secret
 
     from scistream_prefect import open_stream, release_stream
@@ -286,30 +289,29 @@ def test_hello_key_is_never_written_or_recorded(gateways, producer_app):
     app = producer_app(1, 1024)
     key = secrets.token_urlsafe(32)
     Secret(value=key).save("test-hello-key", overwrite=True)
-    handle = open_stream(producer, consumer, num_conn=1, app_listeners=app.listeners,
-                         uid=str(uuid.uuid4()), hello_key_block="test-hello-key")
-    assert handle.hello_key.get_secret_value() == key
+    markers = [f"open-{uuid.uuid4()}", f"release-{uuid.uuid4()}"]
+    opened = open_stream.with_options(flow_run_name=markers[0])(
+        producer, consumer, num_conn=1, app_listeners=app.listeners, uid=str(uuid.uuid4()),
+        hello_key_block="test-hello-key", return_state=True)
+    handle = opened.result()
     try:
         for gw in (producer, consumer):
             for path in gw.settings.state_dir.rglob("*"):
                 if path.is_file():
                     assert key.encode() not in path.read_bytes(), path
     finally:
-        release_stream(producer, consumer, handle.uid)
+        released = release_stream.with_options(flow_run_name=markers[1])(
+            producer, consumer, handle.uid, return_state=True)
+    assert released.is_completed()
     assert key not in repr(handle) and key not in handle.model_dump_json()
-    # Nor in what Prefect recorded: the flow run's parameters, task runs, logs.
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        runs = [r for r in client.read_flow_runs() if r.parameters.get("uid") == handle.uid]
-        leaked = [r.model_dump_json() for r in runs if key in r.model_dump_json()]
-        assert runs and not leaked, leaked[0][:3000] if leaked else ""
-        opened = [r for r in runs if "hello_key_block" in r.parameters]  # not release-stream
-        assert [r.parameters["hello_key_block"] for r in opened] == ["test-hello-key"]
-        tasks = client.read_task_runs()
-        logs = client.read_logs()
-    assert tasks and all(key not in t.model_dump_json() for t in tasks)
-    assert all(key not in log.message for log in logs)
+    records = run_records(opened.state_details.flow_run_id,
+                          released.state_details.flow_run_id)
+    lines = "\n".join(records.messages())
+    assert all(f"Beginning flow run {marker!r}" in lines for marker in markers), lines
+    assert any(log.task_run_id for log in records.logs)  # the task runs' lines too
+    assert records.flow_runs[0].parameters["hello_key_block"] == "test-hello-key"
+    leaked = [text for text in records.texts() if key in text]
+    assert not leaked, leaked[0][:2000] if leaked else ""
 
 
 @pytest.mark.slow

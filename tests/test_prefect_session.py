@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 import uuid
 
 import pytest
-from prefect import flow
+from prefect import flow, get_run_logger, task
 from prefect.client.orchestration import get_client
 from prefect.variables import Variable
 
 from scistream_prefect import release_session_streams, stream_session
 
 from conftest import run_consumer
+from recordkit import run_records
 
 
 def _active(*gateways) -> list[int]:
@@ -126,32 +128,43 @@ def test_the_hook_releases_from_stored_identifiers_alone(gateways, producer_app)
 
 @pytest.mark.slow
 def test_the_hello_key_is_in_no_artifact_log_or_record(gateways, producer_app):
+    """Searched: the handle, the session's stored identifiers, the artifacts, and the
+    run's own records (its flow run, its task runs, every log line of either); a marker
+    logged by the flow and one by a task prove the search reads the run's lines."""
     producer, consumer = gateways
     app = producer_app(1, 1024)
     key = secrets.token_urlsafe(32)
     uid = str(uuid.uuid4())
+    markers = [f"flow marker {uuid.uuid4()}", f"task marker {uuid.uuid4()}"]
+    seen: dict = {}
+
+    @task
+    def mark(text: str) -> None:
+        get_run_logger().info(text)
 
     @flow
     def pipeline():
+        get_run_logger().info(markers[0])
         with stream_session(producer, consumer, num_conn=1, app_listeners=app.listeners,
                             uid=uid, hello_key=key) as stream:
-            assert stream.hello_key.get_secret_value() == key
-            return stream.model_dump_json()
+            mark(markers[1])
+            seen["variable"] = Variable.get(f"scistream-session-{_flow_run_id()}")
+            return stream
 
-    dumped = pipeline()
-    assert key not in dumped
+    state = pipeline(return_state=True)
+    handle = state.result()
+    assert handle.uid == uid and key not in repr(handle) and key not in str(vars(handle))
+    assert uid in json.dumps(seen["variable"]) and key not in json.dumps(seen["variable"])
     artifacts = _artifacts(uid)
     assert len(artifacts) == 2
     assert all(key not in a.model_dump_json() for a in artifacts.values())
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs()
-        tasks = client.read_task_runs()
-        variables = client.read_variables()
-        runs = client.read_flow_runs()
-    assert logs and all(key not in entry.message for entry in logs)
-    assert tasks and all(key not in t.model_dump_json() for t in tasks)
-    assert all(key not in v.model_dump_json() for v in variables)
-    assert all(key not in r.model_dump_json() for r in runs)
+    records = run_records(state.state_details.flow_run_id)
+    assert set(markers) <= set(records.messages())
+    assert {"reserve-gateway-ports", "send-app-hello", "connect-gateway-proxy",
+            "release-gateway-stream"} <= {t.name.rsplit("-", 1)[0] for t in
+                                          records.task_runs}
+    leaked = [text for text in records.texts() if key in text]
+    assert not leaked, leaked[0][:2000] if leaked else ""
 
 
 def test_a_session_needs_a_flow(gateways):

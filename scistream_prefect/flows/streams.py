@@ -46,7 +46,11 @@ GatewayBlock = LocalGateway | GlobusComputeGateway
 
 
 class StreamHandle(BaseModel):
-    """An open stream: where the consumer app connects, and what identifies it."""
+    """An open stream: where the consumer app connects, and what identifies it.
+
+    It never holds the hello key: a handle is a flow's result, which Prefect may
+    persist (pickled, in clear) in its result storage.
+    """
 
     uid: str = Field(description="The stream's id on both gateways.")
     producer: str = Field(description="Label of the producer-side gateway.")
@@ -65,7 +69,6 @@ class StreamHandle(BaseModel):
         default=0.0, description="When the earlier of the two leases runs out (Unix time), "
         "unless renewed.",
     )
-    hello_key: SecretStr = Field(description="The key app controllers prove in their hello.")
 
 
 def _key_and_uid(uid: str | None, hello_key: SecretStr | str | None,
@@ -149,7 +152,9 @@ def setup_stream(
             producer's hello itself. Otherwise it waits for the producer's controller,
             which must know ``uid`` and ``hello_key``.
         uid: the stream id (a UUID); generated when not given.
-        hello_key: the key app controllers prove; generated when not given.
+        hello_key: the key app controllers prove. When not given, a key is generated,
+            used for the flow's own hello and dropped: no handle or result holds it, so
+            a caller whose controllers say hello themselves makes the key and gives it.
         tls: encrypt and mutually authenticate the gateway-to-gateway hop (default).
             ``tls=False`` turns it off and must be asked for by name.
         lease_s: lease on both gateways (their default when not given).
@@ -207,7 +212,7 @@ def setup_stream(
         tls=tls, producer_fingerprint=prod["cert_fingerprint"],
         consumer_fingerprint=cons["cert_fingerprint"],
         setup_s=setup_s,
-        lease_expires=min(prod["lease_expires"], cons["lease_expires"]), hello_key=key,
+        lease_expires=min(prod["lease_expires"], cons["lease_expires"]),
     )
     publish_listeners(handle)
     publish_summary(uid, handle.producer, handle.consumer, "OPEN", setup_s=handle.setup_s,
@@ -252,8 +257,8 @@ def open_stream(
     (its process killed) before the stream is open releases both ends in its hooks.
     A flow's parameters are recorded as
     given, so the hello key is never one: ``hello_key_block`` names a Prefect
-    ``Secret`` block that holds it (for a producer controller that sends its own
-    hello); without it the flow generates a key, returned only inside the handle.
+    ``Secret`` block that holds it (for app controllers that send their own hello);
+    without it the flow generates a key for its own hello and returns it nowhere.
 
     Example:
         ```python
