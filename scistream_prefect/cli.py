@@ -221,7 +221,7 @@ def _open(args: argparse.Namespace) -> int:
         hello_key_block=args.hello_key_block, tls=args.tls, lease_s=args.lease,
         hello_timeout_s=args.hello_timeout,
     )
-    data = handle.model_dump(mode="json", exclude={"hello_key"})
+    data = handle.model_dump(mode="json")
     _print(args, data,
            f"stream {handle.uid} open ({handle.producer} -> {handle.consumer}, "
            f"{'TLS' if handle.tls else 'NO encryption'}, setup {handle.setup_s:.3f} s)\n"
