@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from scistream_gateway.protocol import State
-from scistream_proxy.backends import ProxyUnavailable, get_backend
+from scistream_proxy.backends import ProxyBackend, ProxyUnavailable, get_backend
 from scistream_proxy.leaks import working_dirs
 from scistream_proxy.native_backend import NativeBackend
 from scistream_proxy.process import ProcessIdentity, terminate
@@ -42,6 +42,10 @@ class Recovery:
     """The recovery half of :class:`~scistream_gateway.service.Gateway` (its base):
     uses the gateway's ``settings``, ``store``, ``streams_dir``, ``stream_dir``,
     ``_lookup`` and ``_cleanup``."""
+
+    def backend(self, name: str) -> ProxyBackend:
+        """Backend ``name`` as this gateway's settings configure it."""
+        return get_backend(name, self.settings.backend_options())
 
     def reap(self) -> list[str]:
         """What every call does first: undo the work of workers that died mid-reserve or
@@ -76,7 +80,7 @@ class Recovery:
                 stream = self.store.get(stale.uid)
                 if stream is None or stream.busy is None or stream.busy != stale.busy:
                     continue  # its call finished, or another worker got here first
-                backend = get_backend(stream.backend)
+                backend = self.backend(stream.backend)
                 directory = self.stream_dir(stream.uid)
                 try:
                     if stream.proxy is not None:
@@ -112,7 +116,7 @@ class Recovery:
                 if stream.state == State.FAILED or stream.busy is not None or stream.proxy is None:
                     continue
                 try:
-                    alive = get_backend(stream.backend).status(
+                    alive = self.backend(stream.backend).status(
                         stream.proxy, self.stream_dir(stream.uid))["alive"]
                 except ProxyUnavailable:
                     continue
@@ -158,11 +162,11 @@ class Recovery:
         # the live ones, and exits by itself when the last one leaves).
         for uid in NativeBackend.relay_streams(self.settings.state_dir) or []:
             if uid not in live:
-                get_backend("native").abandon(self.stream_dir(uid), uid)
+                self.backend("native").abandon(self.stream_dir(uid), uid)
                 removed.append(f"relay stream {uid}")
         # Containers labelled with one of this gateway's stream directories.
-        backends = {get_backend(self.settings.backend)} | {
-            get_backend(st.backend) for st in self.store.active_streams()}
+        backends = {self.backend(self.settings.backend)} | {
+            self.backend(st.backend) for st in self.store.active_streams()}
         for backend in backends:
             try:
                 for uid in backend.orphans(self.streams_dir, live):

@@ -63,7 +63,6 @@ from scistream_proxy.backends import (
     ProxyError,
     ProxySpec,
     ProxyUnavailable,
-    get_backend,
 )
 from scistream_proxy.process import ProcessIdentity, survival_report
 from scistream_proxy.tls import fingerprint_of_pem, generate_certificate
@@ -135,7 +134,7 @@ class Gateway(Recovery):
     def _cleanup(self, stream: StreamRow, state: State, detail: str = "") -> None:
         """Stop the proxy, delete key material, free ports; inside a transaction."""
         if stream.proxy is not None:
-            get_backend(stream.backend).stop(stream.proxy, self.stream_dir(stream.uid))
+            self.backend(stream.backend).stop(stream.proxy, self.stream_dir(stream.uid))
         shutil.rmtree(self.stream_dir(stream.uid), ignore_errors=True)
         self.store.free_ports(stream.uid)
         self.store.update(stream.uid, state=state, proxy=None, key_sha256=None, busy=None,
@@ -206,9 +205,9 @@ class Gateway(Recovery):
         survival = survival_report()
         return GatewayInfoReply(
             name=s.name, version=__version__, backend=s.backend,
-            backends={name: {"available": b.unavailable_reason() is None,
-                             "reason": b.unavailable_reason()}
-                      for name, b in BACKENDS.items()},
+            backends={name: {"available": reason is None, "reason": reason}
+                      for name in BACKENDS
+                      for reason in [self.backend(name).unavailable_reason()]},
             lan_address=s.lan_address, wan_address=s.wan_address,
             port_range=[s.port_min, s.port_max],
             free_ports=size - len(self.store.used_ports()),
@@ -228,7 +227,7 @@ class Gateway(Recovery):
         if num_conn > s.max_num_conn:
             raise NoResource(f"num_conn={num_conn} exceeds the {s.max_num_conn} connections "
                              f"per stream gateway {s.name} allows (max_num_conn)")
-        backend = get_backend(s.backend)
+        backend = self.backend(s.backend)
         reason = backend.unavailable_reason()
         if reason:
             raise Unavailable(f"backend {s.backend} is not usable on {s.name}: {reason}")
@@ -372,7 +371,7 @@ class Gateway(Recovery):
         self.reap()
         with self.store.transaction():
             stream = self._lookup(uid)
-            backend = get_backend(stream.backend)
+            backend = self.backend(stream.backend)
             if not tls and not backend.supports_plain:
                 raise NotImplementedHere(f"backend {stream.backend} cannot relay without TLS")
             reply = ConnectReply(uid=uid, state=State.CONNECTED, listeners=stream.listeners,
@@ -438,7 +437,7 @@ class Gateway(Recovery):
                  "listeners": stream.listeners, "detail": stream.detail}
         if stream.proxy is not None:
             try:
-                proxy = get_backend(stream.backend).status(stream.proxy, self.stream_dir(uid))
+                proxy = self.backend(stream.backend).status(stream.proxy, self.stream_dir(uid))
             except ProxyUnavailable as exc:  # e.g. no container engine to ask
                 raise Unavailable(f"status of stream {uid}: {exc}") from None
             reply.update(alive=proxy["alive"], bytes=proxy.get("bytes"),

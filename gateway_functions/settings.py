@@ -15,6 +15,15 @@ Example (every key but ``name`` and ``state_dir`` has the default shown)::
                                          # haproxy-docker, nginx-docker (docs/backends.md)
     default_lease_s = 3600
     max_lease_s = 86400
+    shared = false                       # true: a multi-user endpoint's gateway
+    docker_host = ""                     # container engine (see below); "" = not named
+    container_pids_limit = 256           # per container (container backends)
+    container_memory_mib = 512           # per container (container backends)
+
+The container backends reach ``docker_host`` when named (a ``unix://`` socket), else
+``DOCKER_HOST``, else the Docker SDK's standard socket. A shared gateway refuses them
+unless ``docker_host`` names a socket owned by the gateway's own user (a rootless
+engine): whoever reaches an engine controls every container on it.
 """
 
 from __future__ import annotations
@@ -23,11 +32,15 @@ import json
 import os
 import tomllib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, model_validator
 
 from scistream_gateway.errors import ServerError
 from scistream_gateway.protocol import check_host
+
+if TYPE_CHECKING:
+    from scistream_proxy.backends import GatewayOptions
 
 __all__ = ["CONFIG_ENV", "GatewaySettings", "load_settings"]
 
@@ -47,6 +60,10 @@ _PROBLEMS = {
     "max_lease_s": "max_lease_s must be a positive integer",
     "rate_capacity": "rate_capacity must be an integer >= 0",
     "backend": "backend must be a string",
+    "shared": "shared must be true or false",
+    "docker_host": "docker_host must be \"\" or unix:// and an absolute path",
+    "container_pids_limit": "container_pids_limit must be an integer >= 16",
+    "container_memory_mib": "container_memory_mib must be an integer >= 32",
 }
 
 
@@ -66,6 +83,10 @@ class GatewaySettings(BaseModel):
     backend: str = "native"
     default_lease_s: int = 3600
     max_lease_s: int = 86400
+    shared: bool = False  # several Unix users' gateways on this node (multi-user endpoint)
+    docker_host: str = ""  # the container engine, "unix:///path"; "" = not named
+    container_pids_limit: int = 256
+    container_memory_mib: int = 512
 
     @classmethod
     def from_toml(cls, path: Path) -> GatewaySettings:
@@ -122,13 +143,32 @@ class GatewaySettings(BaseModel):
         for key in ("max_num_conn", "default_lease_s", "max_lease_s"):
             if getattr(self, key) < 1:
                 problems.append(_PROBLEMS[key])
-        from scistream_proxy.backends import BACKENDS
+        if self.rate_capacity < 0:
+            problems.append(_PROBLEMS["rate_capacity"])
+        if self.docker_host and not (self.docker_host.startswith("unix:///")
+                                     and "\0" not in self.docker_host):
+            problems.append(_PROBLEMS["docker_host"])
+        if self.container_pids_limit < 16:
+            problems.append(_PROBLEMS["container_pids_limit"])
+        if self.container_memory_mib < 32:
+            problems.append(_PROBLEMS["container_memory_mib"])
+        from scistream_proxy.backends import BACKENDS, get_backend
 
         if self.backend not in BACKENDS:
             problems.append(f"backend must be one of {sorted(BACKENDS)}")
-        if self.rate_capacity < 0:
-            problems.append(_PROBLEMS["rate_capacity"])
+        elif not problems:
+            refusal = get_backend(self.backend, self.backend_options()).refusal()
+            if refusal:
+                problems.append(f"backend {self.backend}: {refusal}")
         return problems
+
+    def backend_options(self) -> GatewayOptions:
+        """What these settings tell the proxy backends."""
+        from scistream_proxy.backends import GatewayOptions
+
+        return GatewayOptions(shared=self.shared, docker_host=self.docker_host,
+                              pids_limit=self.container_pids_limit,
+                              memory_mib=self.container_memory_mib)
 
     def log(self, entry: str) -> None:
         """Append ``entry`` to ``<state_dir>/gateway.log``, the operator's log (bug
@@ -150,9 +190,12 @@ class GatewaySettings(BaseModel):
             ("port_range", [self.port_min, self.port_max]),
             ("max_num_conn", self.max_num_conn), ("rate_capacity", self.rate_capacity),
             ("backend", self.backend), ("default_lease_s", self.default_lease_s),
-            ("max_lease_s", self.max_lease_s),
+            ("max_lease_s", self.max_lease_s), ("shared", self.shared),
+            ("docker_host", self.docker_host),
+            ("container_pids_limit", self.container_pids_limit),
+            ("container_memory_mib", self.container_memory_mib),
         ):
-            # JSON strings and integer arrays are valid TOML values.
+            # JSON strings, booleans and integer arrays are valid TOML values.
             lines.append(f"{key} = {json.dumps(value)}")
         return "\n".join(lines) + "\n"
 

@@ -18,8 +18,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["BACKENDS", "ProxyBackend", "ProxyError", "ProxySpec", "ProxyUnavailable",
-           "get_backend"]
+__all__ = ["BACKENDS", "DEFAULT_OPTIONS", "GatewayOptions", "ProxyBackend", "ProxyError",
+           "ProxySpec", "ProxyUnavailable", "get_backend"]
 
 
 class ProxyError(RuntimeError):
@@ -45,6 +45,19 @@ class ProxySpec:
     timeouts: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class GatewayOptions:
+    """What a gateway's settings tell its backends (see ``GatewaySettings``)."""
+
+    shared: bool = False  # several Unix users' gateways on this node
+    docker_host: str = ""  # the container engine the settings name; "" = not named
+    pids_limit: int = 256  # per container
+    memory_mib: int = 512  # per container
+
+
+DEFAULT_OPTIONS = GatewayOptions()
+
+
 class ProxyBackend(ABC):
     """One way of running S2DS. Implementations must leave nothing behind after ``stop``."""
 
@@ -53,9 +66,17 @@ class ProxyBackend(ABC):
     supports_plain = True  # can relay plain TCP between gateways (`tls: false`)
     reuseport = False  # binds the stream's ports itself: they are bound with SO_REUSEPORT
 
+    def __init__(self, options: GatewayOptions = DEFAULT_OPTIONS):
+        self.options = options
+
+    def refusal(self) -> str | None:
+        """Why the gateway's settings alone rule this backend out, or None; checked
+        when the settings are read."""
+        return None
+
     def unavailable_reason(self) -> str | None:
         """Why this backend cannot run on this node, or None when it can."""
-        return None
+        return self.refusal()
 
     @abstractmethod
     def start(self, spec: ProxySpec) -> dict:
@@ -119,19 +140,22 @@ _WHERE = {
 
 
 class _Registry(Mapping):
-    """The backends by name; each is made the first time it is looked up."""
+    """The backends by name, with default options; each is made on first lookup."""
 
     def __init__(self, where: dict[str, tuple[str, str]]):
         self._where = where
-        self._made: dict[str, ProxyBackend] = {}
+        self._made: dict[tuple[str, GatewayOptions], ProxyBackend] = {}
 
-    def __getitem__(self, name: str) -> ProxyBackend:
-        backend = self._made.get(name)
+    def made(self, name: str, options: GatewayOptions) -> ProxyBackend:
+        backend = self._made.get((name, options))
         if backend is None:
             module, cls = self._where[name]
-            backend = getattr(importlib.import_module(module), cls)()
-            backend = self._made.setdefault(name, backend)
+            backend = getattr(importlib.import_module(module), cls)(options)
+            backend = self._made.setdefault((name, options), backend)
         return backend
+
+    def __getitem__(self, name: str) -> ProxyBackend:
+        return self.made(name, DEFAULT_OPTIONS)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -142,9 +166,10 @@ class _Registry(Mapping):
 
 BACKENDS: Mapping[str, ProxyBackend] = _Registry(_WHERE)
 
-def get_backend(name: str) -> ProxyBackend:
-    """The backend called ``name``; KeyError names the known ones."""
-    try:
-        return BACKENDS[name]
-    except KeyError:
-        raise KeyError(f"unknown proxy backend {name!r}; known: {sorted(BACKENDS)}") from None
+
+def get_backend(name: str, options: GatewayOptions = DEFAULT_OPTIONS) -> ProxyBackend:
+    """The backend called ``name``, as a gateway with ``options`` runs it; KeyError
+    names the known ones."""
+    if name not in _WHERE:
+        raise KeyError(f"unknown proxy backend {name!r}; known: {sorted(BACKENDS)}")
+    return BACKENDS.made(name, options)

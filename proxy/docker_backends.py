@@ -1,11 +1,15 @@
 """Container S2DS backends: HAProxy and nginx in Docker, one container per stream end.
 
 Images are built locally by ``python -m scistream_proxy.images build`` (FROM scratch,
-from the Debian packages' binaries). The engine is reached through the Docker SDK at
-``DOCKER_HOST`` (default ``unix:///tmp/docker.sock``). Each container runs with host
-networking as the gateway's own uid:gid, a read-only root, no capabilities, a unique
-name and labels (``org.scistream.uid``, ``org.scistream.gateway``, ...) so leftovers can
-be found (:func:`leftover_containers`) and removed.
+from the Debian packages' binaries). The engine is the one the gateway's settings name
+(``docker_host``), else ``DOCKER_HOST``, else the Docker SDK's standard socket, never a
+default path in /tmp (any local user could create that one first). Whoever reaches an
+engine is root in effect and can read any container's files (``docker cp``/``exec``),
+so a shared gateway takes only an engine its settings name whose socket its own user
+owns: a rootless engine. Each container runs with host networking as the gateway's own
+uid:gid, a read-only root, no capabilities, ``no-new-privileges``, pids and memory
+limits, a unique name and labels (``org.scistream.uid``, ``org.scistream.gateway``,
+...) so leftovers can be found (:func:`leftover_containers`) and removed.
 
 Ports: a container cannot inherit a descriptor, so the stream's sockets are bound with
 SO_REUSEPORT at ``reserve`` and the port holder steers the port's reuseport group (a
@@ -24,10 +28,16 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import time
 from pathlib import Path
 
-from scistream_proxy.backends import ProxyError, ProxyUnavailable
+from scistream_proxy.backends import (
+    DEFAULT_OPTIONS,
+    GatewayOptions,
+    ProxyError,
+    ProxyUnavailable,
+)
 from scistream_proxy.external import (
     HAProxyBackend,
     HeldPortsBackend,
@@ -46,19 +56,48 @@ from scistream_proxy.tls import write_private
 __all__ = ["HAProxyDockerBackend", "NginxDockerBackend", "ProxyUnavailable", "docker_client",
            "leftover_containers"]
 
-DEFAULT_DOCKER_HOST = "unix:///tmp/docker.sock"
 LABEL = "org.scistream"
 CONF_DIR = "/etc/scistream"
 RUN_DIR = "/run/scistream"
 READY_TIMEOUT_S = 20.0
+SHARED_NEEDS_ENGINE = (
+    "a shared gateway (shared = true) runs containers only on an engine its settings "
+    "name (docker_host) whose socket its own user owns, a rootless engine: whoever "
+    "reaches an engine can read every container's files, other users' keys too")
 
 
-def docker_host() -> str:
-    return os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
+def docker_host(options: GatewayOptions = DEFAULT_OPTIONS) -> str:
+    """The engine ``options`` lead to, as shown in messages."""
+    return (options.docker_host or os.environ.get("DOCKER_HOST")
+            or "the standard socket unix:///var/run/docker.sock")
 
 
-def docker_client(timeout_s: float = 30.0):
-    """A Docker SDK client for ``DOCKER_HOST``; ProxyUnavailable when none answers."""
+def engine_refusal(options: GatewayOptions) -> str | None:
+    """Why this gateway may not use the engine its options lead to, or None.
+
+    Only a shared gateway refuses: it needs ``docker_host`` naming a unix socket owned
+    by its own uid (nobody else can have made it)."""
+    if not options.shared:
+        return None
+    if not options.docker_host:
+        return SHARED_NEEDS_ENGINE
+    path = options.docker_host.removeprefix("unix://")
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        return f"docker_host {options.docker_host}: {exc.strerror}"
+    if not stat.S_ISSOCK(info.st_mode) or info.st_uid != os.getuid():
+        return (f"docker_host {options.docker_host} is not a socket owned by uid "
+                f"{os.getuid()}: {SHARED_NEEDS_ENGINE}")
+    return None
+
+
+def docker_client(options: GatewayOptions = DEFAULT_OPTIONS, timeout_s: float = 30.0):
+    """A Docker SDK client for the engine ``options`` lead to; ProxyUnavailable when this
+    gateway may not use it or none answers."""
+    refusal = engine_refusal(options)
+    if refusal:
+        raise ProxyUnavailable(refusal)
     try:
         import docker
         from docker.errors import DockerException
@@ -66,10 +105,14 @@ def docker_client(timeout_s: float = 30.0):
         raise ProxyUnavailable("the Docker SDK is not installed "
                                "(pip install 'scistream-prefect[docker]')") from None
     try:
-        client = docker.DockerClient(base_url=docker_host(), timeout=timeout_s)
+        if options.docker_host:
+            client = docker.DockerClient(base_url=options.docker_host, timeout=timeout_s)
+        else:  # DOCKER_HOST (and its TLS settings), else the standard socket
+            client = docker.from_env(timeout=timeout_s)
         client.ping()
     except (DockerException, OSError) as exc:
-        raise ProxyUnavailable(f"no Docker engine answers at {docker_host()}: {exc}") from None
+        raise ProxyUnavailable(f"no Docker engine answers at {docker_host(options)}: "
+                               f"{exc}") from None
     return client
 
 
@@ -104,6 +147,15 @@ def _listening_inodes(host: str, port: int) -> set[int]:
     return found
 
 
+def _gateway_user(client) -> str:
+    """The container user that is the gateway's own uid:gid on the host. A rootless
+    engine maps its container uid 0 to the user that runs it (the gateway's user)."""
+    security = client.info().get("SecurityOptions") or []
+    if any("name=rootless" in option for option in security):
+        return "0:0"
+    return f"{os.getuid()}:{os.getgid()}"
+
+
 def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", text)[:40] or "gw"
 
@@ -126,9 +178,14 @@ class ContainerBackend(HeldPortsBackend):
         return f"image {self.image} is missing: build it with " \
                "'python -m scistream_proxy.images build'"
 
+    def refusal(self) -> str | None:
+        if self.options.shared and not self.options.docker_host:
+            return SHARED_NEEDS_ENGINE
+        return None
+
     def unavailable_reason(self) -> str | None:
         try:
-            client = docker_client(timeout_s=5)
+            client = docker_client(self.options, timeout_s=5)
         except ProxyUnavailable as exc:
             return str(exc)
         try:
@@ -139,7 +196,7 @@ class ContainerBackend(HeldPortsBackend):
             except ImageNotFound:
                 return self.image_missing
             except DockerException as exc:
-                return f"Docker engine at {docker_host()}: {exc}"
+                return f"Docker engine at {docker_host(self.options)}: {exc}"
         finally:
             client.close()
         return None
@@ -165,7 +222,7 @@ class ContainerBackend(HeldPortsBackend):
         holder = _identity(handle.get("holder"))
         if holder is None or not holder.alive():
             raise ProxyError("the port holder of this stream is gone")
-        client = docker_client()
+        client = docker_client(self.options)
         try:
             return self._run(client, handle, stream_dir, holder, targets=targets, tls=tls,
                              peer_cert_file=peer_cert_file, peer_fingerprint=peer_fingerprint)
@@ -194,12 +251,12 @@ class ContainerBackend(HeldPortsBackend):
         try:
             container = client.containers.run(
                 self.image, command, name=name, labels=labels, detach=True,
-                network_mode="host", user=f"{os.getuid()}:{os.getgid()}",
+                network_mode="host", user=_gateway_user(client),
                 working_dir=CONF_DIR, mounts=mounts, read_only=True, cap_drop=["ALL"],
                 security_opt=["no-new-privileges"], init=False,
-                # nginx started as root hands its workers to `nobody`, which needs these
-                # two (the key was read before, by the master).
-                cap_add=["SETUID", "SETGID"] if os.getuid() == 0 else None,
+                pids_limit=self.options.pids_limit,
+                mem_limit=f"{self.options.memory_mib}m",
+                memswap_limit=f"{self.options.memory_mib}m",  # no swap beyond it
             )
         except ImageNotFound:
             raise ProxyUnavailable(self.image_missing) from None
@@ -269,7 +326,7 @@ class ContainerBackend(HeldPortsBackend):
         if not handle.get("container"):
             return super().status(handle, stream_dir)
         # No engine to ask is not a dead container: ProxyUnavailable, not alive=False.
-        client = docker_client(timeout_s=10)
+        client = docker_client(self.options, timeout_s=10)
         from docker.errors import DockerException, NotFound
 
         try:
@@ -278,7 +335,7 @@ class ContainerBackend(HeldPortsBackend):
         except NotFound:
             return {"alive": False, "bytes": None, "pid": None, "detail": "container is gone"}
         except DockerException as exc:
-            raise ProxyUnavailable(f"Docker engine at {docker_host()}: {exc}") from None
+            raise ProxyUnavailable(f"Docker engine at {docker_host(self.options)}: {exc}") from None
         finally:
             client.close()
         if state.get("Status") != "running":
@@ -296,7 +353,7 @@ class ContainerBackend(HeldPortsBackend):
         ids.discard(None)
         ids.discard("")
         if ids or handle.get("holder") is None:
-            client = docker_client()  # a container may run: no engine is an error here
+            client = docker_client(self.options)  # a container may run: no engine is an error here
             try:
                 from docker.errors import NotFound
 
@@ -314,11 +371,11 @@ class ContainerBackend(HeldPortsBackend):
                 client.close()
         holder = _identity(handle.get("holder"))
         if holder is not None:
-            self._stop_holder(stream_dir, holder)  # asks it to go, then terminate()
+            self._stop_holder(stream_dir, holder)  # asks it to go, then stops it
 
 
     def abandon(self, stream_dir: Path, uid: str) -> None:
-        client = docker_client()  # a container may run: no engine is an error here
+        client = docker_client(self.options)  # a container may run: no engine is an error here
         try:
             for container in leftover_containers(client, uid=uid, stream_dir=str(stream_dir)):
                 container.remove(force=True)
@@ -329,7 +386,7 @@ class ContainerBackend(HeldPortsBackend):
     def orphans(self, streams_dir: Path, live: set[str]) -> list[str]:
         from docker.errors import DockerException
 
-        client = docker_client(timeout_s=10)
+        client = docker_client(self.options, timeout_s=10)
         removed = []
         try:
             for container in leftover_containers(client, backend=self.name):
@@ -341,7 +398,7 @@ class ContainerBackend(HeldPortsBackend):
                 container.remove(force=True)
                 removed.append(uid)
         except DockerException as exc:
-            raise ProxyUnavailable(f"Docker engine at {docker_host()}: {exc}") from None
+            raise ProxyUnavailable(f"Docker engine at {docker_host(self.options)}: {exc}") from None
         finally:
             client.close()
         return removed
@@ -391,7 +448,7 @@ class NginxDockerBackend(ContainerBackend):
             handle, targets=targets, tls=tls, peer_cert_file=peer_cert_file,
             listens=[f"{a} reuseport" for a in handle["listeners"]],
             load_module="/usr/lib/nginx/modules/ngx_stream_module.so",
-            pid_file=f"{RUN_DIR}/nginx.pid",
+            pid_file=f"{RUN_DIR}/nginx.pid", single_process=True,
         )
         write_private(stream_dir / "nginx.conf", text.encode())
         mounted = ["nginx.conf"] + (["cert.pem", "key.pem", peer_cert_file] if tls else [])

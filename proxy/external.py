@@ -109,18 +109,32 @@ def _identity(record: dict | None) -> ProcessIdentity | None:
     return ProcessIdentity(int(record["pid"]), int(record["start_time"]))
 
 
-def stop_session(sid: int, not_before: int) -> None:
+def works_in(pid: int, stream_dir: Path) -> bool:
+    """Whether ``pid`` works in ``stream_dir`` (also after the directory was deleted:
+    the kernel then appends " (deleted)"). Every process a backend starts for a stream
+    does, and no other process has a reason to."""
+    return procfs.cwd(pid).removesuffix(" (deleted)") == os.path.realpath(stream_dir)
+
+
+def stop_in(identity: ProcessIdentity, stream_dir: Path, grace_s: float = 2.0) -> None:
+    """Stop the recorded process if it is still the one recorded *and* works in the
+    stream's directory: after a reboot, pid and start time may name another process."""
+    if works_in(identity.pid, stream_dir):
+        terminate(identity, grace_s=grace_s)
+
+
+def stop_session(sid: int, not_before: int, stream_dir: Path) -> None:
     """Kill what is left of a proxy's session (worker processes whose master died).
 
-    Only processes of that session started no earlier than the proxy itself: a session
-    id is not reused while any process of the session lives, and the start time keeps
-    a later, unrelated session with a recycled id out of reach.
+    Only processes of that session, started no earlier than the proxy, that work in
+    the stream's directory: a session id is reused once its session is gone, and a
+    later session's processes start later too, so only the directory keeps them apart.
     """
     for pid in procfs.pids():
         stat = procfs.stat(pid)
         if stat is None or int(stat[3]) != sid or int(stat[19]) < not_before:
             continue
-        terminate(ProcessIdentity(pid, int(stat[19])), grace_s=0)
+        stop_in(ProcessIdentity(pid, int(stat[19])), stream_dir, grace_s=0)
 
 
 class HeldPortsBackend(ProxyBackend):
@@ -221,8 +235,8 @@ class HeldPortsBackend(ProxyBackend):
             try:
                 holder_request(stream_dir, "release")
             except ProxyError:
-                pass  # terminate() below escalates
-        terminate(holder)
+                pass  # stop_in() below escalates
+        stop_in(holder, stream_dir)
 
     # -- status / stop ------------------------------------------------------------
     def counters(self, handle: dict, stream_dir: Path) -> dict | None:
@@ -262,8 +276,8 @@ class HeldPortsBackend(ProxyBackend):
             proxy = _identity(record) if record.get("pid") else None
             if proxy is None:
                 continue
-            terminate(proxy, grace_s=0)
-            stop_session(int(record["sid"]), proxy.start_time)
+            stop_in(proxy, stream_dir, grace_s=0)
+            stop_session(int(record["sid"]), proxy.start_time, stream_dir)
         holder = _identity(handle.get("holder"))
         if holder is not None:
             self._stop_holder(stream_dir, holder)
@@ -426,7 +440,8 @@ class NginxBackend(HeldPortsBackend):
 
     @staticmethod
     def config(handle: dict, *, targets: list[str], tls: bool, peer_cert_file: str | None,
-               listens: list[str], load_module: str | None, pid_file: str) -> str:
+               listens: list[str], load_module: str | None, pid_file: str,
+               single_process: bool = False) -> str:
         server = handle["role"] == "PROD"
         extra = []
         if handle["rate"]:
@@ -457,7 +472,11 @@ class NginxBackend(HeldPortsBackend):
                             target=targets[index % len(targets)],
                             extra="".join(f"        {line}\n" for line in extra))
             for index, listen in enumerate(listens))
+        # One process in a container: the engine supervises it, and a master started as
+        # root would need CAP_SETUID/CAP_SETGID to hand its worker to another user.
+        process_model = "master_process off;" if single_process else "worker_processes 1;"
         return render_template("nginx.conf", servers=servers, pid_file=pid_file,
+                               process_model=process_model,
                                load_module=f"load_module {load_module};" if load_module else "")
 
     def render(self, stream_dir, handle, *, targets, tls, peer_cert_file):

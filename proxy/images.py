@@ -9,7 +9,7 @@ nsswitch.conf). Nothing else: no shell, no package manager::
     python -m scistream_proxy.images build nginx      # one
     python -m scistream_proxy.images list             # what is there
 
-The engine is ``DOCKER_HOST`` (default ``unix:///tmp/docker.sock``).
+The engine is ``DOCKER_HOST``, else the Docker SDK's standard socket.
 """
 
 from __future__ import annotations

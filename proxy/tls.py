@@ -128,5 +128,9 @@ def pinned_context(
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cafile=str(peer_cert_path))
     # Stream-lived connections: resumption tickets would only add state to leak.
+    # OP_NO_TICKET alone still lets a TLS 1.3 server send two (stateful) tickets;
+    # num_tickets = 0 sends none. A client context has no such setting.
     ctx.options |= ssl.OP_NO_TICKET
+    if server:
+        ctx.num_tickets = 0
     return ctx

@@ -251,7 +251,7 @@ def test_gateway_info_reports_which_backends_are_usable(gateways):
             assert "stream module" in entry["reason"], entry
         else:
             assert entry == {"available": True, "reason": None}, (name, entry)
-    engine = os.environ.get("DOCKER_HOST", "unix:///tmp/docker.sock")
+    engine = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")  # the SDK default
     for name in ("haproxy-docker", "nginx-docker"):
         entry = backends[name]
         assert entry["available"] is (entry["reason"] is None), (name, entry)

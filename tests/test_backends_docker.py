@@ -1,13 +1,16 @@
 """The container backends (haproxy-docker, nginx-docker) against a real Docker engine.
 
-The engine (``DOCKER_HOST``, default ``unix:///tmp/docker.sock``) runs in the root
-network namespace, so these tests do too and use ports 18000-21999, which no other
-suite uses. Images come from ``python -m scistream_proxy.images build``.
+The engine (``DOCKER_HOST``, which scripts/with-test-env sets to
+``unix:///tmp/docker.sock``) runs in the root network namespace, so these tests do too
+and use ports 18000-21999, which no other suite uses. Images come from
+``python -m scistream_proxy.images build``.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -262,3 +265,102 @@ def test_an_engine_that_went_away_is_unavailable_and_loses_nothing(docker_root, 
     finally:
         chain.release()
     assert not chain.pair.leftovers()
+
+
+@pytest.mark.parametrize("name", CONTAINER)
+def test_containers_run_as_the_gateway_user_without_privileges(docker_root, producer_app, name):
+    """docker inspect and the kernel's own view of the proxy: the gateway's uid:gid, no
+    capabilities, no-new-privileges, the pids and memory limits of the settings; and
+    the stream still flows."""
+    if skip_reason(name):
+        pytest.skip(skip_reason(name))
+    producer = make_gateway(docker_root, f"prod-{name}", backend=name,
+                            container_pids_limit=64, container_memory_mib=256)
+    consumer = make_gateway(docker_root, "cons-native")
+    app = producer_app(1, 2 * MIB)
+    chain = LocalPair(producer, consumer).reserve(1)
+    try:
+        chain.connect(app.listeners)
+        (container,) = containers_of(docker_root)
+        host, config = container.attrs["HostConfig"], container.attrs["Config"]
+        pid = container.attrs["State"]["Pid"]
+        kernel = dict(line.split(":\t", 1) for line in
+                      Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+        code, received = run_consumer(chain.cons["listeners"])
+    finally:
+        chain.release()
+    assert config["User"] == f"{os.getuid()}:{os.getgid()}"
+    assert host["CapDrop"] == ["ALL"] and not host["CapAdd"]
+    assert "no-new-privileges" in host["SecurityOpt"]
+    assert host["PidsLimit"] == 64
+    assert host["Memory"] == host["MemorySwap"] == 256 * MIB
+    assert kernel["Uid"].split()[1] == str(os.getuid())  # effective uid
+    assert kernel["CapEff"].strip() == kernel["CapPrm"].strip() == "0" * 16
+    assert kernel["NoNewPrivs"].strip() == "1"
+    assert code == 0 and received[0]["bytes"] == 2 * MIB
+    assert not chain.pair.leftovers()
+
+
+def test_the_engine_is_never_a_default_path_in_tmp(monkeypatch):
+    """Without docker_host or DOCKER_HOST the engine is the Docker SDK's standard
+    socket (any local user could create /tmp/docker.sock first)."""
+    from scistream_proxy.docker_backends import NginxDockerBackend
+
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    if os.path.exists("/var/run/docker.sock"):
+        pytest.skip("an engine listens at the standard socket here")
+    reason = NginxDockerBackend().unavailable_reason()
+    assert "unix:///var/run/docker.sock" in reason and "/tmp" not in reason
+
+
+def _own_engine() -> str:
+    """DOCKER_HOST when it is a unix socket this user owns (a rootless engine, or root's
+    own engine when the tests run as root), else skip."""
+    engine = os.environ.get("DOCKER_HOST", "")
+    path = engine.removeprefix("unix://")
+    if not engine.startswith("unix://") or not os.path.exists(path) \
+            or os.stat(path).st_uid != os.getuid():
+        pytest.skip(f"DOCKER_HOST {engine!r} is not a unix socket owned by uid {os.getuid()}")
+    return engine
+
+
+@needs("nginx-docker")
+def test_a_shared_gateway_runs_containers_on_an_engine_it_owns(docker_root, producer_app):
+    producer = make_gateway(docker_root, "prod-shared", backend="nginx-docker", shared=True,
+                            docker_host=_own_engine())
+    app = producer_app(1, 1 * MIB)
+    chain = LocalPair(producer, make_gateway(docker_root, "cons-native")).reserve(1)
+    try:
+        chain.connect(app.listeners)
+        assert len(containers_of(docker_root)) == 1
+        code, received = run_consumer(chain.cons["listeners"])
+    finally:
+        chain.release()
+    assert code == 0 and received[0]["bytes"] == MIB
+    assert not chain.pair.leftovers()
+
+
+@pytest.mark.root
+def test_a_shared_gateway_refuses_an_engine_it_does_not_own(docker_root, tmp_path):
+    """A socket of another user (as /tmp/docker.sock could be) or no engine named:
+    the container backends are unavailable, with the reason, and reserve takes nothing."""
+    foreign = tmp_path / "foreign.sock"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(foreign))
+    os.chown(foreign, 65534, 65534)
+    shared = make_gateway(docker_root, "gw-foreign", backend="nginx-docker", shared=True,
+                          docker_host=f"unix://{foreign}")
+    with pytest.raises(Unavailable, match="is not a socket owned by uid 0: a shared gateway"):
+        LocalPair(shared, make_gateway(docker_root, "cons-native")).reserve(1)
+    info = shared.call("gateway_info", {})
+    assert info["active_streams"] == 0 and info["free_ports"] == 40
+    for name in CONTAINER:
+        assert info["backends"][name]["available"] is False
+        assert "not a socket owned by uid 0" in info["backends"][name]["reason"]
+    # A shared gateway that names no engine: the same, whatever DOCKER_HOST says.
+    native = make_gateway(docker_root, "gw-shared-native", shared=True)
+    info = native.call("gateway_info", {})
+    assert info["backends"]["native"]["available"] is True
+    for name in CONTAINER:
+        assert info["backends"][name]["available"] is False
+        assert "settings name (docker_host)" in info["backends"][name]["reason"]

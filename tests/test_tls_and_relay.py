@@ -211,3 +211,72 @@ def test_a_consumer_that_hangs_up_stops_the_producer_promptly(gateways, producer
     assert "error" in sent[0]  # the producer app saw its receiver go, not a clean finish
     assert sent[0]["error"].startswith(("ConnectionResetError", "BrokenPipeError")), sent
     assert stopped_after < DRAIN_TIMEOUT_S - 2, stopped_after
+
+
+def _serve_once(context: ssl.SSLContext) -> tuple[socket.socket, threading.Thread]:
+    """A TLS server for one connection: handshake, send b"ok", close."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        try:
+            with context.wrap_socket(conn, server_side=True) as tls:
+                tls.sendall(b"ok")
+        except (ssl.SSLError, OSError):
+            pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+def _tickets_seen_by_openssl(tmp_path: Path, context: ssl.SSLContext, client_key: Path,
+                             client_cert: Path) -> int:
+    """NewSessionTicket messages OpenSSL's own client receives from ``context``."""
+    import subprocess
+
+    listener, thread = _serve_once(context)
+    try:
+        out = subprocess.run(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{listener.getsockname()[1]}",
+             "-tls1_3", "-cert", str(client_cert), "-key", str(client_key), "-msg",
+             "-ign_eof", "-sess_out", str(tmp_path / "session.pem")],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30).stdout
+    finally:
+        thread.join(timeout=10)
+        listener.close()
+    assert "ok" in out  # the handshake completed and the server's data arrived
+    return sum(1 for line in out.splitlines()
+               if line.startswith("<<<") and "NewSessionTicket" in line)
+
+
+def test_no_tls_context_sends_session_tickets(tmp_path):
+    """TLS 1.3 servers send tickets after the handshake; OP_NO_TICKET alone still sends
+    two. Counted by OpenSSL's client, and by Python's against the pinned pair."""
+    from scistream_proxy.tls import pinned_context
+
+    (tmp_path / "s").mkdir()
+    (tmp_path / "c").mkdir()
+    skey, scert, _, _ = _impostor_material(tmp_path / "s")
+    ckey, ccert, _, _ = _impostor_material(tmp_path / "c")
+    server = pinned_context(server=True, cert_path=scert, key_path=skey, peer_cert_path=ccert)
+    client = pinned_context(server=False, cert_path=ccert, key_path=ckey, peer_cert_path=scert)
+
+    # The counter sees tickets where there are some: OP_NO_TICKET without num_tickets = 0.
+    only_option = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    only_option.load_cert_chain(scert, skey)
+    only_option.options |= ssl.OP_NO_TICKET
+    assert _tickets_seen_by_openssl(tmp_path, only_option, ckey, ccert) == 2
+
+    assert _tickets_seen_by_openssl(tmp_path, server, ckey, ccert) == 0
+
+    # The pinned client against the pinned server: nothing to resume with.
+    listener, thread = _serve_once(server)
+    try:
+        with socket.create_connection(listener.getsockname()[:2], timeout=10) as raw:
+            with client.wrap_socket(raw) as tls:
+                assert tls.recv(2) == b"ok"  # tickets would have come before the data
+                assert not tls.session.has_ticket
+    finally:
+        thread.join(timeout=10)
+        listener.close()
