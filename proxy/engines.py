@@ -60,12 +60,12 @@ def _cut(*socks: socket.socket) -> None:
         reset_now(sock)
 
 
-def seal_loop(app: socket.socket, raw: socket.socket, key: bytes, moved: Moved,
+def seal_loop(app: socket.socket, raw: socket.socket, secret: bytes, moved: Moved,
               bucket=None, broken: threading.Event | None = None) -> None:
     """App -> peer: read what the app sent (up to FRAME_MAX at once), seal it in place,
     send it as one frame; at the app's end of data, send the FINAL frame and end the
     TCP stream's sending side."""
-    cipher = frames.Cipher(key, encrypt=True)
+    cipher = frames.Cipher(secret, encrypt=True)
     buf = frames._Buffer(HEADER + FRAME_MAX + TAG)
     view = buf.view
     try:
@@ -101,13 +101,13 @@ def _fill(raw: socket.socket, view: memoryview) -> int:
     return got
 
 
-def open_loop(raw: socket.socket, app: socket.socket, key: bytes, moved: Moved,
+def open_loop(raw: socket.socket, app: socket.socket, secret: bytes, moved: Moved,
               bucket=None) -> None:
     """Peer -> app: read a frame, open it in place, deliver the plaintext; at the FINAL
     frame end the app's side (FIN) once the TCP stream ends too. Raises FrameError on a
     truncation or any frame that does not authenticate; nothing unauthenticated is ever
     delivered."""
-    cipher = frames.Cipher(key, encrypt=False)
+    cipher = frames.Cipher(secret, encrypt=False)
     buf = frames._Buffer(HEADER + FRAME_MAX + TAG)
     view = buf.view
     try:
@@ -193,14 +193,14 @@ def both_directions(app: socket.socket, peer: socket.socket, forward, backward) 
         raise errors[0]
 
 
-def relay_frames(app: socket.socket, raw: socket.socket, seal_key: bytes, open_key: bytes,
-                 up: Moved, down: Moved, bucket=None) -> None:
+def relay_frames(app: socket.socket, raw: socket.socket, seal_secret: bytes,
+                 open_secret: bytes, up: Moved, down: Moved, bucket=None) -> None:
     """Both directions of one connection over sealed frames (this thread seals, a
     second opens); see :func:`both_directions`."""
     both_directions(
         app, raw,
-        lambda broken: seal_loop(app, raw, seal_key, up, bucket, broken),
-        lambda broken: open_loop(raw, app, open_key, down, bucket),
+        lambda broken: seal_loop(app, raw, seal_secret, up, bucket, broken),
+        lambda broken: open_loop(raw, app, open_secret, down, bucket),
     )
 
 

@@ -259,9 +259,9 @@ class Seal(Direction):
 
     __slots__ = ("cipher", "last", "sealed")
 
-    def __init__(self, app: socket.socket, raw: socket.socket, key: bytes, moved: Moved):
+    def __init__(self, app: socket.socket, raw: socket.socket, secret: bytes, moved: Moved):
         super().__init__(app, raw, moved)
-        self.cipher = frames.Cipher(key, encrypt=True)
+        self.cipher = frames.Cipher(secret, encrypt=True)
         self.last = False  # the FINAL frame is pending
         self.sealed = 0  # plaintext bytes of the pending frame
 
@@ -291,9 +291,9 @@ class Open(Direction):
 
     __slots__ = ("cipher", "got", "need", "final", "lowat")
 
-    def __init__(self, raw: socket.socket, app: socket.socket, key: bytes, moved: Moved):
+    def __init__(self, raw: socket.socket, app: socket.socket, secret: bytes, moved: Moved):
         super().__init__(raw, app, moved)
-        self.cipher = frames.Cipher(key, encrypt=False)
+        self.cipher = frames.Cipher(secret, encrypt=False)
         self.got, self.need = 0, HEADER  # of the frame being read
         self.final = False  # the FINAL frame arrived; the TCP stream must end next
         self.lowat = False

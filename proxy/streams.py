@@ -39,12 +39,12 @@ from scistream_proxy.tls import fingerprint_of_der, pinned_context
 
 class FramesPeer:
     """A TLS hop whose two native ends agreed on sealed frames: the raw TCP socket and
-    the keys of each direction."""
+    the traffic secret of each direction."""
 
-    __slots__ = ("raw", "seal_key", "open_key")
+    __slots__ = ("raw", "seal_secret", "open_secret")
 
-    def __init__(self, raw: socket.socket, seal_key: bytes, open_key: bytes):
-        self.raw, self.seal_key, self.open_key = raw, seal_key, open_key
+    def __init__(self, raw: socket.socket, seal_secret: bytes, open_secret: bytes):
+        self.raw, self.seal_secret, self.open_secret = raw, seal_secret, open_secret
 
 
 def _move(app: socket.socket, peer: socket.socket | FramesPeer, bucket: TokenBucket | None,
@@ -60,16 +60,16 @@ def _move(app: socket.socket, peer: socket.socket | FramesPeer, bucket: TokenBuc
     with counters.tracked() as (up, down):
         if bucket is not None:
             if sealed:
-                engines.relay_frames(app, peer.raw, peer.seal_key, peer.open_key, up, down,
-                                     bucket)
+                engines.relay_frames(app, peer.raw, peer.seal_secret, peer.open_secret, up,
+                                     down, bucket)
             else:
                 engines.relay_plain(app, peer, up, down, bucket)
             return True
         loop = pump.pick()
         counters.count("pumped")
         if sealed:
-            loop.relay(app, peer.raw, pump.Seal(app, peer.raw, peer.seal_key, up),
-                       pump.Open(peer.raw, app, peer.open_key, down))
+            loop.relay(app, peer.raw, pump.Seal(app, peer.raw, peer.seal_secret, up),
+                       pump.Open(peer.raw, app, peer.open_secret, down))
         else:
             kind = pump.Splice if loop.load() >= pump.SPLICE_FROM else pump.Copy
             if kind is pump.Splice:
@@ -136,7 +136,9 @@ class Stream:
                 self.context.options |= OP_ENABLE_KTLS
             else:
                 # Offered (client) and chosen (server) only here: a C proxy never agrees,
-                # and its hop runs TLS records.
+                # and its hop runs TLS records. So does a peer offering only another
+                # version of frames: the server selects no ALPN (OpenSSL's client refuses
+                # one it did not offer), and no frames of an unknown version are spoken.
                 self.context.set_alpn_protocols([frames.ALPN])
                 if self.role == "PROD":
                     self.context.num_tickets = 0  # nothing resumes; no record before ours
@@ -200,7 +202,7 @@ class Stream:
                 hold) -> ssl.SSLSocket | FramesPeer:
         """The TLS handshake on ``sock`` (``hold(tls)`` first, so that ``stop`` can cut
         it), the peer's certificate checked against the pin; then, if both ends agreed
-        on frames, their keys."""
+        on frames, their traffic secrets."""
         sock.settimeout(self.handshake_timeout)
         tls = self.context.wrap_socket(  # type: ignore[union-attr]
             sock, server_side=server_side, suppress_ragged_eofs=False,
@@ -212,9 +214,9 @@ class Stream:
         if presented is None or fingerprint_of_der(presented) != self.peer_fingerprint:
             raise ssl.SSLError("peer certificate does not match the pinned fingerprint")
         if tls.selected_alpn_protocol() == frames.ALPN:
-            seal_key, open_key = frames.exchange(tls, self.handshake_timeout)
+            seal_secret, open_secret = frames.exchange(tls, self.handshake_timeout)
             # The SSL object goes without a word (no close_notify): frames follow.
-            return FramesPeer(socket.socket(fileno=tls.detach()), seal_key, open_key)
+            return FramesPeer(socket.socket(fileno=tls.detach()), seal_secret, open_secret)
         tx, rx = ktls_engaged(tls)
         if tx or rx:
             with self.counters.lock:
