@@ -15,6 +15,10 @@ import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# Tests read runs' log lines back from the API (marker lines at INFO). The level is
+# fixed here, before Prefect and the benches are imported: a bench module sets WARNING
+# by default for its own output when imported, and the harness's settings would take it.
+os.environ["PREFECT_LOGGING_LEVEL"] = "INFO"
 
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 

@@ -9,7 +9,8 @@ API's first page nor wanders into other tests' runs.
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,9 +54,34 @@ def _pages(read: Callable[[int], list]) -> Iterator:
         offset += len(page)
 
 
-def run_records(*flow_run_ids) -> RunRecords:
-    """The flow runs, all their task runs, and every log line of either."""
-    APILogHandler().flush()  # log lines are sent in batches; wait for the last one
+def run_records(*flow_run_ids, expect: Iterable[str] = (),
+                wait_s: float = 60.0) -> RunRecords:
+    """The flow runs, all their task runs, and every log line of either.
+
+    Log lines reach the server in batches, and are stored after their POST returns, so
+    a read right after a run may miss its last lines. So this reads again until each
+    flow run's last line ("Finished in state ...") and every line of ``expect`` are
+    there, for up to ``wait_s``: a search of the lines then covers the runs to their
+    ends. What is still missing then fails the read."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        APILogHandler().flush()  # send what this process still queues
+        records = _read(flow_run_ids)
+        messages = records.messages()
+        finished = {log.flow_run_id for log in records.logs
+                    if log.task_run_id is None and log.message.startswith("Finished in state")}
+        missing = [line for line in expect if not any(line in m for m in messages)]
+        missing += [f"Finished in state ... (flow run {run_id})" for run_id in flow_run_ids
+                    if run_id not in finished]
+        if not missing:
+            return records
+        if time.monotonic() > deadline:
+            raise AssertionError(f"lines logged by the runs never reached the server "
+                                 f"within {wait_s} s: {missing}")
+        time.sleep(0.5)
+
+
+def _read(flow_run_ids) -> RunRecords:
     with get_client(sync_client=True) as client:
         flow_runs = [client.read_flow_run(run_id) for run_id in flow_run_ids]
         task_filter = TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=list(flow_run_ids)))

@@ -304,8 +304,8 @@ def test_hello_key_is_never_written_or_recorded(gateways, producer_app):
             producer, consumer, handle.uid, return_state=True)
     assert released.is_completed()
     assert key not in repr(handle) and key not in handle.model_dump_json()
-    records = run_records(opened.state_details.flow_run_id,
-                          released.state_details.flow_run_id)
+    records = run_records(opened.state_details.flow_run_id, released.state_details.flow_run_id,
+                          expect=[f"Beginning flow run {marker!r}" for marker in markers])
     lines = "\n".join(records.messages())
     assert all(f"Beginning flow run {marker!r}" in lines for marker in markers), lines
     assert any(log.task_run_id for log in records.logs)  # the task runs' lines too

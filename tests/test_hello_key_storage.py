@@ -48,7 +48,7 @@ def test_the_search_reads_every_page_of_a_runs_log():
         logger.info(marker)
 
     state = chatty(return_state=True)
-    messages = run_records(state.state_details.flow_run_id).messages()
+    messages = run_records(state.state_details.flow_run_id, expect=[marker]).messages()
     assert marker in messages
     assert {f"line {n}" for n in range(2 * PAGE + 50)} <= set(messages)
 

@@ -158,7 +158,7 @@ def test_the_hello_key_is_in_no_artifact_log_or_record(gateways, producer_app):
     artifacts = _artifacts(uid)
     assert len(artifacts) == 2
     assert all(key not in a.model_dump_json() for a in artifacts.values())
-    records = run_records(state.state_details.flow_run_id)
+    records = run_records(state.state_details.flow_run_id, expect=markers)
     assert set(markers) <= set(records.messages())
     assert {"reserve-gateway-ports", "send-app-hello", "connect-gateway-proxy",
             "release-gateway-stream"} <= {t.name.rsplit("-", 1)[0] for t in
