@@ -322,7 +322,9 @@ class Gateway(Recovery):
         self.reap()
         with self.store.transaction():
             stream = self._lookup(uid)
-            if not stream.active or stream.key_sha256 is None:
+            # A FAILED stream keeps its row until released, but takes no hello (as no
+            # connect): its proxy is gone.
+            if not stream.active or stream.state == State.FAILED or stream.key_sha256 is None:
                 raise InvalidUid(f"stream {uid} is {stream.state}")
             digest = hashlib.sha256(key.encode()).hexdigest()
             if not hmac.compare_digest(digest, stream.key_sha256):
