@@ -14,6 +14,7 @@ import atexit
 import math
 import os
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -90,10 +91,20 @@ class _Worker:
                 raise FutureTimeout()
             chunk = os.read(fd, min(left, 1 << 20))
             if not chunk:
-                raise BrokenPipeError("local worker exited")
+                raise BrokenPipeError(f"local worker {self.proc.pid} {self._exit()}")
             chunks.append(chunk)
             left -= len(chunk)
         return b"".join(chunks)
+
+    def _exit(self) -> str:
+        """How the worker ended, as far as is known a moment after its pipe closed."""
+        try:
+            code = self.proc.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            return "closed its output"
+        if code < 0:
+            return f"was killed by {signal.Signals(-code).name}"
+        return f"exited with status {code}"
 
     def close(self) -> None:
         if self.proc.poll() is None:
