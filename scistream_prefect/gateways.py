@@ -74,6 +74,13 @@ class _Worker:
             )
         finally:
             os.close(log_fd)
+        # Readable once the process has exited, whoever reaps it and whenever: what
+        # tells a dead idle worker apart (Popen.poll may answer None while another
+        # thread holds its wait lock).
+        self.pidfd = os.pidfd_open(self.proc.pid)
+
+    def exited(self) -> bool:
+        return _readable(self.pidfd, 0)
 
     def call(self, payload: str | None, deadline: float) -> str:
         """Send one frame (None: only wait for the ready frame) and read the reply."""
@@ -110,6 +117,7 @@ class _Worker:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        os.close(self.pidfd)
         for pipe in (self.proc.stdin, self.proc.stdout):
             try:
                 pipe.close()
@@ -136,7 +144,7 @@ class _WorkerPool:
             while True:
                 # A worker that died while idle (OOM killer, an operator) is replaced,
                 # not handed out to fail the next call.
-                while self.idle and self.idle[-1].proc.poll() is not None:
+                while self.idle and self.idle[-1].exited():
                     dead.append(self.idle.pop())
                     self.count -= 1
                 if self.idle:
