@@ -78,6 +78,8 @@ class GlobusCredentials(Block):
 
     _block_type_name = "SciStream Globus Credentials"
     _description = "A Globus Auth confidential client (id and secret) for headless runs."
+    _logo_url = "https://github.com/scistream.png"  # the SciStream organisation's avatar
+    _documentation_url = "https://scistream.readthedocs.io/en/latest/"
 
     client_id: uuid.UUID = Field(
         description="Client id of a confidential client registered with Globus Auth.",

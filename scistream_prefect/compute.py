@@ -60,6 +60,8 @@ class GlobusComputeGateway(Block):
 
     _block_type_name = "SciStream Globus Compute Gateway"
     _description = "A SciStream gateway whose functions run on a Globus Compute endpoint."
+    _logo_url = "https://github.com/scistream.png"  # the SciStream organisation's avatar
+    _documentation_url = "https://scistream.readthedocs.io/en/latest/"
 
     endpoint_id: uuid.UUID = Field(
         description="UUID of the gateway node's Globus Compute endpoint.",
