@@ -202,7 +202,9 @@ def token_file() -> str:
     """Where ``scistream login`` keeps the user's tokens."""
     from globus_sdk import GlobusAppConfig
 
-    return str(_user_storage(login_client_id(), GlobusAppConfig()).filepath)
+    storage = _user_storage(login_client_id(), GlobusAppConfig())
+    storage.close()
+    return str(storage.filepath)
 
 
 def login(*, force: bool = False, app=None) -> None:
