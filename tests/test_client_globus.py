@@ -564,3 +564,13 @@ def test_function_ids_from_the_registration_file(tmp_path):
         GlobusComputeGateway.from_registration(ENDPOINT_ID, path)
     with pytest.raises(BadFormat, match="cannot read"):
         GlobusComputeGateway.from_registration(ENDPOINT_ID, tmp_path / "missing.json")
+
+
+def test_the_blocks_carry_a_logo_and_a_documentation_url():
+    """What the Prefect UI's block catalog shows next to each block."""
+    from scistream_prefect import LocalGateway
+
+    for block in (LocalGateway, GlobusComputeGateway, GlobusCredentials):
+        block_type = block._to_block_type()
+        assert str(block_type.logo_url).startswith("https://"), block
+        assert str(block_type.documentation_url).startswith("https://"), block
