@@ -4,17 +4,19 @@ Runs on the gateway node, needs no Prefect::
 
     scistream-gateway register --output /etc/scistream/functions.json
     scistream-gateway render-config --functions /etc/scistream/functions.json \\
-        --output-dir ~/.globus_compute/scistream-gateway
+        --settings /etc/scistream/gateway.toml --output-dir /etc/scistream/endpoint
     scistream-gateway info --settings /etc/scistream/gateway.toml
 
 ``register`` uploads the shipped gateway functions to Globus Compute through the
 Globus Compute SDK (interactive login, or a confidential client from
 ``GLOBUS_COMPUTE_CLIENT_ID`` / ``GLOBUS_COMPUTE_CLIENT_SECRET``) and writes a flat JSON
 object, function name -> UUID, that ``render-config`` and the client's
-``GlobusComputeGateway`` read. Exit codes: 0 ok, 1 ``info --strict`` found warnings,
-2 an error, whose last line on standard error is ``scistream-gateway <command>: <CODE>:
-<message>`` with a SciStream code (``BAD_FORMAT`` for a bad argument or file). No
-traceback is shown unless ``SCISTREAM_DEBUG=1``.
+``GlobusComputeGateway`` read. ``render-config`` writes the files that
+``globus-compute-endpoint configure`` installs, and prints that command. Exit codes:
+0 ok, 1 ``info --strict`` found warnings, 2 an error, whose last line on standard
+error is ``scistream-gateway <command>: <CODE>: <message>`` with a SciStream code
+(``BAD_FORMAT`` for a bad argument or file). No traceback is shown unless
+``SCISTREAM_DEBUG=1``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["main", "read_function_ids", "register_functions", "render_config"]
+__all__ = ["configure_command", "main", "read_function_ids", "register_functions",
+           "render_config"]
 
 _UUID_LINE = re.compile(
     r"^(?P<indent>\s*- )[0-9a-fA-F-]{36}(?P<comment>\s+#\s*(?P<name>[a-z_]+)\s*)$", re.M)
@@ -89,7 +92,11 @@ def make_client():
 
 
 def fill_function_ids(text: str, ids: dict[str, str]) -> str:
-    """Replace each ``- <uuid>  # name`` line of a shipped config by the registered UUID."""
+    """Replace each ``- <uuid>  # name`` line of a shipped config by the registered UUID.
+
+    Raises:
+        ValueError: a function has no such line (the file was edited or is not ours).
+    """
     seen = set()
 
     def put(match: re.Match) -> str:
@@ -107,55 +114,70 @@ def fill_function_ids(text: str, ids: dict[str, str]) -> str:
 
 def render_config(ids: dict[str, str], *, multi_user: bool = False,
                   display_name: str | None = None, settings: Path | None = None,
-                  settings_dir: Path | None = None, endpoint_dir: Path | None = None,
-                  identity_mapping: Path | None = None) -> dict[str, str]:
-    """The files of an endpoint config directory (file name -> text), UUIDs filled in.
+                  settings_dir: Path | None = None) -> dict[str, str]:
+    """The files ``globus-compute-endpoint configure`` installs (file name -> text),
+    UUIDs filled in: ``config.yaml`` (the endpoint's own, ``--core-config``),
+    ``user_config_template.yaml.j2`` (the engine, ``--template-config``),
+    ``user_config_schema.json`` (``--schema-config``), the systemd drop-in
+    ``scistream.conf`` and, single-user, ``user_environment.yaml`` (``--user-env-config``,
+    naming ``settings``). Multi-user, the template names ``settings_dir``.
 
-    Single-user: ``config.yaml`` and the systemd drop-in ``scistream.conf`` (naming
-    ``settings``). Multi-user: ``config.yaml`` (pointing at the template and schema in
-    ``endpoint_dir``), ``user_config_template.yaml.j2`` (per-user settings files in
-    ``settings_dir``), ``user_config_schema.json``, ``scistream.conf``.
+    Raises:
+        ValueError: a line this edits is missing from a shipped file.
     """
-    files: dict[str, str] = {}
-    dropin = shipped_config("systemd/scistream.conf")
+    kind = "multi_user" if multi_user else "single_user"
+    files = {
+        "config.yaml": fill_function_ids(shipped_config(f"{kind}/config.yaml"), ids),
+        "user_config_template.yaml.j2": fill_function_ids(
+            shipped_config(f"{kind}/user_config_template.yaml.j2"), ids),
+        "user_config_schema.json": shipped_config("multi_user/user_config_schema.json"),
+        "scistream.conf": shipped_config("systemd/scistream.conf"),
+    }
     if multi_user:
-        endpoint_dir = Path(endpoint_dir or "/root/.globus_compute/scistream-gateway")
-        config = fill_function_ids(shipped_config("multi_user/config.yaml"), ids)
-        config = _set_scalar(config, "user_config_template_path",
-                             endpoint_dir / "user_config_template.yaml.j2")
-        config = _set_scalar(config, "user_config_schema_path",
-                             endpoint_dir / "user_config_schema.json")
-        if identity_mapping is not None:
-            config = _set_scalar(config, "identity_mapping_config_path", identity_mapping)
-        template = fill_function_ids(shipped_config("multi_user/user_config_template.yaml.j2"),
-                                     ids)
         if settings_dir is not None:
-            template = template.replace('{%- set settings_dir = "/etc/scistream/users" %}',
-                                        '{%- set settings_dir = ' + json.dumps(str(settings_dir))
-                                        + " %}")
-        files["user_config_template.yaml.j2"] = template
-        files["user_config_schema.json"] = shipped_config("multi_user/user_config_schema.json")
-        # Multi-user: the per-user settings come from the template, not the unit.
-        dropin = "\n".join(line for line in dropin.splitlines()
-                           if not line.startswith("Environment=SCISTREAM_GATEWAY_CONFIG")) + "\n"
+            files["user_config_template.yaml.j2"] = _replace_line(
+                files["user_config_template.yaml.j2"], "{%- set settings_dir = ",
+                "{%- set settings_dir = " + json.dumps(str(settings_dir)) + " %}")
     else:
-        config = fill_function_ids(shipped_config("single_user/config.yaml"), ids)
+        environment = shipped_config("single_user/user_environment.yaml")
         if settings is not None:
-            dropin = dropin.replace("SCISTREAM_GATEWAY_CONFIG=/etc/scistream/gateway.toml",
-                                    f"SCISTREAM_GATEWAY_CONFIG={Path(settings).resolve()}")
+            environment = _set_scalar(environment, "SCISTREAM_GATEWAY_CONFIG",
+                                      Path(settings).resolve())
+        files["user_environment.yaml"] = environment
     if display_name is not None:
-        config = _set_scalar(config, "display_name", display_name)
-    files["config.yaml"] = config
-    files["scistream.conf"] = dropin
+        files["config.yaml"] = _set_scalar(files["config.yaml"], "display_name", display_name)
     return files
+
+
+def configure_command(out: Path, *, name: str, multi_user: bool,
+                      identity_mapping: Path | None = None) -> list[str]:
+    """The ``globus-compute-endpoint configure`` line that installs ``out``'s files."""
+    argv = ["globus-compute-endpoint", "configure", name,
+            "--multi-user", "true" if multi_user else "false",
+            "--core-config", str(out / "config.yaml"),
+            "--template-config", str(out / "user_config_template.yaml.j2"),
+            "--schema-config", str(out / "user_config_schema.json")]
+    if multi_user:
+        argv += ["--id-mapping-config",
+                 str(identity_mapping or "/etc/scistream/identity_mapping.json"),
+                 "--contact-email", "<operator's email>"]
+    else:
+        argv += ["--user-env-config", str(out / "user_environment.yaml")]
+    return argv
 
 
 def _set_scalar(text: str, key: str, value: object) -> str:
     """Set a top-level ``key: value`` line (value JSON-quoted: valid YAML, no injection)."""
-    line = re.compile(rf"^{re.escape(key)}:.*$", re.M)
-    if not line.search(text):
-        raise ValueError(f"the config has no {key} line")
-    return line.sub(lambda _: f"{key}: {json.dumps(str(value))}", text, count=1)
+    return _replace_line(text, f"{key}:", f"{key}: {json.dumps(str(value))}")
+
+
+def _replace_line(text: str, start: str, line: str) -> str:
+    """Replace the one line that begins with ``start``; ValueError if there is none."""
+    pattern = re.compile(rf"^{re.escape(start)}.*$", re.M)
+    if not pattern.search(text):
+        raise ValueError(f"the shipped file has no line starting {start.strip()!r} "
+                         "(edited, or from another version?)")
+    return pattern.sub(lambda _: line, text, count=1)
 
 
 # -- commands -------------------------------------------------------------------------
@@ -184,14 +206,14 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
+    import shlex
+
     from scistream_gateway.errors import BadFormat
 
     try:
         ids = read_function_ids(args.functions)
         files = render_config(ids, multi_user=args.multi_user, display_name=args.display_name,
-                              settings=args.settings, settings_dir=args.settings_dir,
-                              endpoint_dir=args.endpoint_dir or args.output_dir,
-                              identity_mapping=args.identity_mapping)
+                              settings=args.settings, settings_dir=args.settings_dir)
     except ValueError as exc:
         raise BadFormat(str(exc)) from None
     if args.output_dir is None:
@@ -206,6 +228,10 @@ def _cmd_render(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
         raise BadFormat(f"cannot write to --output-dir {out}: "
                         f"{getattr(exc, 'strerror', None) or exc}") from None
+    command = configure_command(out.resolve(), name=args.endpoint_name,
+                                multi_user=args.multi_user,
+                                identity_mapping=args.identity_mapping)
+    print("install them with:\n  " + shlex.join(command), file=sys.stderr)
     return 0
 
 
@@ -272,25 +298,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", help="share the functions with this Globus group")
     p.set_defaults(run=_cmd_register)
 
-    p = sub.add_parser("render-config", help="render an endpoint config with the UUIDs",
-                       description="Render the shipped endpoint config for this gateway, "
-                       "with the registered function UUIDs in allowed_functions.")
+    p = sub.add_parser("render-config", help="render the endpoint's config files",
+                       description="Render the shipped endpoint config files for this "
+                       "gateway, with the registered function UUIDs in allowed_functions, "
+                       "and print the `globus-compute-endpoint configure` command that "
+                       "installs them.")
     p.add_argument("--functions", type=Path, required=True,
                    help="JSON written by `scistream-gateway register --output`")
     p.add_argument("--multi-user", action="store_true",
-                   help="a multi-user endpoint (config, per-user template and schema)")
+                   help="a multi-user endpoint (run as root; one user endpoint per "
+                   "mapped identity)")
     p.add_argument("--output-dir", type=Path,
                    help="write the files here (default: print config.yaml)")
+    p.add_argument("--endpoint-name", default="scistream-gateway",
+                   help="the endpoint's name in the printed configure command "
+                   "(default: %(default)s)")
     p.add_argument("--display-name", help="the endpoint's display name")
     p.add_argument("--settings", type=Path,
-                   help="single-user: the gateway TOML the systemd drop-in names")
+                   help="single-user: the gateway TOML the workers read")
     p.add_argument("--settings-dir", type=Path,
                    help="multi-user: directory of per-user gateway TOML files (<user>.toml)")
-    p.add_argument("--endpoint-dir", type=Path,
-                   help="multi-user: where the template and schema will be installed "
-                   "(default: --output-dir)")
     p.add_argument("--identity-mapping", type=Path,
-                   help="multi-user: the identity mapping JSON file")
+                   help="multi-user: the identity mapping JSON file, for the printed "
+                   "configure command")
     p.set_defaults(run=_cmd_render)
 
     p = sub.add_parser("info", help="run gateway_info through a local endpoint engine",

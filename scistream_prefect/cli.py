@@ -309,9 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     login = sub.add_parser(
         "login", help="log in to Globus (tokens kept in your home directory)",
         description="Log in to Globus Auth with your browser: open the printed URL, paste "
-        "the code back. Tokens (with refresh tokens) are kept owner-only in "
-        "~/.globus/app/<client id>/scistream/tokens.json. Headless runs use a "
-        "GlobusCredentials block or SCISTREAM_GLOBUS_CLIENT_ID/_SECRET instead.",
+        "the code back. The client id is SCISTREAM_LOGIN_CLIENT_ID (default: the Globus "
+        "Compute SDK's, whose token store, ~/.globus_compute/storage.db, then holds the "
+        "tokens: one login for both). Headless runs use a GlobusCredentials block or "
+        "SCISTREAM_GLOBUS_CLIENT_ID/_SECRET instead.",
     )
     login.add_argument("--force", action="store_true", help="log in even if tokens are valid")
     login.set_defaults(handler=_login)

@@ -60,6 +60,8 @@ class GlobusComputeGateway(Block):
 
     _block_type_name = "SciStream Globus Compute Gateway"
     _description = "A SciStream gateway whose functions run on a Globus Compute endpoint."
+    _logo_url = "https://github.com/scistream.png"  # the SciStream organisation's avatar
+    _documentation_url = "https://scistream.readthedocs.io/en/latest/"
 
     endpoint_id: uuid.UUID = Field(
         description="UUID of the gateway node's Globus Compute endpoint.",
@@ -124,13 +126,12 @@ class GlobusComputeGateway(Block):
     def label(self) -> str:
         return f"compute:{self.display_name or self.endpoint_id}"
 
-    def _executor(self):
+    def _executor(self, stale=None):
+        """This process's Executor for the block; a new one in place of ``stale``."""
         key = (os.getpid(), str(self.endpoint_id), self.credentials_block)
         with _EXECUTORS_LOCK:
             executor = _EXECUTORS.get(key)
-            # An Executor whose submitter thread died (a refused batch stops it for good)
-            # is replaced, so one 403 does not poison every later call of the process.
-            if executor is not None and not executor._task_submitter.is_alive():
+            if executor is not None and executor is stale:
                 executor.shutdown(wait=False, cancel_futures=True)
                 executor = None
             if executor is None:
@@ -155,13 +156,23 @@ class GlobusComputeGateway(Block):
 
         if function not in FUNCTIONS:
             raise BadFormat(f"no gateway function {function!r}; known: {sorted(FUNCTIONS)}")
-        executor = self._executor()
         function_id = (self.function_ids or {}).get(function)
-        try:
+
+        def submit_to(executor):
             if function_id is not None:
                 return executor.submit_to_registered_function(str(function_id),
                                                               args=(request,))
             return executor.submit(ALL[function], request)
+
+        executor = self._executor()
+        try:
+            try:
+                return submit_to(executor)
+            except RuntimeError:
+                # A refused batch stops an Executor for good; it then refuses every submit
+                # with RuntimeError (concurrent.futures' contract after shutdown). One new
+                # Executor, so one 403 does not poison the process's later calls.
+                return submit_to(self._executor(stale=executor))
         except Exception as exc:  # noqa: BLE001 - mapped to a code below
             raise _mapped(exc, function, self.label) from None
 
@@ -193,7 +204,7 @@ def _mapped(exc: BaseException, function: str, label: str) -> Exception:
     """A Globus or Compute failure as the SciStream error a caller catches."""
     from globus_compute_sdk.errors import TaskExecutionFailed
     from globus_sdk import GlobusAPIError, GlobusConnectionError
-    from globus_sdk.token_storage.validating_token_storage import TokenValidationError
+    from globus_sdk.token_storage import TokenValidationError
 
     where = f"{function} on {label}"
     if isinstance(exc, TokenValidationError):

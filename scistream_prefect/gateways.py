@@ -242,6 +242,8 @@ class LocalGateway(Block):
 
     _block_type_name = "SciStream Local Gateway"
     _description = "A SciStream gateway whose functions run in local worker processes."
+    _logo_url = "https://github.com/scistream.png"  # the SciStream organisation's avatar
+    _documentation_url = "https://scistream.readthedocs.io/en/latest/"
 
     settings_path: Path = Field(
         description="Path of the gateway's TOML settings file ([gateway] table: name, "

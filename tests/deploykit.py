@@ -1,5 +1,6 @@
-"""What deployment tests share: a served ``scistream serve`` (or another serving script)
-pointed at the test harness's API, and waiting for what the API shows."""
+"""What deployment tests share: a served ``scistream serve`` (or another serving script,
+or a ``prefect worker``) pointed at the test harness's API, and waiting for what the API
+shows."""
 
 from __future__ import annotations
 
@@ -41,12 +42,13 @@ def read_deployment(name: str):
 class Served:
     """A serving subprocess, stopped (SIGINT, then its process group) afterwards."""
 
-    def __init__(self, argv: list[str], log: Path, cwd: Path | None = None):
+    def __init__(self, argv: list[str], log: Path, cwd: Path | None = None,
+                 env: dict | None = None):
         self.log = log
         # TMPDIR: Prefect's runner keeps a directory per run under the temp dir
         # (runner_storage/); this keeps those in the test's own directory.
         # PYTHONUNBUFFERED: what the runner logs is in the file when it happens.
-        env = dict(prefect_env(), TMPDIR=str(log.parent), PYTHONUNBUFFERED="1")
+        env = dict(env or prefect_env(), TMPDIR=str(log.parent), PYTHONUNBUFFERED="1")
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
                                          cwd=cwd, start_new_session=True)

@@ -42,7 +42,8 @@ def globus_offline(tmp_path, monkeypatch):
     # Executors share a process-wide default task group, and with it one result watcher
     # (an AMQP connection); each test gets its own, so none hears another's broker.
     monkeypatch.setattr(Executor, "_default_task_group_id", None)
-    for name in (*scistream_auth.CLIENT_ID_ENV, *scistream_auth.CLIENT_SECRET_ENV):
+    for name in (scistream_auth.LOGIN_CLIENT_ID_ENV, "GLOBUS_COMPUTE_USER_DIR",
+                 *(n for pair in scistream_auth.CLIENT_ENV_PAIRS for n in pair)):
         monkeypatch.delenv(name, raising=False)
     responses.start()
     try:
@@ -99,15 +100,19 @@ def _token_requests() -> list:
     return [c.request for c in responses.calls if c.request.url.endswith("/v2/oauth2/token")]
 
 
-def test_login_stores_tokens_per_user_and_whoami_reads_them(globus_offline, tmp_path,
-                                                            monkeypatch, capsys):
-    client_id = scistream_auth.DEFAULT_CLIENT_ID
+def _register_login(client_id: str, compute_token: str = "compute-token-1") -> None:
+    """Globus Auth's answers to a command-line login, and to one userinfo call."""
     id_token = _register_openid(_signing_key(), client_id)
     RegisteredResponse(service="auth", path="/v2/oauth2/token", method="POST",
-                       json=_token_grant(id_token, "compute-token-1", refresh=True)).add()
+                       json=_token_grant(id_token, compute_token, refresh=True)).add()
     RegisteredResponse(service="auth", path="/v2/oauth2/userinfo", json={
         "sub": IDENTITY, "preferred_username": "ada@example.org", "name": "Ada",
         "email": "ada@example.org"}).add()
+
+
+def test_login_stores_tokens_per_user_and_whoami_reads_them(globus_offline, tmp_path,
+                                                            monkeypatch, capsys):
+    _register_login(scistream_auth.DEFAULT_CLIENT_ID)
     # The command-line login flow: print the URL, read the code the user pastes.
     monkeypatch.setattr("builtins.input", lambda prompt="": "the-auth-code")
     monkeypatch.chdir(tmp_path)
@@ -116,26 +121,77 @@ def test_login_stores_tokens_per_user_and_whoami_reads_them(globus_offline, tmp_
 
     grant = _form(_token_requests()[-1])
     assert grant["grant_type"] == "authorization_code" and grant["code"] == "the-auth-code"
-    assert "auth.globus.org/v2/oauth2/authorize" in capsys.readouterr().out
+    url = capsys.readouterr().out
+    assert "auth.globus.org/v2/oauth2/authorize" in url
+    assert f"client_id={scistream_auth.DEFAULT_CLIENT_ID}" in url
+    # With the default client the tokens are the Globus Compute SDK's own store.
     path = scistream_auth.token_file()
-    assert path.startswith(str(tmp_path / "home" / ".globus" / "app"))
-    stored = json.loads(open(path).read())
-    assert "compute-token-1" in json.dumps(stored)
+    assert path == str(tmp_path / "home" / ".globus_compute" / "storage.db")
     import os
+    import sqlite3
     import stat
 
+    with sqlite3.connect(path) as db:
+        assert "compute-token-1" in repr(db.execute("SELECT * FROM token_storage").fetchall())
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600  # owner-only
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
     assert not [p for p in tmp_path.iterdir() if p.name != "home"]  # nothing in the cwd
 
     assert scistream_auth.whoami()["preferred_username"] == "ada@example.org"
     assert get_last_request().headers["Authorization"] == "Bearer auth-access-token"
 
 
-def _store_expired_login(client_id: str) -> None:
-    """What an old ``scistream login`` left: expired access tokens, valid refresh tokens."""
-    from globus_sdk.token_storage import JSONTokenStorage, TokenStorageData
+def test_one_login_serves_the_compute_sdk(globus_offline, monkeypatch):
+    """After ``scistream login`` the Compute SDK's own default client (what
+    ``scistream-gateway register`` and a notebook's ``Client()`` use) needs no login."""
+    from globus_compute_sdk import Client
 
-    storage = JSONTokenStorage(scistream_auth.token_file(client_id))
+    _register_login(scistream_auth.DEFAULT_CLIENT_ID)
+    monkeypatch.setattr("builtins.input", lambda prompt="": "the-auth-code")
+    scistream_auth.login()
+
+    def no_prompt(prompt=""):
+        raise AssertionError("the Compute SDK asked for a second login")
+
+    monkeypatch.setattr("builtins.input", no_prompt)
+    RegisteredResponse(service="compute", path=f"/v2/endpoints/{ENDPOINT_ID}",
+                       json={"uuid": ENDPOINT_ID, "name": "facility-p"}).add()
+    client = Client(do_version_check=False)
+    assert client.get_endpoint_metadata(ENDPOINT_ID)["name"] == "facility-p"
+    assert get_last_request().headers["Authorization"] == "Bearer compute-token-1"
+    assert len(_token_requests()) == 1  # the login's grant only
+
+
+def test_a_registered_login_client_id(globus_offline, monkeypatch, capsys):
+    """A facility's own native app: the consent screen names it, and its tokens are its
+    own file (a refresh token works only for the client it was issued to)."""
+    client_id = str(uuid.uuid4())
+    monkeypatch.setenv(scistream_auth.LOGIN_CLIENT_ID_ENV, client_id)
+    _register_login(client_id)
+    monkeypatch.setattr("builtins.input", lambda prompt="": "the-auth-code")
+
+    scistream_auth.login()
+
+    assert f"client_id={client_id}" in capsys.readouterr().out
+    path = Path(scistream_auth.token_file())
+    assert path == Path.home() / ".globus" / "app" / client_id / "scistream" / "tokens.json"
+    assert "compute-token-1" in path.read_text()
+    assert not (Path.home() / ".globus_compute" / "storage.db").exists()
+    assert scistream_auth.whoami()["sub"] == IDENTITY
+
+
+def _login_storage():
+    """The store ``scistream login`` writes with the default client (the Compute SDK's)."""
+    from globus_sdk.token_storage import SQLiteTokenStorage
+
+    return SQLiteTokenStorage(scistream_auth.token_file(), namespace="user/production")
+
+
+def _store_expired_login() -> None:
+    """What an old ``scistream login`` left: expired access tokens, valid refresh tokens."""
+    from globus_sdk.token_storage import TokenStorageData
+
+    storage = _login_storage()
     past = int(time.time()) - 60
     storage.store_token_data_by_resource_server({
         rs: TokenStorageData(resource_server=rs, identity_id=IDENTITY, scope=scope,
@@ -147,8 +203,7 @@ def _store_expired_login(client_id: str) -> None:
 
 
 def test_an_expired_token_is_refreshed_before_the_executor_submits(globus_offline):
-    client_id = scistream_auth.DEFAULT_CLIENT_ID
-    _store_expired_login(client_id)
+    _store_expired_login()
     RegisteredResponse(service="auth", path="/v2/oauth2/token", method="POST", json={
         "access_token": "compute-token-2", "expires_in": 172800, "token_type": "Bearer",
         "resource_server": "funcx_service", "scope": COMPUTE_SCOPE,
@@ -352,24 +407,31 @@ def test_a_refused_submission_is_an_auth_error(globus_offline):
                        method="POST", status=403, json={
                            "code": "FORBIDDEN", "error": "FORBIDDEN",
                            "reason": "not allowed on this endpoint"}).add()
+    function_id = str(uuid.uuid4())
     gw = GlobusComputeGateway(endpoint_id=ENDPOINT_ID, credentials_block="robot3",
-                              function_ids={"status": str(uuid.uuid4())})
+                              function_ids={"status": function_id})
+    request = {"uid": "0b5e4b56-4b5e-4b56-8b5e-0b5e4b564b56"}
     with pytest.raises(AuthError, match="403"):
-        gw.call("status", {"uid": "0b5e4b56-4b5e-4b56-8b5e-0b5e4b564b56"}, timeout_s=30)
+        gw.call("status", request, timeout_s=30)
+    # The refusal stopped that Executor for good; the next call gets a new one.
+    responses.reset()
+    RegisteredResponse(service="auth", path="/v2/oauth2/token", method="POST",
+                       json=_client_grant("robot-token")).add()
+    task_id = _register_submit(function_id)
+    future = gw.submit("status", request)
+    _wait_for_submit(future)
+    _bound_to_task(future, task_id)
 
 
 def test_logout_revokes_and_deletes_the_tokens(globus_offline):
-    _store_expired_login(scistream_auth.DEFAULT_CLIENT_ID)
+    _store_expired_login()
     RegisteredResponse(service="auth", path="/v2/oauth2/token/revoke", method="POST",
                        json={"active": False}).add()
     scistream_auth.logout()
     revoked = {_form(c.request)["token"] for c in responses.calls
                if c.request.url.endswith("/revoke")}
     assert {"funcx_service-refresh", "auth.globus.org-refresh"} <= revoked
-    from globus_sdk.token_storage import JSONTokenStorage
-
-    assert JSONTokenStorage(scistream_auth.token_file()).get_token_data_by_resource_server() \
-        == {}
+    assert _login_storage().get_token_data_by_resource_server() == {}
 
 
 def test_remote_failures_map_to_codes():
@@ -461,10 +523,26 @@ def test_whoami_as_a_confidential_client_from_the_environment(globus_offline, mo
     assert not (Path.home() / ".globus").exists()
 
 
-def test_half_a_client_in_the_environment_is_an_auth_error(globus_offline, monkeypatch):
-    monkeypatch.setenv("SCISTREAM_GLOBUS_CLIENT_SECRET", "orphan-secret")
-    with pytest.raises(AuthError, match="SCISTREAM_GLOBUS_CLIENT_ID"):
+@pytest.mark.parametrize("name", ["SCISTREAM_GLOBUS_CLIENT_SECRET", "SCISTREAM_GLOBUS_CLIENT_ID",
+                                  "GLOBUS_COMPUTE_CLIENT_SECRET"])
+def test_half_a_client_in_the_environment_is_an_auth_error(globus_offline, monkeypatch, name):
+    monkeypatch.setenv(name, "orphan-value")
+    with pytest.raises(AuthError, match="only one of") as refused:
         scistream_auth.make_app()
+    assert "orphan-value" not in str(refused.value)
+
+
+def test_compute_sdk_native_client_id_is_the_login_default(globus_offline, monkeypatch):
+    """GLOBUS_COMPUTE_CLIENT_ID without a secret is the Compute SDK's native client: the
+    login follows it, so both still share one store; ours overrides it."""
+    other = str(uuid.uuid4())
+    monkeypatch.setenv("GLOBUS_COMPUTE_CLIENT_ID", other)
+    assert scistream_auth.make_app().client_id == other
+    assert scistream_auth.token_file().endswith("storage.db")
+    mine = str(uuid.uuid4())
+    monkeypatch.setenv(scistream_auth.LOGIN_CLIENT_ID_ENV, mine)
+    assert scistream_auth.make_app().client_id == mine
+    assert scistream_auth.token_file().endswith(f"{mine}/scistream/tokens.json")
 
 
 def test_function_ids_from_the_registration_file(tmp_path):
@@ -486,3 +564,13 @@ def test_function_ids_from_the_registration_file(tmp_path):
         GlobusComputeGateway.from_registration(ENDPOINT_ID, path)
     with pytest.raises(BadFormat, match="cannot read"):
         GlobusComputeGateway.from_registration(ENDPOINT_ID, tmp_path / "missing.json")
+
+
+def test_the_blocks_carry_a_logo_and_a_documentation_url():
+    """What the Prefect UI's block catalog shows next to each block."""
+    from scistream_prefect import LocalGateway
+
+    for block in (LocalGateway, GlobusComputeGateway, GlobusCredentials):
+        block_type = block._to_block_type()
+        assert str(block_type.logo_url).startswith("https://"), block
+        assert str(block_type.documentation_url).startswith("https://"), block
