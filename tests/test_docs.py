@@ -58,3 +58,17 @@ def test_every_task_documents_its_arguments_and_a_flow_example():
         doc = getattr(tasks, name).__doc__ or ""
         assert "Args:" in doc and "Returns:" in doc, name
         assert "```python" in doc and "@flow" in doc, name
+
+
+def test_every_test_the_threat_model_names_exists():
+    """docs/security.md's table names, for each defence, the test that shows it: each
+    named file and test function exists, and each row names one."""
+    page = (README.parent / "docs" / "security.md").read_text()
+    named = re.findall(r"`(test_\w+\.py)(?:::(\w+))?`", page)
+    assert len(named) >= 20
+    for file, test in named:
+        source = (README.parent / "tests" / file).read_text()
+        assert not test or re.search(rf"^(async )?def {test}\(", source, re.M), f"{file}::{test}"
+    rows = [line for line in page.splitlines() if line.startswith("| ") and "---" not in line]
+    table = rows[rows.index(next(r for r in rows if r.startswith("| who"))) + 1:]
+    assert all("test_" in row or row.rstrip().endswith("| as above |") for row in table), table
