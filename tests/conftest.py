@@ -6,14 +6,21 @@ Compute serializer round trip, proxies are real detached processes, state is SQL
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The session's own client key (scistream_prefect.ownership), never the user's.
+if "SCISTREAM_CONFIG_DIR" not in os.environ:
+    os.environ["SCISTREAM_CONFIG_DIR"] = tempfile.mkdtemp(prefix="scistream-test-config-")
+    atexit.register(shutil.rmtree, os.environ["SCISTREAM_CONFIG_DIR"], True)
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
