@@ -208,8 +208,18 @@ Role = _checked(_role, {"enum": list(ROLES)})
 _HEX64_SCHEMA = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 Hex64 = _checked(_hex64, _HEX64_SCHEMA)
 Boolean = _checked(_boolean, {"type": "boolean"})
-Secret = _checked(_text(MAX_KEY_CHARS), {"type": "string", "minLength": 1,
-                                          "maxLength": MAX_KEY_CHARS})
+_SECRET_SCHEMA = {"type": "string", "minLength": 1, "maxLength": MAX_KEY_CHARS}
+Secret = _checked(_text(MAX_KEY_CHARS), _SECRET_SCHEMA)
+
+
+def _proof(value: object, field: str, info: ValidationInfo) -> str | None:
+    return None if value is None else _text(MAX_KEY_CHARS)(value, field, info)
+
+
+# A stream's control secret: required, but a request without it (or with null) is
+# parsed with None, so the gateway answers AUTH_ERROR ("not proven") where it would
+# answer a wrong one, after finding the stream: the uid alone gets nothing else.
+Control = _checked(_proof, _SECRET_SCHEMA)
 
 
 # -- requests -----------------------------------------------------------------------
@@ -217,6 +227,8 @@ class Request(BaseModel):
     """A request: a JSON object with the fields below, none other."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # A field that proves the caller's right (see Control): missing, it is None.
+    PROOF: ClassVar[str | None] = None
 
     @classmethod
     def parse(cls, raw: object, settings: object = None) -> Request:
@@ -229,6 +241,8 @@ class Request(BaseModel):
         if unknown:
             names = sorted(str(k)[:40] for k in unknown)
             raise BadFormat(f"unknown fields {names}; this function takes {sorted(fields)}")
+        if cls.PROOF is not None and cls.PROOF not in raw:
+            raw = {**raw, cls.PROOF: None}
         missing = [name for name, f in fields.items() if f.is_required() and name not in raw]
         if missing:
             raise BadFormat(f"missing fields {missing}")
@@ -263,14 +277,16 @@ class HelloRequest(Request):
 
 
 class WaitHelloRequest(Request):
+    PROOF = "control"
     uid: Uid
-    control: Secret
+    control: Control
     timeout_s: _number(0, MAX_WAIT_HELLO_S) = 10.0
 
 
 class ConnectRequest(Request):
+    PROOF = "control"
     uid: Uid
-    control: Secret
+    control: Control
     tls: Boolean = True  # false turns encryption off and must be asked for by name
     remote_listeners: _addresses("max_num_conn")
     # Needed (and checked) only with TLS: see _peer below.
@@ -292,13 +308,15 @@ class ConnectRequest(Request):
 class StreamRequest(Request):
     """``status`` and ``release``: a stream, and the proof of its control secret."""
 
+    PROOF = "control"
     uid: Uid
-    control: Secret
+    control: Control
 
 
 class RenewRequest(Request):
+    PROOF = "control"
     uid: Uid
-    control: Secret
+    control: Control
     lease_s: _integer(1, "max_lease_s") = None  # None: the gateway's default_lease_s
 
 

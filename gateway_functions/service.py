@@ -38,6 +38,7 @@ from scistream_gateway.errors import (
     Unavailable,
 )
 from scistream_gateway.protocol import (
+    MAX_LISTED,
     ConnectReply,
     ConnectRequest,
     GatewayInfoReply,
@@ -57,7 +58,6 @@ from scistream_gateway.protocol import (
     StreamSummary,
     WaitHelloReply,
     WaitHelloRequest,
-    MAX_LISTED,
     addresses,
     format_address,
     is_canonical_uid,
@@ -100,9 +100,10 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _prove(stream: StreamRow, control: str) -> None:
-    """``AUTH_ERROR`` unless ``control`` is the control secret of ``stream``."""
-    if stream.control_sha256 is None or not hmac.compare_digest(
+def _prove(stream: StreamRow, control: str | None) -> None:
+    """``AUTH_ERROR`` unless ``control`` is the control secret of ``stream`` (None: the
+    request gave none)."""
+    if control is None or stream.control_sha256 is None or not hmac.compare_digest(
             _sha256(control), stream.control_sha256):
         raise AuthError(f"the control secret of stream {stream.uid} was not proven: only "
                         "the client that reserved it controls it")
@@ -137,7 +138,7 @@ class Gateway(Recovery):
             raise InvalidUid(f"no stream {uid} on gateway {self.settings.name}")
         return stream
 
-    def _proven(self, uid: str, control: str) -> StreamRow:
+    def _proven(self, uid: str, control: str | None) -> StreamRow:
         """Stream ``uid``, once ``control`` is proven to be its control secret;
         ``INVALID_UID`` if there is no such stream, ``AUTH_ERROR`` if not proven (a row
         from before control secrets has none: only the operator can release it)."""
@@ -545,7 +546,7 @@ class Gateway(Recovery):
         if not is_canonical_uid(uid):
             raise BadFormat(f"uid must be a lowercase canonical UUID, not {uid!r:.80}")
         self.reap()
-        return self._release(uid, None)
+        return self._release(uid, None, operator=True)
 
     def _summary(self, stream: StreamRow) -> StreamSummary:
         counters = None
@@ -565,13 +566,13 @@ class Gateway(Recovery):
         except ProxyUnavailable as exc:  # e.g. no container engine to ask
             raise Unavailable(f"status of stream {stream.uid}: {exc}") from None
 
-    def _release(self, uid: str, control: str | None) -> dict:
-        """Release ``uid``, proving ``control`` (None: the operator) on the row as it is
-        inside the transaction, which a reserve may have created meanwhile."""
+    def _release(self, uid: str, control: str | None, *, operator: bool = False) -> dict:
+        """Release ``uid``, proving ``control`` (unless for the ``operator``) on the row
+        as it is inside the transaction, which a reserve may have created meanwhile."""
         self._wait_not_busy(uid)
         with self.store.transaction():
             stream = self.store.get(uid)
-            if stream is not None and control is not None:
+            if stream is not None and not operator:
                 _prove(stream, control)
             if stream is not None and stream.busy is not None:
                 raise Unavailable(f"a {stream.busy.get('op', 'call')} of stream {uid} is still"

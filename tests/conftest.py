@@ -93,11 +93,13 @@ def gateway_root(tmp_path: Path):
 
 
 @pytest.fixture
-def gateways(gateway_root: Path):
-    """A producer-side and a consumer-side local gateway on loopback. A proxy the test
-    left running fails it (as ``gateway_root`` does), after the pair has released it."""
-    with LocalPair(make_gateway(gateway_root, "prod-gw"),
-                   make_gateway(gateway_root, "cons-gw")) as pair:
+def gateways(gateway_root: Path, request):
+    """A producer-side and a consumer-side local gateway on loopback, with the test
+    module's ``GATEWAY_SETTINGS`` if it has any (e.g. ``allow_plain_tcp``). A proxy the
+    test left running fails it (as ``gateway_root`` does), after the pair released it."""
+    settings = getattr(request.module, "GATEWAY_SETTINGS", {})
+    with LocalPair(make_gateway(gateway_root, "prod-gw", **settings),
+                   make_gateway(gateway_root, "cons-gw", **settings)) as pair:
         yield pair.producer, pair.consumer
         left = pair.leftovers().processes
     assert not left, f"proxy processes left running: {left}"
