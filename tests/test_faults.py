@@ -564,16 +564,17 @@ def test_a_version_1_state_database_is_migrated_and_keeps_its_streams(tmp_path):
     db.close()
     migrated = Store(path)
     try:
-        assert migrated.version() == SCHEMA_VERSION == 2
+        assert migrated.version() == SCHEMA_VERSION == 3
         row = migrated.get("u1")
         assert row.state == "RESERVED" and row.busy is None
+        assert row.control_sha256 is None and row.owner_sha256 is None  # the operator's
         with migrated.transaction():
             migrated.update("u1", busy={"pid": 1, "start_time": 2, "op": "connect"})
         assert migrated.get("u1").busy["op"] == "connect"
     finally:
         migrated.close()
     again = Store(path)  # opening a current database changes nothing
-    assert again.version() == 2 and again.get("u1").busy["pid"] == 1
+    assert again.version() == 3 and again.get("u1").busy["pid"] == 1
     again.close()
 
 
