@@ -66,12 +66,14 @@ def client_key() -> bytes:
         return _unb64(value, CLIENT_KEY_ENV)
     path = key_path()
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        _create(path)
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            _create(path)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as exc:
-        raise BadFormat(f"cannot read the client key {path}: {exc.strerror}") from None
+        raise BadFormat(f"cannot read or create the client key {path}: "
+                        f"{exc.strerror or exc}") from None
     with open(fd, "rb") as fh:
         # Checked on the open file, so a swap after the check cannot slip through.
         info = os.fstat(fh.fileno())
@@ -79,7 +81,7 @@ def client_key() -> bytes:
             raise BadFormat(f"client key {path} belongs to uid {info.st_uid}, not to you "
                             f"(uid {os.getuid()}); remove it")
         if info.st_mode & 0o077:
-            raise BadFormat(f"client key {path} is readable by others (mode "
+            raise BadFormat(f"client key {path} is open to others (mode "
                             f"{info.st_mode & 0o777:o}); run chmod 600 {path}")
         text = fh.read(1024).decode(errors="replace")
     return _unb64(text, f"client key {path}")

@@ -217,7 +217,7 @@ def test_the_client_key_file_is_private_and_stable(tmp_path, monkeypatch):
     assert len(secret) == 43 and secret != ownership.control_secret("v")
     assert secret != ownership.owner_token()
     os.chmod(path, 0o644)
-    with pytest.raises(BadFormat, match="readable by others"):
+    with pytest.raises(BadFormat, match="open to others"):
         ownership.client_key()
     os.chmod(path, 0o600)
     path.write_text("too short\n")
