@@ -64,7 +64,8 @@ def open_chains(args, root: Path, target: str, result: dict, opened: list,
             continue
         base = args.port_base + 10 + 2 * PORTS_PER_GATEWAY * index
         pair = pairs.enter_context(LocalPair.create(
-            root / name, name=name, port_base=base, ports=PORTS_PER_GATEWAY, backend=name))
+            root / name, name=name, port_base=base, ports=PORTS_PER_GATEWAY, backend=name,
+            allow_plain_tcp="plain" in args.modes))
         pair.warm_up()
         for mode in args.modes:
             if mode == "plain" and not BACKENDS[name].supports_plain:

@@ -101,11 +101,13 @@ def main(argv: list[str] | None = None) -> int:
                 saved = dict(os.environ)
                 os.environ.update(setting.split("=", 1) for setting in settings)
                 try:
+                    plain = not all(modes)  # gateways allow plain TCP if it is measured
                     producer = LocalGateway.create(f"g{index}-p", root / f"g{index}" / "p",
-                                                   port_range=(base, base + 39), backend=name)
+                                                   port_range=(base, base + 39), backend=name,
+                                                   allow_plain_tcp=plain)
                     consumer = LocalGateway.create(f"g{index}-c", root / f"g{index}" / "c",
                                                    port_range=(base + 40, base + 79),
-                                                   backend=name)
+                                                   backend=name, allow_plain_tcp=plain)
                     for tls in modes:
                         if not tls and not BACKENDS[name].supports_plain:
                             continue

@@ -1,4 +1,5 @@
-"""``scistream-gateway``: the gateway operator's command (register, render-config, info).
+"""``scistream-gateway``: the gateway operator's command (register, render-config, info,
+streams, release).
 
 Runs on the gateway node, needs no Prefect::
 
@@ -6,6 +7,12 @@ Runs on the gateway node, needs no Prefect::
     scistream-gateway render-config --functions /etc/scistream/functions.json \\
         --settings /etc/scistream/gateway.toml --output-dir /etc/scistream/endpoint
     scistream-gateway info --settings /etc/scistream/gateway.toml
+    scistream-gateway streams --settings /etc/scistream/gateway.toml
+    scistream-gateway release 0b5c4a1e-5f8a-4c1e-9d43-2f1f6ad2c7a1
+
+``streams`` and ``release`` act on the gateway's state directly, as its operator (the
+Unix user that owns the state directory): every client's streams, and a release that
+needs no control secret.
 
 ``register`` uploads the shipped gateway functions to Globus Compute through the
 Globus Compute SDK (interactive login, or a confidential client from
@@ -269,6 +276,57 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 1 if reply["warnings"] and args.strict else 0
 
 
+def _operator_gateway(args: argparse.Namespace):
+    """The gateway of ``--settings`` (or ``$SCISTREAM_GATEWAY_CONFIG``), opened here."""
+    from scistream_gateway.errors import BadFormat
+    from scistream_gateway.service import Gateway
+    from scistream_gateway.settings import CONFIG_ENV, GatewaySettings
+
+    settings = args.settings or os.environ.get(CONFIG_ENV)
+    if not settings:
+        raise BadFormat(f"give --settings or set {CONFIG_ENV}")
+    return Gateway(GatewaySettings.from_toml(Path(settings)))
+
+
+def _seconds(value: float) -> str:
+    value = int(max(0, value))
+    if value >= 86400:
+        return f"{value // 86400}d{value % 86400 // 3600}h"
+    if value >= 3600:
+        return f"{value // 3600}h{value % 3600 // 60}m"
+    if value >= 60:
+        return f"{value // 60}m{value % 60}s"
+    return f"{value}s"
+
+
+def _cmd_streams(args: argparse.Namespace) -> int:
+    import time
+
+    from scistream_gateway.protocol import State
+
+    with _operator_gateway(args) as gateway:
+        streams = gateway.operator_streams(everything=args.all)
+    if args.json:
+        print(json.dumps([st.model_dump(mode="json") for st in streams], indent=2))
+        return 0
+    now = time.time()
+    print(f"{'uid':36}  {'role':4}  {'state':9}  {'age':>6}  {'lease':>6}  bytes")
+    for st in streams:
+        lease = _seconds(st.lease_expires - now) if st.state in State.LIVE else "-"
+        counters = ("-" if st.bytes is None
+                    else " ".join(f"{k}={v}" for k, v in sorted(st.bytes.items())))
+        print(f"{st.uid:36}  {st.role:4}  {st.state:9}  {_seconds(now - st.created):>6}  "
+              f"{lease:>6}  {counters}")
+    return 0
+
+
+def _cmd_release(args: argparse.Namespace) -> int:
+    with _operator_gateway(args) as gateway:
+        reply = gateway.operator_release(args.uid)
+    print(json.dumps(reply))
+    return 0
+
+
 DEBUG_ENV = "SCISTREAM_DEBUG"
 
 
@@ -291,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("register", help="register the gateway functions with Globus Compute",
-                       description="Register the eight gateway functions with Globus Compute "
+                       description="Register the gateway functions with Globus Compute "
                        "and print their UUIDs (for allowed_functions).")
     p.add_argument("--output", type=Path, help="also write name -> UUID as JSON here")
     p.add_argument("--public", action="store_true", help="make the functions public")
@@ -331,6 +389,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the reply as JSON")
     p.add_argument("--strict", action="store_true", help="exit 1 if there are warnings")
     p.set_defaults(run=_cmd_info)
+
+    p = sub.add_parser("streams", help="list the gateway's streams (every client's)",
+                       description="List the streams in the gateway's state directory, "
+                       "every client's, newest first: uid, role, state, age, lease left, "
+                       "bytes relayed. Run as the gateway's Unix user.")
+    p.add_argument("--settings", type=Path,
+                   help="gateway TOML (default: $SCISTREAM_GATEWAY_CONFIG)")
+    p.add_argument("--all", action="store_true",
+                   help="also the streams that ended (released, expired)")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(run=_cmd_streams)
+
+    p = sub.add_parser("release", help="release a stream as the operator",
+                       description="Release stream UID (stop its proxy, free its ports, "
+                       "delete its keys) without its control secret: the operator owns the "
+                       "node. Releasing an unknown uid succeeds. Run as the gateway's Unix "
+                       "user.")
+    p.add_argument("uid", help="the stream's uid")
+    p.add_argument("--settings", type=Path,
+                   help="gateway TOML (default: $SCISTREAM_GATEWAY_CONFIG)")
+    p.set_defaults(run=_cmd_release)
     return parser
 
 

@@ -6,7 +6,7 @@ returns it as ``{"error": {"code": ..., "message": ...}}``; on the client,
 meaning::
 
     SciStreamError            any expected failure, with .code
-    ├── AuthError             AUTH_ERROR      wrong hello key, wrong peer certificate
+    ├── AuthError             AUTH_ERROR      wrong hello key, control secret or peer
     ├── InvalidUid            INVALID_UID     no stream with that uid (or not in that state)
     ├── NoResource            NO_RESOURCE     ports, connections or rate capacity ran out
     ├── ConnError             CONN_ERROR      a proxy or peer could not be reached or started
@@ -18,8 +18,11 @@ meaning::
 
 The codes are those of SciStream's draft protocol spec. Where each one comes from:
 
-- ``AUTH_ERROR``: ``hello`` with a key whose SHA-256 is not the stream's; ``connect``
-  with a ``peer_certificate`` that does not match ``peer_fingerprint``.
+- ``AUTH_ERROR``: ``hello`` with a key whose SHA-256 is not the stream's; any other
+  call on an existing stream (``wait_hello``, ``connect``, ``status``, ``renew``,
+  ``release``, a repeated ``reserve``) without the stream's control secret; ``connect``
+  with a ``peer_certificate`` that does not match ``peer_fingerprint``, or a repeat
+  ``connect`` naming another peer than the one pinned.
 - ``INVALID_UID``: a uid the gateway has no stream for (``status``, ``hello``,
   ``wait_hello``, ``connect``, ``renew``), or a stream not in a state that allows the
   call (``connect`` before the producer's hello, ``renew`` of a released stream).
@@ -43,8 +46,9 @@ The codes are those of SciStream's draft protocol spec. Where each one comes fro
   gateway is bounded and reports where it got to (``wait_hello`` returns the stream's
   state after ``timeout_s``), and the client raises ``TIMEOUT`` when its own deadline
   for a call or for a loop of ``wait_hello`` passes.
-- ``NOT_IMPLEMENTED``: a function name the gateway does not have (``wire.handle``), or
-  a feature the configured proxy backend does not offer.
+- ``NOT_IMPLEMENTED``: a function name the gateway does not have (``wire.handle``), a
+  feature the configured proxy backend does not offer, or plain TCP between gateways
+  (``connect`` with ``tls: false``) on a gateway whose settings do not allow it.
 - ``UNAVAILABLE``: the configured backend cannot run on this node (or what it needs,
   such as its container engine, cannot be used right now), the gateway's own address
   does not resolve, its state database stayed locked by other workers for longer than

@@ -43,7 +43,8 @@ MAX_WAIT_HELLO_S = 20.0  # one long-poll; the client loops until its own timeout
 MAX_RATE_KBPS = 10**9  # 1 Tbit/s: anything above is a typo, not a request
 MAX_NUM_CONN = 65535  # above this a num_conn is malformed; above max_num_conn, refused
 MAX_CERT_PEM = 8192
-MAX_KEY_CHARS = 512
+MAX_KEY_CHARS = 512  # a hello key, a control secret, an owner token
+MAX_LISTED = 1000  # streams one list_streams reply carries at most
 ROLES = ("PROD", "CONS")
 
 
@@ -207,6 +208,18 @@ Role = _checked(_role, {"enum": list(ROLES)})
 _HEX64_SCHEMA = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 Hex64 = _checked(_hex64, _HEX64_SCHEMA)
 Boolean = _checked(_boolean, {"type": "boolean"})
+_SECRET_SCHEMA = {"type": "string", "minLength": 1, "maxLength": MAX_KEY_CHARS}
+Secret = _checked(_text(MAX_KEY_CHARS), _SECRET_SCHEMA)
+
+
+def _proof(value: object, field: str, info: ValidationInfo) -> str | None:
+    return None if value is None else _text(MAX_KEY_CHARS)(value, field, info)
+
+
+# A stream's control secret: required, but a request without it (or with null) is
+# parsed with None, so the gateway answers AUTH_ERROR ("not proven") where it would
+# answer a wrong one, after finding the stream: the uid alone gets nothing else.
+Control = _checked(_proof, _SECRET_SCHEMA)
 
 
 # -- requests -----------------------------------------------------------------------
@@ -214,6 +227,8 @@ class Request(BaseModel):
     """A request: a JSON object with the fields below, none other."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # A field that proves the caller's right (see Control): missing, it is None.
+    PROOF: ClassVar[str | None] = None
 
     @classmethod
     def parse(cls, raw: object, settings: object = None) -> Request:
@@ -226,6 +241,8 @@ class Request(BaseModel):
         if unknown:
             names = sorted(str(k)[:40] for k in unknown)
             raise BadFormat(f"unknown fields {names}; this function takes {sorted(fields)}")
+        if cls.PROOF is not None and cls.PROOF not in raw:
+            raw = {**raw, cls.PROOF: None}
         missing = [name for name, f in fields.items() if f.is_required() and name not in raw]
         if missing:
             raise BadFormat(f"missing fields {missing}")
@@ -245,26 +262,31 @@ class ReserveRequest(Request):
     num_conn: _integer(1, MAX_NUM_CONN)
     rate: _integer(0, MAX_RATE_KBPS) = 0  # kbit/s; 0: unlimited
     key_sha256: Hex64
+    control_sha256: Hex64  # SHA-256 of the stream's control secret (every later call)
+    owner_sha256: Hex64  # SHA-256 of the owner token (list_streams)
     lease_s: _integer(1, "max_lease_s") = None  # None: the gateway's default_lease_s
 
 
 class HelloRequest(Request):
     uid: Uid
     role: Role
-    key: _checked(_text(MAX_KEY_CHARS), {"type": "string", "minLength": 1,
-                                         "maxLength": MAX_KEY_CHARS})
+    key: Secret  # the hello key: the app controller's proof, not the control secret
     # PROD only; its length bound is the stream's num_conn, so the gateway checks it
     # (with :func:`addresses`) once it has found the stream and the key is proven.
     app_listeners: _checked(_unchecked, _ADDRESS_LIST) = None
 
 
 class WaitHelloRequest(Request):
+    PROOF = "control"
     uid: Uid
+    control: Control
     timeout_s: _number(0, MAX_WAIT_HELLO_S) = 10.0
 
 
 class ConnectRequest(Request):
+    PROOF = "control"
     uid: Uid
+    control: Control
     tls: Boolean = True  # false turns encryption off and must be asked for by name
     remote_listeners: _addresses("max_num_conn")
     # Needed (and checked) only with TLS: see _peer below.
@@ -283,13 +305,23 @@ class ConnectRequest(Request):
         return self
 
 
-class UidRequest(Request):
+class StreamRequest(Request):
+    """``status`` and ``release``: a stream, and the proof of its control secret."""
+
+    PROOF = "control"
     uid: Uid
+    control: Control
 
 
 class RenewRequest(Request):
+    PROOF = "control"
     uid: Uid
+    control: Control
     lease_s: _integer(1, "max_lease_s") = None  # None: the gateway's default_lease_s
+
+
+class ListStreamsRequest(Request):
+    owner: Secret
 
 
 # -- replies ------------------------------------------------------------------------
@@ -379,6 +411,21 @@ class ReleaseReply(Reply):
     released: bool  # true also when the stream was already gone
 
 
+class StreamSummary(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    uid: str
+    role: str
+    state: State
+    created: float
+    lease_expires: float
+    bytes: dict[str, Any] | None  # as status gives it; null: the proxy is not running
+
+
+class ListStreamsReply(Reply):
+    streams: list[StreamSummary]  # newest first, at most MAX_LISTED
+
+
 class ErrorDetail(BaseModel):
     code: str
     message: str
@@ -402,9 +449,10 @@ FUNCTIONS: dict[str, Function] = {
     "hello": Function(HelloRequest, HelloReply),
     "wait_hello": Function(WaitHelloRequest, WaitHelloReply),
     "connect": Function(ConnectRequest, ConnectReply),
-    "status": Function(UidRequest, StatusReply),
+    "status": Function(StreamRequest, StatusReply),
     "renew": Function(RenewRequest, RenewReply),
-    "release": Function(UidRequest, ReleaseReply),
+    "release": Function(StreamRequest, ReleaseReply),
+    "list_streams": Function(ListStreamsRequest, ListStreamsReply),
 }
 """Every gateway function by name, with its request and reply: the one table the
 client, the wire layer and the workers use."""

@@ -10,6 +10,9 @@ Admission control (``NO_RESOURCE``): ``num_conn`` up to the gateway's
 kernel lets this gateway bind in its range.
 ``reserve`` and ``connect`` mark a stream ``busy`` with their worker while they start
 or change its proxy; :mod:`scistream_gateway.recovery` undoes the work of a dead one.
+Ownership: ``reserve`` records the SHA-256 of the stream's control secret, and every
+later call on the stream (but ``hello``, which proves the hello key) proves the secret
+before anything else happens, else ``AUTH_ERROR`` with nothing changed.
 """
 
 from __future__ import annotations
@@ -32,16 +35,18 @@ from scistream_gateway.errors import (
     InvalidUid,
     NoResource,
     NotImplementedHere,
-    ServerError,
     Unavailable,
 )
 from scistream_gateway.protocol import (
+    MAX_LISTED,
     ConnectReply,
     ConnectRequest,
     GatewayInfoReply,
     GatewayInfoRequest,
     HelloReply,
     HelloRequest,
+    ListStreamsReply,
+    ListStreamsRequest,
     ReleaseReply,
     RenewReply,
     RenewRequest,
@@ -49,11 +54,13 @@ from scistream_gateway.protocol import (
     ReserveRequest,
     State,
     StatusReply,
-    UidRequest,
+    StreamRequest,
+    StreamSummary,
     WaitHelloReply,
     WaitHelloRequest,
     addresses,
     format_address,
+    is_canonical_uid,
 )
 from scistream_gateway.recovery import Recovery, busy_alive
 from scistream_gateway.settings import GatewaySettings
@@ -89,16 +96,17 @@ def _this_worker() -> dict:
 NOBODY = {"pid": 0, "start_time": 0, "op": "undo"}  # a busy mark no process matches
 
 
-def _make_private(directory: Path) -> None:
-    """The state directory holds every stream's keys: it must be this user's alone.
-    On a multi-user gateway each Unix user has their own; one owned by someone else
-    is refused, a looser mode is tightened to 0700."""
-    info = directory.stat()
-    if info.st_uid != os.getuid():
-        raise ServerError(f"gateway state_dir {directory} belongs to uid {info.st_uid}, not "
-                          f"to uid {os.getuid()} that runs this gateway's functions")
-    if info.st_mode & 0o077:
-        os.chmod(directory, 0o700)
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _prove(stream: StreamRow, control: str | None) -> None:
+    """``AUTH_ERROR`` unless ``control`` is the control secret of ``stream`` (None: the
+    request gave none)."""
+    if control is None or stream.control_sha256 is None or not hmac.compare_digest(
+            _sha256(control), stream.control_sha256):
+        raise AuthError(f"the control secret of stream {stream.uid} was not proven: only "
+                        "the client that reserved it controls it")
 
 
 class Gateway(Recovery):
@@ -106,8 +114,7 @@ class Gateway(Recovery):
 
     def __init__(self, settings: GatewaySettings):
         self.settings = settings
-        settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _make_private(settings.state_dir)
+        settings.make_state_dir()
         self.streams_dir = settings.state_dir / "streams"
         self.streams_dir.mkdir(mode=0o700, exist_ok=True)
         database = settings.state_dir / "state.sqlite3"
@@ -129,6 +136,14 @@ class Gateway(Recovery):
         stream = self.store.get(uid)
         if stream is None:
             raise InvalidUid(f"no stream {uid} on gateway {self.settings.name}")
+        return stream
+
+    def _proven(self, uid: str, control: str | None) -> StreamRow:
+        """Stream ``uid``, once ``control`` is proven to be its control secret;
+        ``INVALID_UID`` if there is no such stream, ``AUTH_ERROR`` if not proven (a row
+        from before control secrets has none: only the operator can release it)."""
+        stream = self._lookup(uid)
+        _prove(stream, control)
         return stream
 
     def _cleanup(self, stream: StreamRow, state: State, detail: str = "") -> None:
@@ -239,8 +254,14 @@ class Gateway(Recovery):
         with self.store.transaction():
             existing = self.store.get(uid)
             if existing is not None:
-                same = (existing.role, existing.num_conn, existing.rate, existing.key_sha256) == (
-                    role, num_conn, rate, key_sha256)
+                # Only the client that reserved the uid may repeat its reserve (and see
+                # the reply): another caller learns nothing about the stream.
+                if existing.control_sha256 is None or not hmac.compare_digest(
+                        req.control_sha256, existing.control_sha256):
+                    raise AuthError(f"uid {uid} is reserved on {s.name} by another client")
+                same = ((existing.role, existing.num_conn, existing.rate, existing.key_sha256,
+                         existing.owner_sha256)
+                        == (role, num_conn, rate, key_sha256, req.owner_sha256))
                 if existing.state == State.STARTING:  # its worker lives: reap_abandoned ran
                     raise Unavailable(f"a reserve of stream {uid} is in progress on {s.name};"
                                       " try again")
@@ -271,6 +292,7 @@ class Gateway(Recovery):
                 app_listeners=[], remote_listeners=[], tls=True, cert_fingerprint="",
                 certificate="", backend=backend.name, proxy=None, ports=ports,
                 busy={**_this_worker(), "op": "reserve"},
+                control_sha256=req.control_sha256, owner_sha256=req.owner_sha256,
             ))
         directory = self.stream_dir(uid)
         handle = None
@@ -348,6 +370,7 @@ class Gateway(Recovery):
         req = WaitHelloRequest.parse(raw, self.settings)
         uid, timeout_s = req.uid, req.timeout_s
         self.reap()
+        self._proven(uid, req.control)
         deadline = time.monotonic() + timeout_s
         delay = 0.005
         while True:
@@ -359,8 +382,22 @@ class Gateway(Recovery):
             delay = min(delay * 2, 0.05)
 
     def connect(self, raw: object) -> dict:
+        """Point the stream's proxy at its targets and pin the peer's certificate.
+
+        Plain TCP (``tls: false``) on a gateway whose settings do not allow it is
+        ``NOT_IMPLEMENTED``, the code of a feature this gateway does not offer (as for a
+        backend that cannot relay without TLS): the request is well formed and the
+        caller proved nothing wrong. A repeat connect is a success only with the same
+        listeners, ``tls`` and peer fingerprint (the certificate is checked against the
+        fingerprint, so the same fingerprint is the same certificate); another peer is
+        ``AUTH_ERROR``, since which peer the stream trusts is an authentication
+        decision, and the pinned one stays."""
         req = ConnectRequest.parse(raw, self.settings)
         uid, tls, remote = req.uid, req.tls, req.remote_listeners
+        if not tls and not self.settings.allow_plain_tcp:
+            raise NotImplementedHere(f"gateway {self.settings.name} does not allow plain TCP "
+                                     "between gateways (allow_plain_tcp = false); connect "
+                                     "with TLS")
         peer_fp = peer_cert = None
         if tls:
             peer_fp, peer_cert = req.peer_fingerprint, req.peer_certificate
@@ -372,7 +409,7 @@ class Gateway(Recovery):
                 raise AuthError("peer_certificate does not match peer_fingerprint")
         self.reap()
         with self.store.transaction():
-            stream = self._lookup(uid)
+            stream = self._proven(uid, req.control)
             backend = self.backend(stream.backend)
             if not tls and not backend.supports_plain:
                 raise NotImplementedHere(f"backend {stream.backend} cannot relay without TLS")
@@ -382,7 +419,13 @@ class Gateway(Recovery):
                 raise Unavailable(f"a {stream.busy.get('op', 'call')} of stream {uid} is in "
                                   "progress; try again")
             if stream.state == State.CONNECTED:
-                if (stream.remote_listeners, stream.tls) == (remote, tls):
+                if stream.peer_fingerprint is not None and (
+                        peer_fp is None
+                        or not hmac.compare_digest(peer_fp, stream.peer_fingerprint)):
+                    raise AuthError(f"stream {uid} is connected to another peer; its pinned "
+                                    "certificate stays")
+                if (stream.remote_listeners, stream.tls, stream.peer_fingerprint) == (
+                        remote, tls, peer_fp):
                     return reply
                 raise BadFormat(f"stream {uid} is already connected with other parameters")
             if stream.role == "PROD" and stream.state != State.HELLO:
@@ -420,7 +463,8 @@ class Gateway(Recovery):
             self._fault_point("connect:proxy-connected")
             with self.store.transaction():
                 self.store.update(uid, state=State.CONNECTED, remote_listeners=remote,
-                                  tls=int(tls), proxy=handle or stream.proxy, busy=None)
+                                  tls=int(tls), peer_fingerprint=peer_fp,
+                                  proxy=handle or stream.proxy, busy=None)
         except BaseException:
             # The stream stays as it was (a failed connect may be tried again) unless
             # it was recorded FAILED above; the mark goes either way.
@@ -431,17 +475,16 @@ class Gateway(Recovery):
         return reply
 
     def status(self, raw: object) -> dict:
-        uid = UidRequest.parse(raw, self.settings).uid
+        """The stream's state, proxy and counters; nothing at all without the proof."""
+        req = StreamRequest.parse(raw, self.settings)
+        uid = req.uid
         self.reap()
-        stream = self._lookup(uid)
+        stream = self._proven(uid, req.control)
         reply = {"uid": uid, "role": stream.role, "state": stream.state, "alive": False,
                  "bytes": None, "lease_expires": stream.lease_expires,
                  "listeners": stream.listeners, "detail": stream.detail}
         if stream.proxy is not None:
-            try:
-                proxy = self.backend(stream.backend).status(stream.proxy, self.stream_dir(uid))
-            except ProxyUnavailable as exc:  # e.g. no container engine to ask
-                raise Unavailable(f"status of stream {uid}: {exc}") from None
+            proxy = self._proxy_status(stream)
             reply.update(alive=proxy["alive"], bytes=proxy.get("bytes"),
                          connections=proxy.get("connections"), pid=proxy.get("pid"))
             if proxy.get("detail"):  # e.g. which counters this backend does not expose
@@ -468,7 +511,7 @@ class Gateway(Recovery):
         uid, lease_s = req.uid, req.lease_s or self.settings.default_lease_s
         self.reap()
         with self.store.transaction():
-            stream = self._lookup(uid)
+            stream = self._proven(uid, req.control)
             if not stream.active:
                 raise InvalidUid(f"stream {uid} is {stream.state}")
             expires = time.time() + lease_s
@@ -476,11 +519,63 @@ class Gateway(Recovery):
         return RenewReply(uid=uid, lease_expires=expires).wire()
 
     def release(self, raw: object) -> dict:
-        uid = UidRequest.parse(raw, self.settings).uid
+        """Stop the proxy, free the ports, delete the keys. An unknown uid is released
+        already (idempotent); a known one needs the proof."""
+        req = StreamRequest.parse(raw, self.settings)
         self.reap()
+        if self.store.get(req.uid) is not None:  # proven before waiting for a busy stream
+            self._proven(req.uid, req.control)
+        return self._release(req.uid, req.control)
+
+    def list_streams(self, raw: object) -> dict:
+        """The caller's active streams (and reserves in progress), newest first, at most
+        ``MAX_LISTED``: those whose owner token hashes to the one given at reserve."""
+        req = ListStreamsRequest.parse(raw, self.settings)
+        self.reap()
+        rows = self.store.streams(State.HOLDING, owner_sha256=_sha256(req.owner),
+                                  limit=MAX_LISTED)
+        return ListStreamsReply(streams=[self._summary(st) for st in rows]).wire()
+
+    # -- the operator's calls (scistream-gateway; never over the wire) ---------------
+    def operator_streams(self, everything: bool = False) -> list[StreamSummary]:
+        """Every owner's active streams (``everything``: ended ones too), newest first."""
+        self.reap()
+        rows = self.store.streams(None if everything else State.HOLDING)
+        return [self._summary(st) for st in rows]
+
+    def operator_release(self, uid: str) -> dict:
+        """``release`` without the proof: the operator owns the node."""
+        if not is_canonical_uid(uid):
+            raise BadFormat(f"uid must be a lowercase canonical UUID, not {uid!r:.80}")
+        self.reap()
+        return self._release(uid, None, operator=True)
+
+    def _summary(self, stream: StreamRow) -> StreamSummary:
+        counters = None
+        if stream.proxy is not None and stream.busy is None:
+            try:
+                counters = self._proxy_status(stream).get("bytes")
+            except Unavailable:
+                pass  # its engine is away now: no counters to show
+        return StreamSummary(uid=stream.uid, role=stream.role, state=stream.state,
+                             created=stream.created, lease_expires=stream.lease_expires,
+                             bytes=counters)
+
+    def _proxy_status(self, stream: StreamRow) -> dict:
+        try:
+            return self.backend(stream.backend).status(stream.proxy,
+                                                       self.stream_dir(stream.uid))
+        except ProxyUnavailable as exc:  # e.g. no container engine to ask
+            raise Unavailable(f"status of stream {stream.uid}: {exc}") from None
+
+    def _release(self, uid: str, control: str | None, *, operator: bool = False) -> dict:
+        """Release ``uid``, proving ``control`` (unless for the ``operator``) on the row
+        as it is inside the transaction, which a reserve may have created meanwhile."""
         self._wait_not_busy(uid)
         with self.store.transaction():
             stream = self.store.get(uid)
+            if stream is not None and not operator:
+                _prove(stream, control)
             if stream is not None and stream.busy is not None:
                 raise Unavailable(f"a {stream.busy.get('op', 'call')} of stream {uid} is still"
                                   f" in progress after {RELEASE_WAIT_S:.0f} s; release again")

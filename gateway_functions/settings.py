@@ -15,6 +15,7 @@ Example (every key but ``name`` and ``state_dir`` has the default shown)::
                                          # haproxy-docker, nginx-docker (docs/backends.md)
     default_lease_s = 3600
     max_lease_s = 86400
+    allow_plain_tcp = false              # true: a connect may ask for tls = false
     shared = false                       # true: a multi-user endpoint's gateway
     docker_host = ""                     # container engine (see below); "" = not named
     container_pids_limit = 256           # per container (container backends)
@@ -24,6 +25,9 @@ The container backends reach ``docker_host`` when named (a ``unix://`` socket), 
 ``DOCKER_HOST``, else the Docker SDK's standard socket. A shared gateway refuses them
 unless ``docker_host`` names a socket owned by the gateway's own user (a rootless
 engine): whoever reaches an engine controls every container on it.
+
+``allow_plain_tcp`` lets a stream's owner turn encryption off between the gateways
+(``connect`` with ``tls: false``); off, such a request is ``NOT_IMPLEMENTED``.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ _PROBLEMS = {
     "rate_capacity": "rate_capacity must be an integer >= 0",
     "backend": "backend must be a string",
     "shared": "shared must be true or false",
+    "allow_plain_tcp": "allow_plain_tcp must be true or false",
     "docker_host": "docker_host must be \"\" or unix:// and an absolute path",
     "container_pids_limit": "container_pids_limit must be an integer >= 16",
     "container_memory_mib": "container_memory_mib must be an integer >= 32",
@@ -83,6 +88,7 @@ class GatewaySettings(BaseModel):
     backend: str = "native"
     default_lease_s: int = 3600
     max_lease_s: int = 86400
+    allow_plain_tcp: bool = False  # connect may turn encryption off between gateways
     shared: bool = False  # several Unix users' gateways on this node (multi-user endpoint)
     docker_host: str = ""  # the container engine, "unix:///path"; "" = not named
     container_pids_limit: int = 256
@@ -170,6 +176,23 @@ class GatewaySettings(BaseModel):
                               pids_limit=self.container_pids_limit,
                               memory_mib=self.container_memory_mib)
 
+    def make_state_dir(self) -> Path:
+        """Create the state directory (mode 0700, parents as needed) if it is missing;
+        returns it. It holds every stream's keys, so it must be this user's alone: one
+        owned by someone else is refused (``SERVER_ERR``), a looser mode tightened."""
+        directory = self.state_dir
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            info = directory.stat()
+        except OSError as exc:
+            raise ServerError(f"gateway state_dir {directory}: {exc.strerror}") from None
+        if info.st_uid != os.getuid():
+            raise ServerError(f"gateway state_dir {directory} belongs to uid {info.st_uid}, "
+                              f"not to uid {os.getuid()} that runs this gateway's functions")
+        if info.st_mode & 0o077:
+            os.chmod(directory, 0o700)
+        return directory
+
     def log(self, entry: str) -> None:
         """Append ``entry`` to ``<state_dir>/gateway.log``, the operator's log (bug
         reports, recovery); never fails a call."""
@@ -190,7 +213,8 @@ class GatewaySettings(BaseModel):
             ("port_range", [self.port_min, self.port_max]),
             ("max_num_conn", self.max_num_conn), ("rate_capacity", self.rate_capacity),
             ("backend", self.backend), ("default_lease_s", self.default_lease_s),
-            ("max_lease_s", self.max_lease_s), ("shared", self.shared),
+            ("max_lease_s", self.max_lease_s), ("allow_plain_tcp", self.allow_plain_tcp),
+            ("shared", self.shared),
             ("docker_host", self.docker_host),
             ("container_pids_limit", self.container_pids_limit),
             ("container_memory_mib", self.container_memory_mib),

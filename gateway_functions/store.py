@@ -19,7 +19,7 @@ from scistream_gateway.protocol import State
 
 __all__ = ["Store", "StreamRow"]
 
-SCHEMA_VERSION = 2  # PRAGMA user_version
+SCHEMA_VERSION = 3  # PRAGMA user_version
 # How long a worker waits for the write lock (or the switch to WAL) before the gateway
 # answers UNAVAILABLE: past that it is overloaded, which a client may retry later.
 BUSY_TIMEOUT_S = 60.0
@@ -60,6 +60,13 @@ _MIGRATIONS = {
     # stream, set before that call starts or changes a proxy and cleared when it has
     # recorded the outcome. A row busy with a dead worker is half-done work to undo.
     2: "ALTER TABLE streams ADD COLUMN busy TEXT",
+    # Ownership: SHA-256 of the stream's control secret (proven by every call after
+    # reserve) and of its owner's token (list_streams), and the peer fingerprint that
+    # connect pinned. Rows from before have none: only the operator can release them.
+    3: """ALTER TABLE streams ADD COLUMN control_sha256 TEXT;
+          ALTER TABLE streams ADD COLUMN owner_sha256 TEXT;
+          ALTER TABLE streams ADD COLUMN peer_fingerprint TEXT;
+          CREATE INDEX IF NOT EXISTS streams_owner ON streams(owner_sha256, created)""",
 }
 
 
@@ -85,6 +92,9 @@ class StreamRow:
     updated: float = 0.0
     ports: list[int] = field(default_factory=list)
     busy: dict | None = None
+    control_sha256: str | None = None
+    owner_sha256: str | None = None
+    peer_fingerprint: str | None = None
 
     @property
     def active(self) -> bool:
@@ -180,13 +190,15 @@ class Store:
         now = time.time()
         self.db.execute(
             "INSERT INTO streams (uid, role, state, num_conn, rate, key_sha256, lease_expires,"
-            " listeners, cert_fingerprint, certificate, backend, proxy, busy, created, updated)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " listeners, cert_fingerprint, certificate, backend, proxy, busy, control_sha256,"
+            " owner_sha256, created, updated)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (stream.uid, stream.role, stream.state, stream.num_conn, stream.rate,
              stream.key_sha256, stream.lease_expires, json.dumps(stream.listeners),
              stream.cert_fingerprint, stream.certificate, stream.backend,
              json.dumps(stream.proxy) if stream.proxy else None,
-             json.dumps(stream.busy) if stream.busy else None, now, now),
+             json.dumps(stream.busy) if stream.busy else None, stream.control_sha256,
+             stream.owner_sha256, now, now),
         )
         self.db.executemany("INSERT INTO ports (port, uid) VALUES (?, ?)",
                             [(port, stream.uid) for port in stream.ports])
@@ -225,6 +237,24 @@ class Store:
         """Every stream's uid and state."""
         return {uid: State(state)
                 for uid, state in self.db.execute("SELECT uid, state FROM streams")}
+
+    def streams(self, states: Collection[State] | None = None, owner_sha256: str | None = None,
+                limit: int | None = None) -> list[StreamRow]:
+        """Streams, newest first: those in ``states`` (all if None), of the owner whose
+        token hashes to ``owner_sha256`` (any if None), at most ``limit``."""
+        where, args = [], []
+        if states is not None:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            args += sorted(states)
+        if owner_sha256 is not None:
+            where.append("owner_sha256 = ?")
+            args.append(owner_sha256)
+        query = "SELECT * FROM streams" + (" WHERE " + " AND ".join(where) if where else "")
+        query += " ORDER BY created DESC, uid"
+        if limit is not None:
+            query += " LIMIT ?"
+            args.append(limit)
+        return [StreamRow.from_db(r) for r in self.db.execute(query, args)]
 
     def used_ports(self) -> set[int]:
         return {r[0] for r in self.db.execute("SELECT port FROM ports")}

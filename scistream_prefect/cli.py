@@ -298,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-conn", type=_int_in(1, 64), default=4,
                       help="parallel connections (default 4)")
     demo.add_argument("--no-tls", dest="tls", action="store_false",
-                      help="turn OFF encryption between the gateways")
+                      help="turn OFF encryption between the gateways (the demo's "
+                      "gateways then allow plain TCP)")
     demo.add_argument("--port-base", type=_int_in(1024, 65535 - 199), default=31000,
                       help="gateway ports: producer base..base+99, consumer base+100..base+199")
     demo.add_argument("--json", action="store_true",
@@ -345,7 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a Prefect Secret block holding the hello key, for a producer "
                        "controller that sends its own hello (scistream hello)")
     open_.add_argument("--no-tls", dest="tls", action="store_false",
-                       help="turn OFF encryption between the gateways")
+                       help="turn OFF encryption between the gateways (refused with "
+                       "NOT_IMPLEMENTED unless both gateways' settings say "
+                       "allow_plain_tcp = true)")
     open_.add_argument("--lease", type=_int_in(1, 10**7), metavar="SECONDS",
                        help="lease on both gateways (default: theirs)")
     open_.add_argument("--hello-timeout", type=_seconds, default=300.0, metavar="SECONDS",

@@ -73,7 +73,8 @@ class GlobusComputeGateway(Block):
     function_ids: dict[str, uuid.UUID] | None = Field(
         default=None,
         description="Registered function UUIDs by gateway function name (gateway_info, "
-        "reserve, hello, wait_hello, connect, status, renew, release), as printed by "
+        "reserve, hello, wait_hello, connect, status, renew, release, list_streams), as "
+        "printed by "
         "`scistream-gateway register`. Missing: functions are submitted by value.",
     )
     credentials_block: str | None = Field(
@@ -150,12 +151,16 @@ class GlobusComputeGateway(Block):
             return executor
 
     def submit(self, function: str, request: dict) -> concurrent.futures.Future:
-        """Submit one gateway function call; the future's result is the raw reply."""
+        """Submit one gateway function call, with this client's proofs of ownership
+        added (:func:`~scistream_prefect.ownership.with_proofs`); the future's result is
+        the raw reply."""
         from scistream_gateway.functions import ALL
         from scistream_gateway.protocol import FUNCTIONS
+        from scistream_prefect.ownership import with_proofs
 
         if function not in FUNCTIONS:
             raise BadFormat(f"no gateway function {function!r}; known: {sorted(FUNCTIONS)}")
+        request = with_proofs(function, request)
         function_id = (self.function_ids or {}).get(function)
 
         def submit_to(executor):

@@ -1,7 +1,9 @@
 """Where gateway functions run: the one seam between the client (S2UC) and S2CS.
 
 Every gateway block has ``call(function, request) -> reply``; a reply carrying an
-error becomes the matching :class:`~scistream_gateway.errors.SciStreamError`.
+error becomes the matching :class:`~scistream_gateway.errors.SciStreamError`. ``call``
+is where the proofs of ownership join a request (:func:`~scistream_prefect.ownership.
+with_proofs`), so no task parameter, result or log line carries a secret.
 :class:`LocalGateway` runs the shipped functions in local worker processes after the
 Globus Compute serialization round trip: two of them on loopback make a whole stream
 on one machine. A gateway behind a real Globus Compute endpoint plugs in at the same
@@ -36,6 +38,7 @@ from scistream_gateway.local_worker import (
     write_frame,
 )
 from scistream_gateway.settings import CONFIG_ENV, GatewaySettings
+from scistream_prefect.ownership import with_proofs
 
 __all__ = ["Gateway", "LocalGateway", "close_local_gateways"]
 
@@ -52,7 +55,9 @@ def _readable(fd: int, timeout_s: float) -> bool:
 class Gateway(Protocol):
     """What the tasks need of a gateway, wherever its functions run."""
 
-    def call(self, function: str, request: dict, timeout_s: float | None = None) -> dict: ...
+    def call(self, function: str, request: dict, timeout_s: float | None = None) -> dict:
+        """Run ``function`` on ``request`` with this client's proofs of ownership added."""
+        ...
 
     @property
     def label(self) -> str: ...
@@ -62,7 +67,7 @@ class _Worker:
     """One local worker process (``python -m scistream_gateway.local_worker``)."""
 
     def __init__(self, settings: GatewaySettings, settings_path: Path):
-        log_fd = os.open(settings.state_dir / "workers.log",
+        log_fd = os.open(settings.make_state_dir() / "workers.log",
                          os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             self.proc = subprocess.Popen(
@@ -297,12 +302,14 @@ class LocalGateway(Block):
             return pool
 
     def call(self, function: str, request: dict, timeout_s: float | None = None) -> dict:
-        """Run gateway function ``function`` on ``request``; raise its error, if any."""
+        """Run gateway function ``function`` on ``request`` with this client's proofs of
+        ownership added (fields it already has are kept); raise its error, if any."""
         from scistream_gateway.functions import ALL
         from scistream_gateway.protocol import FUNCTIONS
 
         if function not in FUNCTIONS:  # as GlobusComputeGateway.submit says it
             raise BadFormat(f"no gateway function {function!r:.80}; known: {sorted(FUNCTIONS)}")
+        request = with_proofs(function, request)
         serializer = make_serializer()
         try:
             payload = serializer.pack_buffers([

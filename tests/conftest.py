@@ -6,14 +6,21 @@ Compute serializer round trip, proxies are real detached processes, state is SQL
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The session's own client key (scistream_prefect.ownership), never the user's.
+if "SCISTREAM_CONFIG_DIR" not in os.environ:
+    os.environ["SCISTREAM_CONFIG_DIR"] = tempfile.mkdtemp(prefix="scistream-test-config-")
+    atexit.register(shutil.rmtree, os.environ["SCISTREAM_CONFIG_DIR"], True)
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # Tests read runs' log lines back from the API (marker lines at INFO). The level is
 # fixed here, before Prefect and the benches are imported: a bench module sets WARNING
@@ -90,11 +97,13 @@ def gateway_root(tmp_path: Path):
 
 
 @pytest.fixture
-def gateways(gateway_root: Path):
-    """A producer-side and a consumer-side local gateway on loopback. A proxy the test
-    left running fails it (as ``gateway_root`` does), after the pair has released it."""
-    with LocalPair(make_gateway(gateway_root, "prod-gw"),
-                   make_gateway(gateway_root, "cons-gw")) as pair:
+def gateways(gateway_root: Path, request):
+    """A producer-side and a consumer-side local gateway on loopback, with the test
+    module's ``GATEWAY_SETTINGS`` if it has any (e.g. ``allow_plain_tcp``). A proxy the
+    test left running fails it (as ``gateway_root`` does), after the pair released it."""
+    settings = getattr(request.module, "GATEWAY_SETTINGS", {})
+    with LocalPair(make_gateway(gateway_root, "prod-gw", **settings),
+                   make_gateway(gateway_root, "cons-gw", **settings)) as pair:
         yield pair.producer, pair.consumer
         left = pair.leftovers().processes
     assert not left, f"proxy processes left running: {left}"

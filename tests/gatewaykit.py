@@ -10,7 +10,23 @@ import time
 import uuid
 from pathlib import Path
 
+from scistream_gateway.engine import EndpointEngine
+from scistream_gateway.settings import CONFIG_ENV
+from scistream_prefect.ownership import with_proofs
 from scistream_proxy.process import ProcessIdentity
+
+
+class ProvenEngine(EndpointEngine):
+    """An endpoint engine whose calls carry this client's proofs of ownership, as
+    ``Gateway.call`` adds them (fields a request has are kept)."""
+
+    def submit(self, name: str, request: object):
+        return super().submit(name, with_proofs(name, request))
+
+
+def engine_for(settings_path: Path, **kwargs) -> ProvenEngine:
+    """A :class:`ProvenEngine` whose workers read the gateway settings at ``settings_path``."""
+    return ProvenEngine({CONFIG_ENV: str(Path(settings_path).resolve())}, **kwargs)
 
 
 def reserve(gw, role="PROD", num_conn=2, key="k" * 43, uid=None, **extra):

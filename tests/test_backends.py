@@ -57,8 +57,9 @@ def pairs():
 
 
 def chain_gateways(root: Path, prod: str, cons: str):
-    return (make_gateway(root, f"prod-{prod}", backend=prod),
-            make_gateway(root, f"cons-{cons}", backend=cons))
+    # Plain TCP allowed: the chains are tested with and without TLS.
+    return (make_gateway(root, f"prod-{prod}", backend=prod, allow_plain_tcp=True),
+            make_gateway(root, f"cons-{cons}", backend=cons, allow_plain_tcp=True))
 
 
 @pytest.mark.parametrize("prod, cons, tls", list(pairs()))

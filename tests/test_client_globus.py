@@ -27,6 +27,7 @@ from globus_sdk.testing import RegisteredResponse, get_last_request
 from scistream_prefect import AuthError, GlobusComputeGateway, GlobusCredentials, ServerError
 from scistream_prefect import auth as scistream_auth
 from scistream_prefect.compute import shutdown_executors
+from scistream_prefect.ownership import control_secret, with_proofs
 
 ENDPOINT_ID = "6d3bd6a7-5b2e-47a8-a0b8-6e2e8a4ba2f0"
 COMPUTE_SCOPE = "https://auth.globus.org/scopes/facd7ccc-c5f4-42aa-916b-a0e270e2c2a9/all"
@@ -291,7 +292,9 @@ def test_a_confidential_client_block_drives_the_executor(globus_offline):
     # JSON data only (the shipped endpoint configs deserialize nothing else):
     assert all(b.startswith("11\n") for b in buffers), "arguments not serialized as JSONData"
     args, kwargs = (serializer.deserialize(b) for b in buffers)
-    assert list(args) == [request] and kwargs == {}
+    # The request as given, with the stream's control secret that submit added.
+    assert list(args) == [with_proofs("status", request)] and kwargs == {}
+    assert args[0]["control"] == control_secret(request["uid"])
     _bound_to_task(future, task_id)
 
 

@@ -70,7 +70,7 @@ def test_shipped_single_user_files_load_with_the_endpoint_loader(tmp_path):
     assert len(manager.allowed_functions) == len(ALL) == 8
     assert isinstance(config, UserEndpointConfig)
     assert isinstance(config.engine, ProcessPoolEngine)
-    assert len(config.allowed_functions) == 8
+    assert len(config.allowed_functions) == len(ALL) == 9
     allowed = {f"{c.__module__}.{c.__name__}"
                for c in config.engine.serde.allowed_deserializer_types}
     assert allowed == {"globus_compute_sdk.serialize.concretes.DillCodeSource",
@@ -258,7 +258,7 @@ def test_register_writes_name_to_uuid_json(compute_service, tmp_path, capsys):
     assert main(["register", "--output", str(out)]) == 0
     ids = read_function_ids(out)
     assert list(ids) == list(ALL)
-    assert len(set(ids.values())) == 8
+    assert len(set(ids.values())) == 9
     printed = capsys.readouterr().out
     assert all(f"{name:13} {fid}" in printed for name, fid in ids.items())
     # What went over the wire: each function by name, as source text (DillCodeSource),

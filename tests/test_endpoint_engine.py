@@ -14,12 +14,12 @@ import uuid
 
 import pytest
 
-from scistream_gateway.engine import engine_for
 from scistream_proxy.native_backend import NativeBackend
 from scistream_proxy.leaks import port_is_free
 from scistream_proxy.process import ProcessIdentity
 
 from conftest import make_gateway
+from gatewaykit import engine_for
 
 
 def _reserve(engine, role="PROD", num_conn=2, uid=None, key="hello-key", **extra):
@@ -33,7 +33,7 @@ def _reserve(engine, role="PROD", num_conn=2, uid=None, key="hello-key", **extra
 
 @pytest.mark.slow
 def test_every_function_runs_on_the_endpoint_engine(gateway_root, producer_app):
-    """A whole stream, all eight functions, each call an endpoint task."""
+    """A whole stream, every function, each call an endpoint task."""
     import subprocess
 
     from scistream_proxy import apps
@@ -70,6 +70,8 @@ def test_every_function_runs_on_the_endpoint_engine(gateway_root, producer_app):
             assert status["bytes"]["from_app"] == sum(r["bytes"] for r in sent) == 256 * 1024
             renewed = prod.call("renew", {"uid": uid, "lease_s": 120})
             assert renewed["lease_expires"] > time.time() + 100
+            listed = prod.call("list_streams", {})["streams"]
+            assert [(s["uid"], s["state"]) for s in listed] == [(uid, "CONNECTED")]
         finally:
             assert prod.call("release", {"uid": uid}) == {"uid": uid, "released": True}
             assert cons.call("release", {"uid": uid}) == {"uid": uid, "released": True}
@@ -218,7 +220,7 @@ def test_lease_expiry_is_reaped_by_any_later_call(gateway_root):
 
 @pytest.mark.slow
 def test_connect_to_a_dead_proxy_is_conn_error_and_the_failure_is_kept(gateway_root):
-    gw = make_gateway(gateway_root, "dead-ep")
+    gw = make_gateway(gateway_root, "dead-ep", allow_plain_tcp=True)
     with engine_for(gw.settings_path) as engine:
         uid, _, reply = _reserve(engine, role="CONS")
         os.kill(engine.call("status", {"uid": uid})["pid"], signal.SIGKILL)

@@ -26,13 +26,13 @@ from backend_chain import (
     skip_reason,
 )
 from conftest import make_gateway
-from gatewaykit import kill_workers, plant
-from scistream_gateway.engine import EndpointEngine
+from gatewaykit import ProvenEngine, kill_workers, plant
 from scistream_gateway.errors import AuthError, BadFormat, InvalidUid, Unavailable
 from scistream_gateway.service import FAULT_STEPS, FAULTS_ENV, Gateway
 from scistream_gateway.settings import CONFIG_ENV
 from scistream_gateway.store import SCHEMA_VERSION, Store
 from scistream_prefect import LocalPair
+from scistream_prefect.ownership import with_proofs
 from scistream_proxy.apps import EchoServer
 from scistream_proxy.backends import ProxySpec
 from scistream_proxy.leaks import port_is_free, proxy_pids, working_dirs
@@ -206,13 +206,13 @@ def test_a_worker_of_the_endpoint_engine_killed_mid_reserve_is_undone_after_rest
     uid = str(uuid.uuid4())
     request = {"uid": uid, "role": "CONS", "num_conn": 3,
                "key_sha256": hashlib.sha256(KEY.encode()).hexdigest()}
-    with EndpointEngine(environ, max_workers=1) as engine:
+    with ProvenEngine(environ, max_workers=1) as engine:
         with pytest.raises(RuntimeError, match="terminated abruptly|BrokenProcessPool"):
             engine.call("reserve", request)
     listeners = json.loads(rows(gw)[uid]["listeners"])
     assert not any(port_is_free(a) for a in listeners)  # the relay holds them, unrecorded
     assert NativeBackend.relay_streams(gw.settings.state_dir) == [uid]
-    with EndpointEngine(environ) as engine:
+    with ProvenEngine(environ) as engine:
         assert engine.call("gateway_info", {})["active_streams"] == 0
         assert all(port_is_free(a) for a in listeners)
         assert proxy_pids(under=gateway_root) == []  # it was the relay's only stream
@@ -239,7 +239,8 @@ def test_release_waits_for_a_call_in_progress_then_undoes_a_dead_one(gateways):
             db.execute("UPDATE streams SET busy = ? WHERE uid = ?", (busy, uid))
         with pytest.raises(Unavailable, match="in progress"):
             producer.call("connect", {"uid": uid, "remote_listeners": ["127.0.0.1:9"],
-                                      "tls": False})
+                                      "peer_certificate": reply["certificate"],
+                                      "peer_fingerprint": reply["cert_fingerprint"]})
         done = []
 
         def release() -> None:
@@ -275,12 +276,13 @@ def test_release_gives_up_on_a_call_that_stays_in_progress(gateway_root, monkeyp
     monkeypatch.setattr(service, "RELEASE_WAIT_S", 0.3)
     uid = str(uuid.uuid4())
     with Gateway(gw.settings) as gateway:
-        gateway.reserve({"uid": uid, "role": "CONS", "num_conn": 1, "key_sha256": "0" * 64})
+        gateway.reserve(with_proofs("reserve", {"uid": uid, "role": "CONS", "num_conn": 1,
+                                                "key_sha256": "0" * 64}))
         gateway.store.update(uid, busy={**service._this_worker(), "op": "connect"})
         with pytest.raises(Unavailable, match="still in progress"):
-            gateway.release({"uid": uid})
+            gateway.release(with_proofs("release", {"uid": uid}))
         gateway.store.update(uid, busy=None)
-        assert gateway.release({"uid": uid})["released"]
+        assert gateway.release(with_proofs("release", {"uid": uid}))["released"]
 
 
 def test_a_call_that_finished_after_the_listing_is_not_undone(gateway_root, monkeypatch):
@@ -289,18 +291,18 @@ def test_a_call_that_finished_after_the_listing_is_not_undone(gateway_root, monk
     gw = make_gateway(gateway_root, "race-gw")
     uid = str(uuid.uuid4())
     with Gateway(gw.settings) as gateway:
-        reply = gateway.reserve({"uid": uid, "role": "CONS", "num_conn": 1,
-                                 "key_sha256": "0" * 64})
+        reply = gateway.reserve(with_proofs("reserve", {"uid": uid, "role": "CONS",
+                                                        "num_conn": 1, "key_sha256": "0" * 64}))
         gateway.store.update(uid, busy={"pid": 0, "start_time": 0, "op": "connect"})
         assert [st.uid for st in gateway.store.busy_streams()] == [uid]
         gateway.store.update(uid, busy=None)  # ... then the call ended normally,
         listed = [gateway.store.get(uid)]  # before its row was read (busy None now)
         monkeypatch.setattr(gateway.store, "busy_streams", lambda: listed)
         assert gateway.reap_abandoned() == []
-        status = gateway.status({"uid": uid})
+        status = gateway.status(with_proofs("status", {"uid": uid}))
         assert (status["state"], status["alive"]) == ("RESERVED", True)
         assert not port_is_free(reply["listeners"][0])
-        assert gateway.release({"uid": uid})["released"]
+        assert gateway.release(with_proofs("release", {"uid": uid}))["released"]
     assert port_is_free(reply["listeners"][0])
 
 
@@ -562,16 +564,17 @@ def test_a_version_1_state_database_is_migrated_and_keeps_its_streams(tmp_path):
     db.close()
     migrated = Store(path)
     try:
-        assert migrated.version() == SCHEMA_VERSION == 2
+        assert migrated.version() == SCHEMA_VERSION == 3
         row = migrated.get("u1")
         assert row.state == "RESERVED" and row.busy is None
+        assert row.control_sha256 is None and row.owner_sha256 is None  # the operator's
         with migrated.transaction():
             migrated.update("u1", busy={"pid": 1, "start_time": 2, "op": "connect"})
         assert migrated.get("u1").busy["op"] == "connect"
     finally:
         migrated.close()
     again = Store(path)  # opening a current database changes nothing
-    assert again.version() == 2 and again.get("u1").busy["pid"] == 1
+    assert again.version() == 3 and again.get("u1").busy["pid"] == 1
     again.close()
 
 
@@ -589,7 +592,7 @@ def test_a_backend_that_cannot_start_now_is_unavailable_and_leaves_nothing(gatew
     uid = str(uuid.uuid4())
     with Gateway(gw.settings) as gateway:
         with pytest.raises(Unavailable, match="cannot start now: no engine answers"):
-            gateway.reserve(_request(uid, "CONS", num_conn=4))
+            gateway.reserve(with_proofs("reserve", _request(uid, "CONS", num_conn=4)))
         assert gateway.store.get(uid) is None and gateway.store.used_ports() == set()
     assert list((gw.settings.state_dir / "streams").iterdir()) == []
     assert all(port_is_free(f"127.0.0.1:{p}") for p in range(gw.settings.port_min,

@@ -13,6 +13,7 @@ import uuid
 
 from scistream_gateway.settings import CONFIG_ENV, GatewaySettings
 from scistream_gateway.store import Store
+from scistream_prefect.ownership import with_proofs
 from scistream_proxy.leaks import port_is_free, proxy_pids
 
 import pytest
@@ -22,17 +23,22 @@ pytestmark = pytest.mark.slow
 PROCESSES = 50
 
 
-def _reserve_at_once(settings_path: str, barrier, num_conn: int, results) -> None:
+def _reserve_at_once(settings_path: str, barrier, request: dict, results) -> None:
     import os
 
     os.environ[CONFIG_ENV] = settings_path
     from scistream_gateway.functions import reserve
 
-    uid = str(uuid.uuid4())
-    request = {"uid": uid, "role": "PROD", "num_conn": num_conn,
-               "key_sha256": hashlib.sha256(uid.encode()).hexdigest()}
     barrier.wait(timeout=240)  # a worker that never came breaks it for all: no hang
-    results.put((uid, reserve(request)))
+    results.put((request["uid"], reserve(request)))
+
+
+def _request(num_conn: int) -> dict:
+    """A reserve of a new uid, with the proofs the client adds (made here: a worker
+    process imports only the gateway side, as an endpoint worker does)."""
+    uid = str(uuid.uuid4())
+    return with_proofs("reserve", {"uid": uid, "role": "PROD", "num_conn": num_conn,
+                                   "key_sha256": hashlib.sha256(uid.encode()).hexdigest()})
 
 
 def _collect(workers, results, timeout_s: float) -> dict:
@@ -64,8 +70,8 @@ def test_fifty_processes_reserving_at_once_never_share_a_port(tmp_path, monkeypa
     ctx = multiprocessing.get_context("spawn")  # fresh processes, as endpoint workers are
     barrier, results = ctx.Barrier(PROCESSES), ctx.Queue()
     # daemon: a worker still running when the test gives up cannot hold pytest's exit.
-    workers = [ctx.Process(target=_reserve_at_once, args=(str(path), barrier, 2, results),
-                           daemon=True)
+    workers = [ctx.Process(target=_reserve_at_once,
+                           args=(str(path), barrier, _request(2), results), daemon=True)
                for _ in range(PROCESSES)]
     for worker in workers:
         worker.start()
@@ -102,7 +108,7 @@ def test_fifty_processes_reserving_at_once_never_share_a_port(tmp_path, monkeypa
 
         monkeypatch.setenv(CONFIG_ENV, str(path))
         for uid in replies:
-            assert release({"uid": uid})["released"]
+            assert release(with_proofs("release", {"uid": uid}))["released"]
     assert proxy_pids(under=tmp_path) == []
     assert all(port_is_free(f"127.0.0.1:{p}") for p in range(30100, 30190))
 

@@ -30,7 +30,7 @@ def _documented_commands() -> list[list[str]]:
 
 def test_every_documented_command_parses():
     commands = _documented_commands()
-    assert {c[0] for c in commands} == {"register", "render-config", "info"}
+    assert {c[0] for c in commands} == {"register", "render-config", "info", "streams", "release"}
     for argv in commands:
         build_parser().parse_args(argv)  # SystemExit (a failed test) on an unknown option
 
@@ -49,4 +49,4 @@ def test_documented_render_config_examples_work(tmp_path):
         config = load_config_yaml((out / "config.yaml").read_text())
         if getattr(config, "engine", None) is not None:
             config.engine.shutdown()
-        assert len(config.allowed_functions) == 8
+        assert len(config.allowed_functions) == 9

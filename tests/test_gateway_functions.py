@@ -280,10 +280,12 @@ def test_hello_key_is_never_written_or_recorded(gateways, producer_app):
     """The key reaches a gateway only in hello: not in gateway files, not in the handle,
     not in Prefect's records of the open and release runs (flow runs, task runs, every
     log line of either). Each run is named by a marker that its own log must show, so a
-    search that reads nothing fails."""
+    search that reads nothing fails. Nor do the proofs of ownership (the stream's
+    control secret, the owner token), which only Gateway.call adds to a request."""
     from prefect.blocks.system import Secret
 
     from scistream_prefect import open_stream, release_stream
+    from scistream_prefect.ownership import control_secret, owner_token
 
     producer, consumer = gateways
     app = producer_app(1, 1024)
@@ -294,23 +296,25 @@ def test_hello_key_is_never_written_or_recorded(gateways, producer_app):
         producer, consumer, num_conn=1, app_listeners=app.listeners, uid=str(uuid.uuid4()),
         hello_key_block="test-hello-key", return_state=True)
     handle = opened.result()
+    secrets_ = [key, control_secret(handle.uid), owner_token()]
     try:
         for gw in (producer, consumer):
             for path in gw.settings.state_dir.rglob("*"):
                 if path.is_file():
-                    assert key.encode() not in path.read_bytes(), path
+                    data = path.read_bytes()
+                    assert not any(s.encode() in data for s in secrets_), path
     finally:
         released = release_stream.with_options(flow_run_name=markers[1])(
             producer, consumer, handle.uid, return_state=True)
     assert released.is_completed()
-    assert key not in repr(handle) and key not in handle.model_dump_json()
+    assert not any(s in repr(handle) or s in handle.model_dump_json() for s in secrets_)
     records = run_records(opened.state_details.flow_run_id, released.state_details.flow_run_id,
                           expect=[f"Beginning flow run {marker!r}" for marker in markers])
     lines = "\n".join(records.messages())
     assert all(f"Beginning flow run {marker!r}" in lines for marker in markers), lines
     assert any(log.task_run_id for log in records.logs)  # the task runs' lines too
     assert records.flow_runs[0].parameters["hello_key_block"] == "test-hello-key"
-    leaked = [text for text in records.texts() if key in text]
+    leaked = [text for text in records.texts() if any(s in text for s in secrets_)]
     assert not leaked, leaked[0][:2000] if leaked else ""
 
 

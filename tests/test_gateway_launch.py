@@ -162,12 +162,12 @@ def test_required_scope_refusal_reaches_the_caller_as_conn_error(gateway_root):
     if Path("/run/systemd/system").is_dir():
         pytest.skip("systemd runs here, so a scope would be made")
     from conftest import make_gateway
-    from scistream_gateway.engine import EndpointEngine
+    from gatewaykit import ProvenEngine
     from scistream_gateway.settings import CONFIG_ENV
 
     gw = make_gateway(gateway_root, "scope-only")
     env = {CONFIG_ENV: str(gw.settings_path), "SCISTREAM_PROXY_LAUNCH": "systemd"}
-    with EndpointEngine(env, max_workers=1) as engine:
+    with ProvenEngine(env, max_workers=1) as engine:
         reply = engine.call("reserve", {"uid": "0b5c4a1e-5f8a-4c1e-9d43-2f1f6ad2c7a1",
                                         "role": "PROD", "num_conn": 2, "key_sha256": "0" * 64})
         assert reply["error"]["code"] == "CONN_ERROR", reply

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from scistream_gateway.settings import GatewaySettings
+from scistream_prefect.ownership import with_proofs
 from scistream_proxy.leaks import port_is_free, proxy_pids
 
 pytestmark = pytest.mark.root
@@ -76,6 +77,7 @@ def _as_user(user: str, argv: list[str]) -> subprocess.CompletedProcess:
 
 
 def _call(user: str, settings: Path, *calls: tuple[str, dict]) -> list[dict]:
+    calls = [(name, with_proofs(name, request)) for name, request in calls]
     done = _as_user(user, [sys.executable, "-c", RUNNER, json.dumps(calls), str(settings)])
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -17,12 +17,26 @@ from hypothesis import strategies as st
 
 from scistream_gateway import functions
 from scistream_gateway.errors import ERROR_CODES
+from scistream_gateway.service import Gateway
 from scistream_gateway.settings import CONFIG_ENV, GatewaySettings
+from scistream_prefect.ownership import control_secret, owner_token, sha256_hex, with_proofs
 from scistream_proxy.leaks import proxy_pids
 
 from badinputkit import APP, KEY, dump_state
 
 pytestmark = pytest.mark.slow
+
+def _call(name: str, request: dict) -> dict:
+    """Gateway function ``name`` with this client's proofs of ownership added."""
+    return functions.ALL[name](with_proofs(name, request))
+
+
+def _release(settings: GatewaySettings, uid: str) -> None:
+    """Release ``uid`` as the operator: a fuzzed reserve may have recorded a control
+    secret nobody knows."""
+    with Gateway(settings) as gateway:
+        gateway.operator_release(uid)
+
 
 class World:
     """One gateway with one stream in HELLO state (so wait_hello never blocks)."""
@@ -37,13 +51,13 @@ class World:
         self.reply: dict = {}
 
     def ensure_stream(self) -> None:
-        status = functions.status({"uid": self.uid}) if self.uid else {"error": 1}
+        status = _call("status", {"uid": self.uid}) if self.uid else {"error": 1}
         if "error" not in status and status["state"] == "HELLO":
             return
         if self.uid:
-            functions.release({"uid": self.uid})
+            _call("release", {"uid": self.uid})
         self.uid = str(uuid.uuid4())
-        self.reply = functions.reserve({
+        self.reply = _call("reserve", {
             "uid": self.uid, "role": "PROD", "num_conn": 2, "rate": 1000, "lease_s": 3600,
             "key_sha256": hashlib.sha256(KEY.encode()).hexdigest()})
         assert "error" not in self.reply, self.reply
@@ -61,7 +75,7 @@ def world(tmp_path_factory):
     w.ensure_stream()
     yield w
     for stream_uid in _active_uids(w.settings.state_dir):
-        functions.release({"uid": stream_uid})
+        _release(w.settings, stream_uid)
     mp.undo()
     assert proxy_pids(under=root) == []
 
@@ -97,6 +111,10 @@ def field_strategies(world: World) -> dict:
         "num_conn": st.integers(-3, 70) | json_values,
         "rate": st.integers(-10, 10**10) | json_values,
         "key_sha256": st.sampled_from(["0" * 64, "0" * 63, "G" * 64, "A" * 64]) | json_values,
+        "control_sha256": st.sampled_from(["0" * 64, "0" * 63, "G" * 64]) | json_values,
+        "owner_sha256": st.sampled_from(["0" * 64, "A" * 64]) | json_values,
+        "control": st.sampled_from([control_secret(world.uid), "wrong", ""]) | json_values,
+        "owner": st.sampled_from([owner_token(), ""]) | json_values,
         "key": st.sampled_from([KEY, KEY + " ", ""]) | json_values,
         "lease_s": st.integers(-5, 10**6) | st.floats(-1, 10) | json_values,
         "timeout_s": st.floats(-1, 0.02) | st.sampled_from([21, 3600, True]) | json_values,
@@ -113,18 +131,22 @@ def field_strategies(world: World) -> dict:
 
 def valid_requests(world: World, fresh_uid: str) -> dict[str, dict]:
     """A valid request for each function, about the world's stream where it takes one."""
+    control = control_secret(world.uid)
     return {
         "gateway_info": {},
         "reserve": {"uid": fresh_uid, "role": "CONS", "num_conn": 1, "rate": 1000,
-                    "lease_s": 60, "key_sha256": "0" * 64},
+                    "lease_s": 60, "key_sha256": "0" * 64,
+                    "control_sha256": sha256_hex(control_secret(fresh_uid)),
+                    "owner_sha256": sha256_hex(owner_token())},
         "hello": {"uid": world.uid, "key": KEY, "role": "PROD", "app_listeners": [APP]},
-        "wait_hello": {"uid": world.uid, "timeout_s": 0},
-        "connect": {"uid": world.uid, "remote_listeners": ["127.0.0.1:9"],
+        "wait_hello": {"uid": world.uid, "control": control, "timeout_s": 0},
+        "connect": {"uid": world.uid, "control": control, "remote_listeners": ["127.0.0.1:9"],
                     "peer_fingerprint": world.reply["cert_fingerprint"],
                     "peer_certificate": world.reply["certificate"]},
-        "status": {"uid": world.uid},
-        "renew": {"uid": world.uid, "lease_s": 3600},
-        "release": {"uid": world.uid},
+        "status": {"uid": world.uid, "control": control},
+        "renew": {"uid": world.uid, "control": control, "lease_s": 3600},
+        "release": {"uid": world.uid, "control": control},
+        "list_streams": {"owner": owner_token()},
     }
 
 
@@ -176,7 +198,7 @@ def test_no_input_raises_and_no_refused_input_changes_state(world, data):
         assert reply["error"]["code"] != "SERVER_ERR", reply  # a bug, not bad input
         assert dump_state(world.settings.state_dir) == before, (name, request, reply)
     elif name == "reserve" and reply["uid"] != world.uid:
-        functions.release({"uid": reply["uid"]})  # valid by chance: clean up
+        _release(world.settings, reply["uid"])  # valid by chance: clean up
 
 
 @pytest.mark.parametrize("name", sorted(functions.ALL))

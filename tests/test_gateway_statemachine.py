@@ -36,6 +36,7 @@ from hypothesis.stateful import (
 
 from scistream_gateway import functions
 from scistream_gateway.settings import CONFIG_ENV, GatewaySettings
+from scistream_prefect.ownership import with_proofs
 from scistream_proxy.leaks import port_is_free, proxy_pids
 from scistream_proxy.process import ProcessIdentity
 
@@ -43,6 +44,11 @@ pytestmark = pytest.mark.slow
 
 CAPACITY = 10_000
 ACTIVE = ("RESERVED", "HELLO", "CONNECTED", "FAILED")
+
+
+def _call(name: str, request: dict) -> dict:
+    """Gateway function ``name`` with this client's proofs of ownership added."""
+    return functions.ALL[name](with_proofs(name, request))
 
 
 def _key(uid: str) -> str:
@@ -57,7 +63,7 @@ class GatewayMachine(RuleBasedStateMachine):
         self.root = Path(tempfile.mkdtemp(prefix="scistream-sm-"))
         self.settings = GatewaySettings(name="sm-gw", state_dir=self.root / "state",
                                         port_min=30200, port_max=30211, max_num_conn=4,
-                                        rate_capacity=CAPACITY)
+                                        rate_capacity=CAPACITY, allow_plain_tcp=True)
         path = self.root / "gateway.toml"
         path.write_text(self.settings.to_toml())
         self.saved_env = os.environ.get(CONFIG_ENV)
@@ -65,13 +71,13 @@ class GatewayMachine(RuleBasedStateMachine):
         self.active: dict[str, dict] = {}  # uid -> {"role", "rate", "killed"}
         self.ended: set[str] = set()
         self.identities: dict[str, ProcessIdentity] = {}
-        assert functions.gateway_info({})["free_ports"] == 12
+        assert _call("gateway_info", {})["free_ports"] == 12
 
     def teardown(self):
         if not hasattr(self, "root"):
             return
         for uid in list(self.active):
-            functions.release({"uid": uid})
+            _call("release", {"uid": uid})
         leaked = proxy_pids(under=self.root)
         if self.saved_env is None:
             os.environ.pop(CONFIG_ENV, None)
@@ -87,7 +93,7 @@ class GatewayMachine(RuleBasedStateMachine):
           rate=st.sampled_from([1000, 2500, 6000, 0]))
     def reserve(self, role, num_conn, rate):
         uid = str(uuid.uuid4())
-        reply = functions.reserve({"uid": uid, "role": role, "num_conn": num_conn,
+        reply = _call("reserve", {"uid": uid, "role": role, "num_conn": num_conn,
                                    "rate": rate, "lease_s": 600,
                                    "key_sha256": hashlib.sha256(_key(uid).encode()).hexdigest()})
         in_use = sum(s["rate"] for s in self.active.values())
@@ -99,14 +105,14 @@ class GatewayMachine(RuleBasedStateMachine):
             assert "error" not in reply, reply
             self.active[uid] = {"role": role, "rate": rate, "num_conn": num_conn,
                                 "killed": False, "state": "RESERVED"}
-            status = functions.status({"uid": uid})
+            status = _call("status", {"uid": uid})
             self.identities[uid] = ProcessIdentity(status["pid"],
                                                    ProcessIdentity.of(status["pid"]).start_time)
         return uid
 
     @rule()
     def gateway_info(self):
-        info = functions.gateway_info({})
+        info = _call("gateway_info", {})
         assert info["active_streams"] == len(self.active)
         assert info["rate_in_use"] == sum(s["rate"] for s in self.active.values())
         assert info["free_ports"] == 12 - sum(s["num_conn"] for s in self.active.values())
@@ -117,7 +123,7 @@ class GatewayMachine(RuleBasedStateMachine):
         if uid not in self.active:
             return
         s = self.active[uid]
-        reply = functions.reserve({"uid": uid, "role": s["role"], "num_conn": s["num_conn"],
+        reply = _call("reserve", {"uid": uid, "role": s["role"], "num_conn": s["num_conn"],
                                    "rate": s["rate"],
                                    "key_sha256": hashlib.sha256(_key(uid).encode()).hexdigest()})
         assert reply.get("uid") == uid, reply
@@ -129,7 +135,7 @@ class GatewayMachine(RuleBasedStateMachine):
                    "role": s["role"] if s else "PROD"}
         if s and s["role"] == "PROD":
             request["app_listeners"] = ["127.0.0.1:9"]
-        reply = functions.hello(request)
+        reply = _call("hello", request)
         if s is None or s["state"] == "FAILED":
             assert reply["error"]["code"] == "INVALID_UID", reply
         elif not right_key:
@@ -142,7 +148,7 @@ class GatewayMachine(RuleBasedStateMachine):
     @rule(uid=uids)
     def connect_plain(self, uid):
         s = self.active.get(uid)
-        reply = functions.connect({"uid": uid, "remote_listeners": ["127.0.0.1:9"],
+        reply = _call("connect", {"uid": uid, "remote_listeners": ["127.0.0.1:9"],
                                    "tls": False})
         if s is None:
             assert reply["error"]["code"] == "INVALID_UID"
@@ -174,7 +180,7 @@ class GatewayMachine(RuleBasedStateMachine):
     @rule(uid=uids)
     def status(self, uid):
         s = self.active.get(uid)
-        reply = functions.status({"uid": uid})
+        reply = _call("status", {"uid": uid})
         if s is None:
             if uid in self.ended and "error" not in reply:
                 assert reply["state"] == "RELEASED" and reply["alive"] is False
@@ -186,7 +192,7 @@ class GatewayMachine(RuleBasedStateMachine):
 
     @rule(uid=uids)
     def renew(self, uid):
-        reply = functions.renew({"uid": uid, "lease_s": 900})
+        reply = _call("renew", {"uid": uid, "lease_s": 900})
         if uid in self.active:
             assert reply["lease_expires"] > time.time() + 800
         else:
@@ -194,7 +200,7 @@ class GatewayMachine(RuleBasedStateMachine):
 
     @rule(uid=consumes(uids))
     def release(self, uid):
-        assert functions.release({"uid": uid}) == {"uid": uid, "released": True}
+        assert _call("release", {"uid": uid}) == {"uid": uid, "released": True}
         self.active.pop(uid, None)
         self.ended.add(uid)
 

@@ -37,6 +37,7 @@ from relaykit import KEY, Server, release_both, reserve_end
 MODES = [pytest.param("tls", id="tls"), pytest.param("plain", id="plain")]
 COUNTED = ("spliced", "frames", "pumped")
 FRAMES = ktls_available() is not None  # two native relays agree on frames
+GATEWAY_SETTINGS = {"allow_plain_tcp": True}  # the ``gateways`` fixture's: plain mode
 
 
 @pytest.fixture(params=MODES)
@@ -277,8 +278,8 @@ def test_kernel_tls_is_engaged_where_the_kernel_offers_it(gateways):
 
 
 def test_one_relay_per_gateway_hosts_many_streams_and_exits_with_the_last(gateway_root):
-    producer = make_gateway(gateway_root, "prod-gw")
-    consumer = make_gateway(gateway_root, "cons-gw")
+    producer = make_gateway(gateway_root, "prod-gw", **GATEWAY_SETTINGS)
+    consumer = make_gateway(gateway_root, "cons-gw", **GATEWAY_SETTINGS)
     server = Server(_echo)
     streams = [_open(producer, consumer, [server.address], tls=i % 2 == 0) for i in range(6)]
     try:

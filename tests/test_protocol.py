@@ -14,7 +14,8 @@ from scistream_gateway.settings import GatewaySettings
 
 WIRE_DOC = Path(__file__).resolve().parent.parent / "docs" / "wire.md"
 UID = "0b5c4a1e-5f8a-4c1e-9d43-2f1f6ad2c7a1"
-RESERVE = {"uid": UID, "role": "PROD", "num_conn": 2, "key_sha256": "0" * 64}
+RESERVE = {"uid": UID, "role": "PROD", "num_conn": 2, "key_sha256": "0" * 64,
+           "control_sha256": "1" * 64, "owner_sha256": "2" * 64}
 
 
 def test_the_docs_show_the_schema_of_the_models():
@@ -30,8 +31,10 @@ def test_one_table_names_the_shipped_functions():
 @pytest.mark.parametrize("raw, message", [
     ([], "request must be a JSON object, got list"),
     ({**RESERVE, "colour": 1}, "unknown fields ['colour']; this function takes "
-     "['key_sha256', 'lease_s', 'num_conn', 'rate', 'role', 'uid']"),
-    ({"uid": UID}, "missing fields ['role', 'num_conn', 'key_sha256']"),
+     "['control_sha256', 'key_sha256', 'lease_s', 'num_conn', 'owner_sha256', 'rate', "
+     "'role', 'uid']"),
+    ({"uid": UID}, "missing fields ['role', 'num_conn', 'key_sha256', 'control_sha256', "
+     "'owner_sha256']"),
     ({**RESERVE, "uid": UID.upper()}, "uid must be a lowercase canonical UUID such as "
      "'0b5c4a1e-5f8a-4c1e-9d43-2f1f6ad2c7a1'"),
     ({**RESERVE, "role": "prod"}, "role must be one of ['PROD', 'CONS']"),
@@ -49,29 +52,45 @@ def test_refusals_keep_their_messages(tmp_path, raw, message):
 
 @pytest.mark.parametrize("field, value", [
     ("key_sha256", "0" * 64 + "\n"),
+    ("control_sha256", "1" * 64 + "\n"),
     ("remote_listeners", ["example.com\n:8080"]),
 ])
 def test_a_trailing_newline_is_refused(tmp_path, field, value):
     """``$`` matched before a final newline; the checks now match the whole text."""
     settings = GatewaySettings(name="gw", state_dir=tmp_path)
-    if field == "key_sha256":
+    if field.endswith("_sha256"):
         with pytest.raises(BadFormat, match="64 lowercase hex"):
             ReserveRequest.parse({**RESERVE, field: value}, settings)
     else:
         with pytest.raises(BadFormat, match="is not 'host:port'"):
-            protocol.ConnectRequest.parse({"uid": UID, "tls": False, field: value}, settings)
+            protocol.ConnectRequest.parse({"uid": UID, "control": "c", "tls": False,
+                                           field: value}, settings)
     assert not protocol.check_host("example.com\n")
 
 
 def test_connect_checks_the_peer_only_with_tls(tmp_path):
     settings = GatewaySettings(name="gw", state_dir=tmp_path)
-    plain = {"uid": UID, "tls": False, "remote_listeners": ["[::1]:5000"],
+    plain = {"uid": UID, "control": "c", "tls": False, "remote_listeners": ["[::1]:5000"],
              "peer_fingerprint": "not checked without TLS"}
     assert protocol.ConnectRequest.parse(plain, settings).remote_listeners == ["[::1]:5000"]
     with pytest.raises(BadFormat, match="TLS needs peer_fingerprint"):
         protocol.ConnectRequest.parse({**plain, "tls": True}, settings)
     with pytest.raises(BadFormat, match="write IPv6 addresses as"):
         protocol.ConnectRequest.parse({**plain, "remote_listeners": ["::1:5000"]}, settings)
+
+
+@pytest.mark.parametrize("function", ["wait_hello", "connect", "status", "renew", "release"])
+def test_every_call_on_a_stream_takes_its_control_secret(tmp_path, function):
+    settings = GatewaySettings(name="gw", state_dir=tmp_path)
+    model = FUNCTIONS[function].request
+    assert list(model.model_fields)[:2] == ["uid", "control"]
+    # Required, but missing is parsed as "not proven" (AUTH_ERROR on the gateway).
+    assert "control" in model.model_json_schema()["required"]
+    rest = {"remote_listeners": ["h:1"], "tls": False} if function == "connect" else {}
+    assert model.parse({"uid": UID, **rest}, settings).control is None
+    with pytest.raises(BadFormat, match="control must be a string of 1-512 characters"):
+        model.parse({"uid": UID, "control": "", **rest}, settings)
+    assert "control" not in FUNCTIONS["hello"].request.model_fields
 
 
 def test_replies_go_out_as_plain_json_with_only_what_was_set():

@@ -12,6 +12,7 @@ from scistream_proxy.leaks import port_is_free, runs_a_proxy
 from scistream_proxy.addresses import parse_address
 
 MIB = 1 << 20
+GATEWAY_SETTINGS = {"allow_plain_tcp": True}  # the ``gateways`` fixture's: the plain case
 
 
 def _digests(results: list[dict]) -> list[tuple[int, str]]:

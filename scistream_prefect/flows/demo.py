@@ -113,7 +113,9 @@ def run_demo(
 
 def _run_demo_in(root: Path, *, total_bytes: int, num_conn: int, tls: bool, port_base: int,
                  show_progress: bool, keep: bool) -> dict:
-    with LocalPair.create(root, name="demo", port_base=port_base, ports=100) as pair:
+    # Plain TCP between the gateways only when the demo is asked for it (--no-tls).
+    with LocalPair.create(root, name="demo", port_base=port_base, ports=100,
+                          allow_plain_tcp=not tls) as pair:
         # A gateway's workers are long-lived (an endpoint keeps them warm); start ours
         # before the clock runs, so setup time measures the protocol, not process spawn.
         pair.warm_up()
