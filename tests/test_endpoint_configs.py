@@ -67,7 +67,7 @@ def test_shipped_single_user_files_load_with_the_endpoint_loader(tmp_path):
     shutil.copy(CONFIGS / "multi_user" / "user_config_schema.json", endpoint)
     manager, config, _ = _user_config(endpoint)
     assert isinstance(manager, CoreEndpointConfig)
-    assert len(manager.allowed_functions) == len(ALL) == 8
+    assert len(manager.allowed_functions) == len(ALL) == 9
     assert isinstance(config, UserEndpointConfig)
     assert isinstance(config.engine, ProcessPoolEngine)
     assert len(config.allowed_functions) == len(ALL) == 9
