@@ -11,11 +11,19 @@ from __future__ import annotations
 import logging
 import time
 
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.exceptions import MissingContextError
 
 __all__ = ["publish_listeners", "publish_summary"]
 
-log = logging.getLogger("scistream_prefect")
+
+def _log() -> logging.Logger | logging.LoggerAdapter:
+    """The run's logger (its lines show in the UI), or this package's outside a run."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("scistream_prefect")
 
 
 def _publish(create, *args, **kwargs) -> None:
@@ -23,7 +31,7 @@ def _publish(create, *args, **kwargs) -> None:
     try:
         create(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001
-        log.warning("could not publish artifact %s: %s", kwargs.get("key"), exc)
+        _log().warning("could not publish artifact %s: %s", kwargs.get("key"), exc)
 
 
 def publish_listeners(handle) -> None:

@@ -114,7 +114,7 @@ def test_the_hook_releases_from_stored_identifiers_alone(gateways, producer_app)
     @flow
     def pipeline():
         handle = setup_stream(producer, consumer, num_conn=1, app_listeners=app.listeners)
-        seen["run_id"] = _flow_run_id()
+        seen["run_id"], seen["uid"] = _flow_run_id(), handle.uid
         remember_stream(seen["run_id"], handle.uid, producer, consumer)
 
     pipeline()
@@ -124,6 +124,9 @@ def test_the_hook_releases_from_stored_identifiers_alone(gateways, producer_app)
     release_session_streams(None, flow_run, flow_run.state)
     assert _active(producer, consumer) == [0, 0]
     assert Variable.get(f"scistream-session-{seen['run_id']}", default=None) is None
+    # The hook's lines are the run's: a reader of its log in the UI sees both releases.
+    run_records(flow_run.id, expect=[f"released stream {seen['uid']} on {gw.label}"
+                                     for gw in (producer, consumer)])
 
 
 @pytest.mark.slow
