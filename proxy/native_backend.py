@@ -85,7 +85,9 @@ class NativeBackend(ProxyBackend):
             "rate": spec.rate,
             "cert": spec.cert_file,
             "key": spec.key_file,
-            **spec.timeouts,
+            "handshake_timeout_s": self.options.handshake_timeout_s,
+            "max_pending_handshakes": self.options.max_pending_handshakes,
+            "conn_per_listener": self.options.conn_per_listener,
         }
         fds = [s.fileno() for s in spec.sockets]
         with _relay_lock(relay_dir):
@@ -154,6 +156,11 @@ class NativeBackend(ProxyBackend):
                 "frames": reply.get("connections_frames", 0),
                 "pumped": reply.get("connections_pumped", 0),
                 "ktls": reply["connections_ktls"],
+                # Inbound connections that never authenticated, and how often a cap
+                # held new connections in the kernel's backlog.
+                "handshakes_refused": reply["handshakes_refused"],
+                "handshakes_timed_out": reply["handshakes_timed_out"],
+                "capped": reply["connections_capped"],
                 # What seals this stream's frames where its TLS hops may run them
                 # ("cryptography"); None otherwise.
                 "frames_aead": reply.get("frames_aead"),
