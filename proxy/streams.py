@@ -129,7 +129,9 @@ class Stream:
         # A quarter of the relay's: one flooded stream leaves the rest to the others.
         self.pending = Slots(max(pending.size // 4, 1))
         self.relay_pending = pending
-        self.summarised = (time.monotonic() - SUMMARY_INTERVAL_S, 0, 0, 0)
+        # The summary's window (its start, and the totals then) and when the next is due.
+        self.summary = (time.monotonic(), 0, 0, 0)
+        self.summary_due = 0.0
         self.cert_path = stream_dir / config["cert"]
         self.key_path = stream_dir / config["key"]
         self.targets: list[tuple[str, int]] = []
@@ -273,11 +275,11 @@ class Stream:
         now = time.monotonic()
         with c.lock:
             setattr(c, what, getattr(c, what) + 1)
-            totals = (c.handshakes_refused, c.handshakes_timed_out, c.capped)
-            since, *before = self.summarised
-            if now - since < SUMMARY_INTERVAL_S:
+            if now < self.summary_due:
                 return
-            self.summarised = (now, *totals)
+            totals = (c.handshakes_refused, c.handshakes_timed_out, c.capped)
+            since, *before = self.summary
+            self.summary, self.summary_due = (now, *totals), now + SUMMARY_INTERVAL_S
         refused, timed_out, capped = (t - b for t, b in zip(totals, before, strict=True))
         self.log(f"{self.name}: not authenticated in the last {now - since:.0f} s: "
                  f"{refused} handshakes refused, {timed_out} timed out; a cap was reached "

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import time
 from pathlib import Path
 
 import pytest
 
 from scistream_prefect import LocalPair
+from scistream_proxy.addresses import parse_address
 from scistream_proxy.leaks import proxy_pids
 
 from conftest import make_gateway
@@ -61,6 +63,7 @@ def _flood_one_stream_while_another_runs(pair: LocalPair, *, idle: int, stalled:
         assert _digest(echo_roundtrip(other.listeners[0], payload)) == _digest(payload)
         base = settle(lambda: usage(relay))
 
+        started = time.monotonic()
         flood = Flood(flooded.prod["listeners"][0], idle=idle, stalled=stalled,
                       trickling=trickling, garbage=garbage)
         try:
@@ -106,6 +109,11 @@ def _flood_one_stream_while_another_runs(pair: LocalPair, *, idle: int, stalled:
         assert echo_roundtrip(other.listeners[0], small) == small
         prod, _ = flooded.status()
         assert prod["connections"]["total"] == 1 and prod["connections"]["failed"] == 0
+        # The log got summaries, at most one a minute, not a line per attacker.
+        log = (pair.producer.settings.state_dir / "relay" / "relay.log").read_text()
+        lines = [line for line in log.splitlines() if flooded.uid in line]
+        assert lines and all("not authenticated in the last" in line for line in lines), lines
+        assert len(lines) <= 1 + (time.monotonic() - started) // 60, lines
     finally:
         flooded.release()
         other.release()
@@ -121,3 +129,66 @@ def test_a_small_flood_is_bounded_counted_and_forgotten(pair):
 def test_two_thousand_held_connections_leave_the_other_stream_running(pair):
     _flood_one_stream_while_another_runs(pair, idle=2000, stalled=50, trickling=50,
                                          garbage=50, rounds=10)
+
+
+def test_pending_handshakes_are_bounded_per_stream_and_per_relay(gateway_root: Path):
+    """max_pending_handshakes 8: one flooded stream holds at most 2 handshakes (a
+    quarter), six flooded streams at most 8 together (not 6 x 2)."""
+    raise_fd_limit()
+    with LocalPair(make_gateway(gateway_root, "prod-gw", max_pending_handshakes=8),
+                   make_gateway(gateway_root, "cons-gw")) as pair:
+        server = Server(echo)
+        streams = [pair.open([server.address]) for _ in range(6)]
+        floods = []
+        try:
+            (relay,) = proxy_pids(under=Path(pair.producer.settings_path).parent)
+            base = settle(lambda: usage(relay))
+            with Peak(relay) as one:
+                floods.append(Flood(streams[0].prod["listeners"][0], idle=20))
+                settle(lambda: usage(relay))
+            with Peak(relay) as six:
+                floods += [Flood(s.prod["listeners"][0], idle=20) for s in streams[1:]]
+                settle(lambda: usage(relay))
+            print("pending:", {"base": base, "one": one.peak, "six": six.peak})
+            assert one.peak.threads <= base.threads + 2, (base, one.peak)
+            assert six.peak.threads <= base.threads + 8, (base, six.peak)
+            assert sum(s.status()[0]["connections"]["capped"] for s in streams) >= 6
+        finally:
+            for flood in floods:
+                flood.close()
+            for stream in streams:
+                stream.release()
+            server.close()
+        left = pair.leftovers().processes
+    assert not left, f"proxy processes left running: {left}"
+
+
+def test_the_consumer_side_takes_at_most_its_cap_of_app_connections(gateway_root: Path):
+    """conn_per_listener 1 and one listener: 16 connections from the app at once; the
+    17th to 20th wait in the backlog and get in as earlier ones end."""
+    with LocalPair(make_gateway(gateway_root, "prod-gw"),
+                   make_gateway(gateway_root, "cons-gw", conn_per_listener=1)) as pair:
+        server = Server(echo)
+        stream = pair.open([server.address])
+        apps = []
+        try:
+            for _ in range(20):
+                apps.append(socket.create_connection(parse_address(stream.listeners[0]),
+                                                     timeout=30))
+            totals = settle(lambda: [s["connections"]["total"] for s in stream.status()])
+            capped = stream.status()[1]["connections"]["capped"]
+            for sock in apps[:4]:
+                sock.close()
+            after = settle(lambda: [s["connections"]["total"] for s in stream.status()])
+            for sock in apps[4:]:  # each of them was relayed to the app and back
+                sock.sendall(b"ping")
+                assert sock.recv(4) == b"ping"
+        finally:
+            for sock in apps:
+                sock.close()
+            stream.release()
+            server.close()
+        left = pair.leftovers().processes
+    assert not left, f"proxy processes left running: {left}"
+    assert totals == [16, 16] and capped >= 1
+    assert after == [20, 20]
