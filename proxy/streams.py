@@ -335,9 +335,14 @@ class Stream:
                 try:
                     peer_side = self._secure(inbound, True, lambda tls: self._hold(conn, tls))
                 except Exception as exc:  # noqa: BLE001 - anyone on the WAN gets here
-                    # Counted, never logged one by one, nor as a failed connection.
+                    # Counted, never logged one by one, nor as a failed connection (a
+                    # stranger must not make the stream's status CONN_ERROR); the last
+                    # reason is kept for status.
                     unauthenticated = True
                     if not conn.cut:
+                        with c.lock:
+                            c.last_error = (f"connection {index}: handshake refused: "
+                                            f"{type(exc).__name__}: {exc}")
                         self._unauthenticated("handshakes_timed_out" if isinstance(
                             exc, TimeoutError) else "handshakes_refused")
                     raise
