@@ -9,6 +9,15 @@ from contextlib import contextmanager
 
 # The largest read a throttled connection makes, and the least burst its bucket allows.
 CHUNK_MAX = 64 * 1024
+# A stream of one listener still takes an app that opens a control connection beside
+# its data connections (iperf3), or reconnects while old connections drain.
+MIN_CONN_PER_STREAM = 16
+
+
+def conn_cap(conn_per_listener: int, listeners: int) -> int:
+    """The most connections a stream end holds at once, set-up included (the gateway
+    setting ``conn_per_listener``; the native relay and HAProxy alike)."""
+    return max(conn_per_listener * listeners, MIN_CONN_PER_STREAM)
 
 
 class TokenBucket:

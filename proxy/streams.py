@@ -41,7 +41,7 @@ from pathlib import Path
 from scistream_proxy import engines, frames, pump
 from scistream_proxy.addresses import parse_address
 from scistream_proxy.ktls import OP_ENABLE_KTLS, ktls_available, ktls_engaged
-from scistream_proxy.limits import Counters, Slots, TokenBucket
+from scistream_proxy.limits import Counters, Slots, TokenBucket, conn_cap
 from scistream_proxy.tls import fingerprint_of_der, pinned_context
 
 
@@ -49,9 +49,6 @@ from scistream_proxy.tls import fingerprint_of_der, pinned_context
 HANDSHAKE_TIMEOUT_S = 5
 MAX_PENDING_HANDSHAKES = 64
 CONN_PER_LISTENER = 4
-# A stream of one listener still takes an app that opens a control connection beside
-# its data connections (iperf3), or reconnects while old connections drain.
-MIN_CONN_PER_STREAM = 16
 # Connections that never authenticate are logged as one summary line per stream at most
 # this often (an attacker's connections must not fill the log); status counts them all.
 SUMMARY_INTERVAL_S = 60.0
@@ -124,8 +121,8 @@ class Stream:
         self.bucket = TokenBucket(config["rate"]) if config.get("rate") else None
         self.handshake_timeout = float(config.get("handshake_timeout_s", HANDSHAKE_TIMEOUT_S))
         self.connect_timeout = float(config.get("connect_timeout_s", 10))
-        self.slots = Slots(max(config.get("conn_per_listener", CONN_PER_LISTENER)
-                               * len(listeners), MIN_CONN_PER_STREAM))
+        self.slots = Slots(conn_cap(config.get("conn_per_listener", CONN_PER_LISTENER),
+                                    len(listeners)))
         # A quarter of the relay's: one flooded stream leaves the rest to the others.
         self.pending = Slots(max(pending.size // 4, 1))
         self.relay_pending = pending

@@ -192,3 +192,31 @@ def test_the_consumer_side_takes_at_most_its_cap_of_app_connections(gateway_root
     assert not left, f"proxy processes left running: {left}"
     assert totals == [16, 16] and capped >= 1
     assert after == [20, 20]
+
+
+def test_haproxy_takes_at_most_its_cap_of_connections(gateway_root: Path):
+    """The producer end in HAProxy with conn_per_listener 1 and one listener: 16 peer
+    connections at once (global maxconn); the others wait in the backlog."""
+    with LocalPair(make_gateway(gateway_root, "prod-gw", backend="haproxy",
+                                conn_per_listener=1),
+                   make_gateway(gateway_root, "cons-gw", conn_per_listener=32)) as pair:
+        server = Server(echo)
+        stream = pair.open([server.address])
+        apps = []
+        try:
+            for _ in range(20):
+                apps.append(socket.create_connection(parse_address(stream.listeners[0]),
+                                                     timeout=30))
+            deadline = time.monotonic() + 60
+            while (stream.status()[0]["connections"]["total"] < 16
+                   and time.monotonic() < deadline):
+                time.sleep(0.5)
+            totals = settle(lambda: stream.status()[0]["connections"]["total"], every_s=1.0)
+        finally:
+            for sock in apps:
+                sock.close()
+            stream.release()
+            server.close()
+        left = pair.leftovers().processes
+    assert not left, f"proxy processes left running: {left}"
+    assert totals == 16
