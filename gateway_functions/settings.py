@@ -20,6 +20,9 @@ Example (every key but ``name`` and ``state_dir`` has the default shown)::
     docker_host = ""                     # container engine (see below); "" = not named
     container_pids_limit = 256           # per container (container backends)
     container_memory_mib = 512           # per container (container backends)
+    handshake_timeout_s = 5              # an inbound TLS handshake, as a whole (native)
+    max_pending_handshakes = 64          # unauthenticated, per relay; a stream: a quarter
+    conn_per_listener = 4                # a stream's connections: this x num_conn, >= 16
 
 The container backends reach ``docker_host`` when named (a ``unix://`` socket), else
 ``DOCKER_HOST``, else the Docker SDK's standard socket. A shared gateway refuses them
@@ -69,6 +72,9 @@ _PROBLEMS = {
     "docker_host": "docker_host must be \"\" or unix:// and an absolute path",
     "container_pids_limit": "container_pids_limit must be an integer >= 16",
     "container_memory_mib": "container_memory_mib must be an integer >= 32",
+    "handshake_timeout_s": "handshake_timeout_s must be a positive integer",
+    "max_pending_handshakes": "max_pending_handshakes must be an integer >= 4",
+    "conn_per_listener": "conn_per_listener must be a positive integer",
 }
 
 
@@ -93,6 +99,10 @@ class GatewaySettings(BaseModel):
     docker_host: str = ""  # the container engine, "unix:///path"; "" = not named
     container_pids_limit: int = 256
     container_memory_mib: int = 512
+    # Bounds of the native relay's WAN side (docs/native.md, "Under a flood").
+    handshake_timeout_s: int = 5
+    max_pending_handshakes: int = 64
+    conn_per_listener: int = 4
 
     @classmethod
     def from_toml(cls, path: Path) -> GatewaySettings:
@@ -158,6 +168,10 @@ class GatewaySettings(BaseModel):
             problems.append(_PROBLEMS["container_pids_limit"])
         if self.container_memory_mib < 32:
             problems.append(_PROBLEMS["container_memory_mib"])
+        for key, least in (("handshake_timeout_s", 1), ("max_pending_handshakes", 4),
+                           ("conn_per_listener", 1)):
+            if getattr(self, key) < least:
+                problems.append(_PROBLEMS[key])
         from scistream_proxy.backends import BACKENDS, get_backend
 
         if self.backend not in BACKENDS:
@@ -174,7 +188,10 @@ class GatewaySettings(BaseModel):
 
         return GatewayOptions(shared=self.shared, docker_host=self.docker_host,
                               pids_limit=self.container_pids_limit,
-                              memory_mib=self.container_memory_mib)
+                              memory_mib=self.container_memory_mib,
+                              handshake_timeout_s=self.handshake_timeout_s,
+                              max_pending_handshakes=self.max_pending_handshakes,
+                              conn_per_listener=self.conn_per_listener)
 
     def make_state_dir(self) -> Path:
         """Create the state directory (mode 0700, parents as needed) if it is missing;
@@ -218,6 +235,9 @@ class GatewaySettings(BaseModel):
             ("docker_host", self.docker_host),
             ("container_pids_limit", self.container_pids_limit),
             ("container_memory_mib", self.container_memory_mib),
+            ("handshake_timeout_s", self.handshake_timeout_s),
+            ("max_pending_handshakes", self.max_pending_handshakes),
+            ("conn_per_listener", self.conn_per_listener),
         ):
             # JSON strings, booleans and integer arrays are valid TOML values.
             lines.append(f"{key} = {json.dumps(value)}")

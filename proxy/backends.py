@@ -15,7 +15,7 @@ import os
 import socket
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["BACKENDS", "DEFAULT_OPTIONS", "GatewayOptions", "ProxyBackend", "ProxyError",
@@ -42,7 +42,6 @@ class ProxySpec:
     cert_file: str = "cert.pem"
     key_file: str = "key.pem"
     gateway: str = ""  # the gateway's name (labels of containers)
-    timeouts: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -53,6 +52,9 @@ class GatewayOptions:
     docker_host: str = ""  # the container engine the settings name; "" = not named
     pids_limit: int = 256  # per container
     memory_mib: int = 512  # per container
+    handshake_timeout_s: int = 5  # an inbound TLS handshake, as a whole
+    max_pending_handshakes: int = 64  # unauthenticated inbound connections per relay
+    conn_per_listener: int = 4  # a stream's connections per listener (16 at least)
 
 
 DEFAULT_OPTIONS = GatewayOptions()

@@ -30,6 +30,7 @@ from string import Template
 from scistream_proxy import procfs
 from scistream_proxy.backends import ProxyBackend, ProxyError, ProxySpec, connect_in_dir
 from scistream_proxy.leaks import working_dirs
+from scistream_proxy.limits import conn_cap
 from scistream_proxy.addresses import format_address
 from scistream_proxy.process import (
     ProcessIdentity,
@@ -346,7 +347,8 @@ class HAProxyBackend(HeldPortsBackend):
                        " ssl-min-ver TLSv1.3 ssl-max-ver TLSv1.3")
         rule = ("    tcp-request session reject unless "
                 f"{{ ssl_c_der,sha2(256),hex,lower -m str {handle.get('peer_fp')} }}\n")
-        parts = [render_template("haproxy.cfg", stats=stats)]
+        parts = [render_template("haproxy.cfg", stats=stats, maxconn=conn_cap(
+            self.options.conn_per_listener, len(binds)))]
         for index, bind in enumerate(binds):
             parts.append(render_template(
                 "haproxy-connection.cfg", index=index, bind=bind,

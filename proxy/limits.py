@@ -1,4 +1,5 @@
-"""A stream's rate limit (a token bucket shared by its connections) and its counters."""
+"""A stream's rate limit (a token bucket shared by its connections), the slots that bound
+its connections and pending handshakes, and its counters."""
 
 from __future__ import annotations
 
@@ -8,6 +9,15 @@ from contextlib import contextmanager
 
 # The largest read a throttled connection makes, and the least burst its bucket allows.
 CHUNK_MAX = 64 * 1024
+# A stream of one listener still takes an app that opens a control connection beside
+# its data connections (iperf3), or reconnects while old connections drain.
+MIN_CONN_PER_STREAM = 16
+
+
+def conn_cap(conn_per_listener: int, listeners: int) -> int:
+    """The most connections a stream end holds at once, set-up included (the gateway
+    setting ``conn_per_listener``; the native relay and HAProxy alike)."""
+    return max(conn_per_listener * listeners, MIN_CONN_PER_STREAM)
 
 
 class TokenBucket:
@@ -35,6 +45,32 @@ class TokenBucket:
             time.sleep(deficit / self.rate)
 
 
+class Slots:
+    """At most ``size`` holders at once (connections of a stream, handshakes pending in a
+    stream or a relay). A waiter gives up when ``stop`` is set; it checks every
+    ``_POLL_S``, so a stopped stream's accept threads end without a wake-up call."""
+
+    _POLL_S = 0.2
+
+    def __init__(self, size: int):
+        self.size = size
+        self._free = threading.Semaphore(size)
+
+    def try_take(self) -> bool:
+        """A slot if one is free now."""
+        return self._free.acquire(blocking=False)
+
+    def take(self, stop: threading.Event) -> bool:
+        """Wait for a slot; False when ``stop`` was set first."""
+        while not stop.is_set():
+            if self._free.acquire(timeout=self._POLL_S):
+                return True
+        return False
+
+    def give(self) -> None:
+        self._free.release()
+
+
 class Moved:
     """What one direction moved so far (plaintext bytes), read live by status."""
 
@@ -59,6 +95,12 @@ class Counters:
         self.pumped = 0  # connections moved by a pump (an event loop), not threads
         self.ktls_tx = 0  # connections whose TLS records the kernel writes / reads
         self.ktls_rx = 0
+        # Inbound connections that never authenticated: refused (a failed or broken
+        # handshake) or out of time (``handshake_timeout_s``); and how often a cap made
+        # the stream stop accepting for a while (the kernel's backlog held the rest).
+        self.handshakes_refused = 0
+        self.handshakes_timed_out = 0
+        self.capped = 0
         self.last_error = ""
 
     def count(self, name: str) -> None:
@@ -94,5 +136,8 @@ class Counters:
                 "connections_frames": self.frames,
                 "connections_pumped": self.pumped,
                 "connections_ktls": {"tx": self.ktls_tx, "rx": self.ktls_rx},
+                "handshakes_refused": self.handshakes_refused,
+                "handshakes_timed_out": self.handshakes_timed_out,
+                "connections_capped": self.capped,
                 "last_error": self.last_error,
             }

@@ -35,8 +35,9 @@ import sys
 from pathlib import Path
 
 from scistream_proxy.daemon import become_daemon
+from scistream_proxy.limits import Slots
 from scistream_proxy.relay_files import CONFIG_FILE, CONTROL_SOCKET, FDS_PER_MESSAGE
-from scistream_proxy.streams import Stream
+from scistream_proxy.streams import MAX_PENDING_HANDSHAKES, Stream
 
 
 def _log(message: str) -> None:
@@ -50,6 +51,9 @@ class Relay:
     def __init__(self, control: socket.socket):
         self.control = control
         self.streams: dict[str, Stream] = {}
+        # Inbound handshakes pending in all streams, sized by the first stream's config
+        # (every stream of a gateway has the same settings while its relay runs).
+        self.pending: Slots | None = None
 
     def handle(self, conn: socket.socket) -> dict:
         """Answer one request; the reply says ``exiting`` when no stream is left."""
@@ -102,7 +106,9 @@ class Relay:
             # it, and is abandoned. Its ports are the gateway's to give again.
             _log(f"{name}: replacing an abandoned stream of the same name")
             self.streams.pop(name).stop()
-        self.streams[name] = Stream(name, stream_dir, config, listeners, _log)
+        if self.pending is None:
+            self.pending = Slots(config.get("max_pending_handshakes", MAX_PENDING_HANDSHAKES))
+        self.streams[name] = Stream(name, stream_dir, config, listeners, _log, self.pending)
         return {"ok": True, "pid": os.getpid()}
 
     def serve(self) -> None:

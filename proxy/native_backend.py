@@ -14,7 +14,8 @@ from pathlib import Path
 
 from scistream_proxy import relay_files
 from scistream_proxy.backends import ProxyBackend, ProxyError, ProxySpec, connect_in_dir
-from scistream_proxy.process import ProcessIdentity, ProxyStartError, spawn_detached, terminate
+from scistream_proxy.external import stop_in
+from scistream_proxy.process import ProcessIdentity, ProxyStartError, spawn_detached
 
 __all__ = ["NativeBackend", "control_request"]
 
@@ -85,7 +86,9 @@ class NativeBackend(ProxyBackend):
             "rate": spec.rate,
             "cert": spec.cert_file,
             "key": spec.key_file,
-            **spec.timeouts,
+            "handshake_timeout_s": self.options.handshake_timeout_s,
+            "max_pending_handshakes": self.options.max_pending_handshakes,
+            "conn_per_listener": self.options.conn_per_listener,
         }
         fds = [s.fileno() for s in spec.sockets]
         with _relay_lock(relay_dir):
@@ -154,6 +157,11 @@ class NativeBackend(ProxyBackend):
                 "frames": reply.get("connections_frames", 0),
                 "pumped": reply.get("connections_pumped", 0),
                 "ktls": reply["connections_ktls"],
+                # Inbound connections that never authenticated, and how often a cap
+                # held new connections in the kernel's backlog.
+                "handshakes_refused": reply["handshakes_refused"],
+                "handshakes_timed_out": reply["handshakes_timed_out"],
+                "capped": reply["connections_capped"],
                 # What seals this stream's frames where its TLS hops may run them
                 # ("cryptography"); None otherwise.
                 "frames_aead": reply.get("frames_aead"),
@@ -187,7 +195,8 @@ class NativeBackend(ProxyBackend):
     @staticmethod
     def _drop(stream_dir: Path, identity: ProcessIdentity | None) -> None:
         """Take the stream out of its relay; wait for the relay to exit if it was the
-        last. ``identity`` None: whichever relay runs now (abandon)."""
+        last. ``identity`` None: whichever relay runs now (abandon). A process is
+        signalled only if it is the one recorded *and* works in the relay directory."""
         relay_dir = relay_files.relay_dir_of(stream_dir)
         with _relay_lock(relay_dir):
             if identity is not None and not identity.alive():
@@ -199,13 +208,13 @@ class NativeBackend(ProxyBackend):
                 if identity is not None:
                     # Wedged: a relay that cannot answer serves no stream; its end shows
                     # as dead in every stream's status.
-                    terminate(identity)
+                    stop_in(identity, relay_dir)
                 return
             if not reply.get("exiting"):
                 return
             pid = reply.get("pid")
             exiting = identity or (ProcessIdentity.of(pid) if pid else None)
         if exiting is not None:
-            terminate(exiting)  # it exits by itself; this waits, then signals
+            stop_in(exiting, relay_dir)  # it exits by itself; this waits, then signals
 
 

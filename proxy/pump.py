@@ -320,6 +320,11 @@ class Open(Direction):
             except BlockingIOError:
                 if not self.got:  # between frames: nothing to keep
                     self.drop()
+                elif self.lowat:
+                    # Part of the frame was read: a mark above what is left of it would
+                    # never be reached, and the connection would stall.
+                    self.src.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT,
+                                        min(self.need - self.got, _LOWAT_MAX))
                 return
             if self.got < self.need:
                 continue

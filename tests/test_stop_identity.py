@@ -55,3 +55,30 @@ def test_stop_spares_a_process_that_does_not_work_in_the_stream_dir(tmp_path,
             if identity.alive():
                 os.kill(identity.pid, 9)
         proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("works_in_relay_dir", [False, True], ids=["elsewhere", "in-relay-dir"])
+def test_native_stop_spares_a_process_that_does_not_work_in_the_relay_dir(tmp_path,
+                                                                          works_in_relay_dir):
+    """A native stream's handle names its relay; with no relay answering (wedged), the
+    stop signals the recorded process only if it works in the gateway's relay directory."""
+    from scistream_proxy.native_backend import NativeBackend
+
+    stream_dir, relay_dir, elsewhere = tmp_path / "streams" / "s1", tmp_path / "relay", \
+        tmp_path / "elsewhere"
+    for directory in (stream_dir, relay_dir, elsewhere):
+        directory.mkdir(parents=True, mode=0o700)
+    proc = subprocess.Popen(["sleep", "60"], cwd=relay_dir if works_in_relay_dir else elsewhere)
+    try:
+        identity = None
+        while identity is None:
+            identity = ProcessIdentity.of(proc.pid)
+        NativeBackend().stop({"pid": identity.pid, "start_time": identity.start_time},
+                             stream_dir)
+        if works_in_relay_dir:
+            proc.wait(timeout=10)
+        else:
+            assert identity.alive()
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
