@@ -412,7 +412,7 @@ class HAProxyDockerBackend(ContainerBackend):
     counters_detail = ""
 
     def files(self, stream_dir, handle, *, targets, tls, peer_cert_file):
-        backend = HAProxyBackend()
+        backend = HAProxyBackend(self.options)  # the gateway's caps, as outside a container
         if tls:
             write_haproxy_pem(stream_dir)
         text = backend.config(handle, targets=targets, tls=tls, peer_cert_file=peer_cert_file,
