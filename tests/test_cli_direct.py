@@ -63,6 +63,11 @@ def _record(tmp_path) -> list[dict]:
 
 
 def test_help_imports_no_prefect(tmp_path):
+    imported = subprocess.run(
+        [sys.executable, "-c", "import sys, scistream_prefect\n"
+         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'prefect'))"],
+        capture_output=True, text=True, timeout=120, check=True, env=_env(tmp_path))
+    assert imported.stdout.strip() == "[]"
     proc, seen = scistream(tmp_path, "--help")
     assert seen == {"code": 0, "prefect": []}, proc.stderr[-2000:]
     for command in ("open", "renew", "list", "watch"):
@@ -159,6 +164,8 @@ def test_a_failed_open_is_recorded_with_its_code(gateways, tmp_path):
     assert seen["code"] == 2 and "NO_RESOURCE" in opened.stderr.splitlines()[-1]
     assert "Traceback" not in opened.stderr
     [entry] = _record(tmp_path)
+    path = tmp_path / "home" / ".local" / "state" / "scistream" / "streams.jsonl"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert entry["command"] == "open" and entry["outcome"] == "FAILED"
     assert entry["error"].startswith("NO_RESOURCE: ")
     assert [gw.call("gateway_info", {})["active_streams"] for gw in gateways] == [0, 0]
@@ -187,6 +194,19 @@ def test_list_shows_the_callers_streams(gateways, tmp_path):
         assert uid in human.stdout and "CONNECTED" in human.stdout
     finally:
         scistream(tmp_path, "release", uid, "--gateway", prod, "--gateway", cons)
+
+
+def test_a_settings_file_whose_state_dir_is_missing_works(tmp_path):
+    """A gateway settings file written by hand, its state directory not made yet."""
+    from scistream_gateway.settings import GatewaySettings
+
+    state = tmp_path / "not-yet" / "state"
+    settings = tmp_path / "gateway.toml"
+    settings.write_text(GatewaySettings(name="by-hand", state_dir=state, port_min=29990,
+                                        port_max=29999).to_toml())
+    proc, seen = scistream(tmp_path, "status", str(uuid.uuid4()), "--gateway", str(settings))
+    assert seen["code"] == 2 and "INVALID_UID" in proc.stderr.splitlines()[-1]
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
 
 
 def test_watch_of_an_unknown_stream_is_invalid_uid(gateways, tmp_path):
