@@ -343,11 +343,14 @@ def _block(spec: str):
     return gateway
 
 
-def _each_gateway(args: argparse.Namespace, call) -> list[tuple[str, object]]:
-    """``call(gateway)`` on every ``--gateway`` at once: (label, result) in their order."""
+def _each_gateway(args: argparse.Namespace, call, gateways: list | None = None
+                  ) -> list[tuple[str, object]]:
+    """``call(gateway)`` on every ``--gateway`` (or ``gateways``) at once: (label, result)
+    in their order."""
     from concurrent.futures import ThreadPoolExecutor
 
-    gateways = [_gateway(spec) for spec in args.gateway]
+    if gateways is None:
+        gateways = [_gateway(spec) for spec in args.gateway]
     with ThreadPoolExecutor(len(gateways)) as pool:
         futures = [pool.submit(call, gw) for gw in gateways]
         return [(gw.label, f.result()) for gw, f in zip(gateways, futures, strict=True)]
@@ -453,8 +456,7 @@ def _watch(args: argparse.Namespace) -> int:
     try:
         while True:
             polled = time.monotonic()
-            ends = _each_gateway(args, lambda gw: core.status(gw, args.uid)) \
-                if len(gateways) > 1 else [(gateways[0].label, core.status(gateways[0], args.uid))]
+            ends = _each_gateway(args, lambda gw: core.status(gw, args.uid), gateways)
             report = {}
             for label, s in ends:
                 moved = _moved(s)
