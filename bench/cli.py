@@ -9,7 +9,8 @@ drift in the machine's load spreads over all of them alike): ``python -c pass`` 
 ``python -c "import prefect"`` (for comparison), ``scistream --help``, then one stream's
 life: ``open --json`` (no Prefect server: the direct path), ``status``, ``renew``,
 ``list`` and ``release``. Wall time from the process's start to its exit; p50 and p95
-over the runs, next to the goals of issue 17. ``list`` is left out (and said so) where
+over the runs, next to the goals of issue 17, and the p50 of its CPU time (user +
+system), which the load of a shared machine inflates less. ``list`` is left out (and said so) where
 the gateway has no ``list_streams`` function. Results: ``<out>/cli.{json,md}``.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -62,13 +64,18 @@ def _gateways(root: Path, port_base: int, num_conn: int) -> tuple[str, str]:
     return paths[0], paths[1]
 
 
-def _timed(argv: list[str], env: dict) -> tuple[float, str]:
+def _timed(argv: list[str], env: dict, cpu: list[float]) -> tuple[float, str]:
+    """Run ``argv``; its wall time and stdout. Its CPU time (user + system, of the
+    process and what it waited for) is appended to ``cpu``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
     took = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:3])} exited {proc.returncode}: "
                            f"{proc.stderr.strip().splitlines()[-1:]}")
+    cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
     return took, proc.stdout
 
 
@@ -80,6 +87,7 @@ def run(args: argparse.Namespace) -> dict:
     if not Path(command[0]).exists():
         command = [python, "-m", "scistream_prefect.cli"]
     times: dict[str, list[float]] = {name: [] for name in GOALS}
+    cpu: dict[str, list[float]] = {name: [] for name in GOALS}
     has_list = "list_streams" in FUNCTIONS
     with tempfile.TemporaryDirectory(prefix="bench-cli-") as tmp:
         root = Path(tmp)
@@ -90,32 +98,32 @@ def run(args: argparse.Namespace) -> dict:
                    PREFECT_SERVER_ANALYTICS_ENABLED="false")
         both = ["--gateway", prod, "--gateway", cons]
         for _ in range(args.runs):
-            times["python -c pass"].append(_timed([python, "-c", "pass"], env)[0])
-            times['python -c "import prefect"'].append(
-                _timed([python, "-c", "import prefect"], env)[0])
-            times["scistream --help"].append(_timed([*command, "--help"], env)[0])
-            took, out = _timed([*command, "open", "--producer", prod, "--consumer", cons,
-                                "--num-conn", str(args.num_conn), "--app-listener",
-                                "127.0.0.1:9", "--json"], env)
-            times["scistream open ... --json"].append(took)
-            uid = json.loads(out)["uid"]
+            def timed(name: str, argv: list[str]) -> str:
+                took, out = _timed(argv, env, cpu[name])
+                times[name].append(took)
+                return out
+
+            timed("python -c pass", [python, "-c", "pass"])
+            timed('python -c "import prefect"', [python, "-c", "import prefect"])
+            timed("scistream --help", [*command, "--help"])
+            uid = json.loads(timed("scistream open ... --json", [
+                *command, "open", "--producer", prod, "--consumer", cons, "--num-conn",
+                str(args.num_conn), "--app-listener", "127.0.0.1:9", "--json"]))["uid"]
             try:
-                times["scistream status"].append(_timed([*command, "status", uid, *both],
-                                                        env)[0])
-                times["scistream renew"].append(_timed([*command, "renew", uid, *both,
-                                                        "--lease", "600"], env)[0])
+                timed("scistream status", [*command, "status", uid, *both])
+                timed("scistream renew", [*command, "renew", uid, *both, "--lease", "600"])
                 if has_list:
-                    times["scistream list"].append(_timed([*command, "list", *both], env)[0])
+                    timed("scistream list", [*command, "list", *both])
             finally:
-                times["scistream release"].append(_timed([*command, "release", uid, *both],
-                                                         env)[0])
+                timed("scistream release", [*command, "release", uid, *both])
         leftovers = benchlib.stop_leftovers(root)  # none: each release stopped its proxies
     rows = {}
     for name, values in times.items():
         ordered = sorted(values)
         rows[name] = ({"n": len(ordered), "p50": _percentile(ordered, 0.5),
                        "p95": _percentile(ordered, 0.95), "min": ordered[0],
-                       "max": ordered[-1], "goal_p50": GOALS[name]}
+                       "max": ordered[-1], "cpu_p50": _percentile(sorted(cpu[name]), 0.5),
+                       "goal_p50": GOALS[name]}
                       if ordered else {"n": 0, "goal_p50": GOALS[name]})
     return {"bench": "cli", "runs": args.runs, "num_conn": args.num_conn,
             "machine": benchlib.machine(), "commands": rows, "leftover_pids": leftovers,
@@ -128,18 +136,20 @@ def markdown(result: dict, label_line: str) -> str:
     for name, row in result["commands"].items():
         goal = row["goal_p50"]
         if row["n"] == 0:
-            table.append([f"`{name}`", 0, "-", "-", "-" if goal is None else f"<= {goal}",
+            table.append([f"`{name}`", 0, "-", "-", "-", "-" if goal is None else f"<= {goal}",
                           "not run"])
             continue
         verdict = "" if goal is None else ("**met**" if row["p50"] <= goal else "not met")
         table.append([f"`{name}`", row["n"], f"{row['p50']:.3f}", f"{row['p95']:.3f}",
-                      "-" if goal is None else f"<= {goal}", verdict])
+                      f"{row['cpu_p50']:.3f}", "-" if goal is None else f"<= {goal}", verdict])
     text = [label_line, "",
             f"Each command a fresh process (wall time, seconds), two local gateways named by "
             f"settings files, no Prefect server (`open` takes the direct path), "
             f"num_conn {result['num_conn']}. Method: [docs/benchmarks.md](docs/benchmarks.md).",
-            "", benchlib.markdown_table(["command", "n", "p50", "p95", "goal (p50)", "verdict"],
-                                        table)]
+            "", benchlib.markdown_table(["command", "n", "p50", "p95", "CPU p50", "goal (p50)",
+                                         "verdict"], table),
+            "", "CPU: user + system seconds of the command's process (what it waited for "
+            "included), which the machine's load does not inflate as it does wall time."]
     if result["skipped"]:
         text += ["", "Not measured: " + "; ".join(result["skipped"]) + "."]
     return "\n".join(text)

@@ -36,4 +36,5 @@ def test_cli_bench_times_every_command_as_a_process(tmp_path):
             assert row["n"] == 0 and result["skipped"]
             continue
         assert row["n"] == 2 and 0 < row["min"] <= row["p50"] <= row["p95"] <= row["max"]
+        assert row["cpu_p50"] > 0
     assert result["commands"]["scistream status"]["goal_p50"] == 0.4
