@@ -325,8 +325,10 @@ def _open_direct(args: argparse.Namespace, options: dict):
                    num_conn=options["num_conn"], tls=options["tls"]) as fields:
         handle = core.open_ends(producer, consumer, uid=uid, hello_key=key, **options)
         fields.update(listeners=handle.listeners, producer_listeners=handle.producer_listeners,
-                      app_listeners=handle.app_listeners, setup_s=round(handle.setup_s, 4),
-                      lease_expires=handle.lease_expires)
+                      app_listeners=handle.app_listeners,
+                      producer_fingerprint=handle.producer_fingerprint,
+                      consumer_fingerprint=handle.consumer_fingerprint,
+                      setup_s=round(handle.setup_s, 4), lease_expires=handle.lease_expires)
     return handle
 
 
