@@ -198,6 +198,17 @@ def test_list_shows_the_callers_streams(gateways, tmp_path):
         scistream(tmp_path, "release", uid, "--gateway", prod, "--gateway", cons)
 
 
+def test_prefect_finds_the_block_types_of_the_lazy_package(tmp_path):
+    """Prefect imports the package (its collection entry point) before it looks a block
+    type up by slug; the lazy package must still define them then."""
+    code = ("from prefect.blocks.core import Block\n"
+            "print(Block.get_block_class_from_key('scistream-local-gateway').__name__,"
+            " Block.get_block_class_from_key('scistream-globus-compute-gateway').__name__)")
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=120, env=_env(tmp_path))
+    assert found.stdout.split() == ["LocalGateway", "GlobusComputeGateway"], found.stderr[-2000:]
+
+
 def test_a_settings_file_whose_state_dir_is_missing_works(tmp_path):
     """A gateway settings file written by hand, its state directory not made yet."""
     from scistream_gateway.settings import GatewaySettings
