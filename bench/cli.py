@@ -149,7 +149,8 @@ def markdown(result: dict, label_line: str) -> str:
             "", benchlib.markdown_table(["command", "n", "p50", "p95", "CPU p50", "goal (p50)",
                                          "verdict"], table),
             "", "CPU: user + system seconds of the command's process (what it waited for "
-            "included), which the machine's load does not inflate as it does wall time."]
+            "included), which the load of a shared machine inflates much less than wall time; "
+            "the verdicts are on wall time."]
     if result["skipped"]:
         text += ["", "Not measured: " + "; ".join(result["skipped"]) + "."]
     return "\n".join(text)
