@@ -64,7 +64,7 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_HOMES))
 
 
-if "prefect" in sys.modules:
+if sys.modules.get("prefect") is not None:
     # Prefect imports this package (its prefect.collections entry point) before it looks
     # a block type up by slug (Block.load("scistream-local-gateway/...")): define the
     # block types now. Without Prefect loaded, they wait for their first use.
