@@ -3,8 +3,15 @@
 Exit codes: 0 success; 1 the demo found a checksum mismatch or a leak; 2 a bad argument
 or an error. The last line on standard error is then ``scistream <command>: <CODE>:
 <message>`` with a SciStream code: ``BAD_FORMAT`` for a bad argument, the gateway's code
-for a gateway error, ``SERVER_ERR`` for anything unexpected. No traceback is shown
+for a gateway error, ``NOT_IMPLEMENTED`` for a command that needs Prefect where it is not
+installed (a gateway node), ``SERVER_ERR`` for anything unexpected. No traceback is shown
 unless ``SCISTREAM_DEBUG=1``.
+
+Only ``demo``, ``serve``, ``login``/``logout``/``whoami``, gateways named by saved blocks,
+and ``open`` with a Prefect server import Prefect; a gateway named by its settings file is
+called in this process (:mod:`scistream_prefect.local_client`), so ``--help``, ``status``,
+``renew``, ``list``, ``watch``, ``release`` and ``hello`` start fast and run on a gateway
+node without Prefect.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import math
 import os
 import re
 import sys
+import time
+from pathlib import Path
 
 from scistream_gateway.cli import DEBUG_ENV, CodedParser, run_coded
 
@@ -54,6 +63,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
+    return value
+
+
 def _uid(text: str) -> str:
     from scistream_gateway.protocol import is_canonical_uid
 
@@ -73,7 +89,8 @@ def _address(text: str) -> str:
     return text
 
 
-_USES_PREFECT = {"demo", "open", "status", "release", "hello", "serve"}
+CLIENT_EXTRA = "pip install 'scistream-prefect[client]'"
+RECORD_NAME = "streams.jsonl"
 
 
 class _WithoutTraceback(logging.Formatter):
@@ -95,7 +112,9 @@ class _WithoutTraceback(logging.Formatter):
 
 def _console_without_tracebacks() -> None:
     """Every console handler Prefect configured prints log lines without tracebacks
-    (its API handler still sends them to the Prefect UI)."""
+    (its API handler still sends them to the Prefect UI), unless SCISTREAM_DEBUG=1."""
+    if os.environ.get(DEBUG_ENV) == "1":
+        return
     import prefect  # noqa: F401 - configures Prefect's logging
 
     loggers = [logging.getLogger()] + [logger for logger in
@@ -118,6 +137,7 @@ def _prefect_defaults() -> None:
 def _demo(args: argparse.Namespace) -> int:
     from scistream_prefect.flows.demo import run_demo
 
+    _console_without_tracebacks()
     if not args.json:
         print(f"scistream demo: {args.bytes / 2**20:.0f} MiB over {args.num_conn} connections, "
               f"{'TLS 1.3' if args.tls else 'NO encryption (asked by --no-tls)'} between two "
@@ -208,19 +228,76 @@ def _hello(args: argparse.Namespace) -> int:
     return 0
 
 
+def prefect_api_url() -> str | None:
+    """The Prefect server the user named: ``PREFECT_API_URL`` in the environment, else in
+    the active Prefect profile (read as Prefect does, without importing it)."""
+    import tomllib
+
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
+    try:
+        profiles = tomllib.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    name = os.environ.get("PREFECT_PROFILE") or profiles.get("active", "ephemeral")
+    return (profiles.get("profiles", {}).get(name) or {}).get("PREFECT_API_URL") or None
+
+
+def record_path() -> Path:
+    """Where the commands that change a stream keep their record (one JSON line each)."""
+    state = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(state) / "scistream" / RECORD_NAME
+
+
+def _record(entry: dict) -> None:
+    """Append one line to the user's record: owner-only, and never a secret (no hello key,
+    no certificate; listeners, fingerprints and outcomes only)."""
+    path = record_path()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # also a file made earlier with looser permissions
+        os.write(fd, (json.dumps({"time": time.time(), **entry}) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def _recorded(command: str, **fields):
+    """A context that records ``command``'s outcome: fields, plus the error if it failed."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def recording():
+        try:
+            yield fields
+        except Exception as exc:
+            _record({"command": command, **fields, "outcome": "FAILED",
+                     "error": f"{getattr(exc, 'code', 'SERVER_ERR')}: "
+                              f"{getattr(exc, 'message', None) or exc}"[:500]})
+            raise
+        _record({"command": command, **fields, "outcome": "OK"})
+    return recording()
+
+
 def _open(args: argparse.Namespace) -> int:
     from scistream_gateway.errors import BadFormat
-    from scistream_prefect.flows.streams import open_stream
 
     if not args.app_listener and not (args.uid and args.hello_key_block):
         raise BadFormat("give --app-listener (the flow sends the producer's hello), or "
                         "--uid and --hello-key-block for a producer controller's own hello")
-    handle = open_stream(
-        _gateway(args.producer), _gateway(args.consumer), num_conn=args.num_conn,
-        rate=args.rate, app_listeners=args.app_listener or None, uid=args.uid,
-        hello_key_block=args.hello_key_block, tls=args.tls, lease_s=args.lease,
-        hello_timeout_s=args.hello_timeout,
-    )
+    options = dict(num_conn=args.num_conn, rate=args.rate, app_listeners=args.app_listener or None,
+                   uid=args.uid, tls=args.tls, lease_s=args.lease,
+                   hello_timeout_s=args.hello_timeout)
+    if prefect_api_url():
+        from scistream_prefect.flows.streams import open_stream
+
+        _console_without_tracebacks()
+        handle = open_stream(_block(args.producer), _block(args.consumer),
+                             hello_key_block=args.hello_key_block, **options)
+    else:
+        handle = _open_direct(args, options)
     data = handle.model_dump(mode="json")
     _print(args, data,
            f"stream {handle.uid} open ({handle.producer} -> {handle.consumer}, "
@@ -229,37 +306,200 @@ def _open(args: argparse.Namespace) -> int:
     return 0
 
 
-def _each_gateway(args: argparse.Namespace, function: str) -> list[tuple[str, dict]]:
+def _open_direct(args: argparse.Namespace, options: dict):
+    """``open`` without a Prefect server: the open-stream flow's logic as plain calls,
+    recorded in the user's state directory."""
+    from scistream_prefect import streams_core as core
+
+    producer, consumer = _gateway(args.producer), _gateway(args.consumer)
+    hello_key = None
+    if args.hello_key_block is not None:
+        from prefect.blocks.system import Secret
+
+        hello_key = Secret.load(args.hello_key_block).get()
+    uid, key = core.key_and_uid(options.pop("uid"), hello_key, options["app_listeners"])
+    core.check_setup(producer, consumer, options["num_conn"], options["rate"],
+                     options["app_listeners"], options["tls"], options["lease_s"],
+                     options["hello_timeout_s"])
+    with _recorded("open", uid=uid, producer=producer.label, consumer=consumer.label,
+                   num_conn=options["num_conn"], tls=options["tls"]) as fields:
+        handle = core.open_ends(producer, consumer, uid=uid, hello_key=key, **options)
+        fields.update(listeners=handle.listeners, producer_listeners=handle.producer_listeners,
+                      app_listeners=handle.app_listeners,
+                      producer_fingerprint=handle.producer_fingerprint,
+                      consumer_fingerprint=handle.consumer_fingerprint,
+                      setup_s=round(handle.setup_s, 4), lease_expires=handle.lease_expires)
+    return handle
+
+
+def _block(spec: str):
+    """A gateway as a Prefect block (a flow's parameter): a settings file's becomes a
+    LocalGateway block."""
+    from scistream_prefect.local_client import LocalClient
+
+    gateway = _gateway(spec)
+    if isinstance(gateway, LocalClient):
+        from scistream_prefect.gateways import LocalGateway
+
+        return LocalGateway(settings_path=gateway.settings_path)
+    return gateway
+
+
+def _each_gateway(args: argparse.Namespace, call, gateways: list | None = None
+                  ) -> list[tuple[str, object]]:
+    """``call(gateway)`` on every ``--gateway`` (or ``gateways``) at once: (label, result)
+    in their order."""
     from concurrent.futures import ThreadPoolExecutor
 
-    gateways = [_gateway(spec) for spec in args.gateway]
+    if gateways is None:
+        gateways = [_gateway(spec) for spec in args.gateway]
     with ThreadPoolExecutor(len(gateways)) as pool:
-        futures = [pool.submit(gw.call, function, {"uid": args.uid}) for gw in gateways]
+        futures = [pool.submit(call, gw) for gw in gateways]
         return [(gw.label, f.result()) for gw, f in zip(gateways, futures, strict=True)]
 
 
+def _moved(reply: dict) -> int | None:
+    """Bytes a stream end moved, both directions (None: its proxy counts none)."""
+    moved = reply.get("bytes")
+    if isinstance(moved, dict):
+        return int(moved.get("from_app", 0)) + int(moved.get("to_app", 0))
+    return moved if isinstance(moved, int) else None
+
+
 def _status(args: argparse.Namespace) -> int:
-    ends = _each_gateway(args, "status")
+    from scistream_prefect import streams_core as core
+
+    ends = _each_gateway(args, lambda gw: core.status(gw, args.uid))
     lines = []
     for label, s in ends:
-        moved = s.get("bytes") or {}
         lines.append(f"{label}: {s['role']} {s['state']}, proxy {'alive' if s['alive'] else 'down'}"
-                     f", {moved.get('from_app', 0) + moved.get('to_app', 0)} bytes, listeners "
+                     f", {_moved(s) or 0} bytes, listeners "
                      f"{' '.join(s.get('listeners') or [])}")
     _print(args, {"uid": args.uid, "ends": {label: s for label, s in ends}}, "\n".join(lines))
     return 0
 
 
+def _renew(args: argparse.Namespace) -> int:
+    from scistream_prefect import streams_core as core
+
+    with _recorded("renew", uid=args.uid, gateways=args.gateway, lease_s=args.lease) as fields:
+        ends = _each_gateway(args, lambda gw: core.renew(gw, args.uid, args.lease))
+        fields.update(lease_expires={label: expires for label, expires in ends})
+    now = time.time()
+    _print(args, {"uid": args.uid, "lease_expires": {label: t for label, t in ends}},
+           "\n".join(f"{label}: lease until {_when(t)} ({t - now:.0f} s from now)"
+                     for label, t in ends))
+    return 0
+
+
 def _release(args: argparse.Namespace) -> int:
-    ends = _each_gateway(args, "release")
-    _print(args, {"uid": args.uid, "released": {label: r["released"] for label, r in ends}},
+    from scistream_prefect import streams_core as core
+
+    with _recorded("release", uid=args.uid, gateways=args.gateway):
+        ends = _each_gateway(args, lambda gw: core.release(gw, args.uid))
+    _print(args, {"uid": args.uid, "released": {label: r for label, r in ends}},
            "\n".join(f"{label}: released" for label, _ in ends))
     return 0
+
+
+def _when(unix: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(unix))
+
+
+def _span(seconds: float) -> str:
+    """``42s``, ``7m03s``, ``2h05m``, ``3d04h``."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def _size(count: int | None) -> str:
+    if count is None:
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"
+
+
+def _list(args: argparse.Namespace) -> int:
+    from scistream_prefect import streams_core as core
+
+    ends = _each_gateway(args, core.list_streams)
+    now = time.time()
+    rows = [{"gateway": label, **stream} for label, streams in ends for stream in streams]
+    lines = [f"{'UID':36}  {'GATEWAY':20}  {'ROLE':4}  {'STATE':9}  {'AGE':>7}  "
+             f"{'LEASE LEFT':>10}  {'BYTES':>10}"]
+    for row in rows:
+        lines.append(f"{row['uid']:36}  {row['gateway'][:20]:20}  {row['role']:4}  "
+                     f"{row['state']:9}  {_span(now - row['created']):>7}  "
+                     f"{_span(row['lease_expires'] - now):>10}  {_size(_moved(row)):>10}")
+    _print(args, {"streams": rows}, "\n".join(lines) if rows else "no streams")
+    return 0
+
+
+def _rate(count: float) -> str:
+    return f"{count * 8 / 1e9:.2f} Gbit/s" if count >= 1e8 else f"{count * 8 / 1e6:.1f} Mbit/s"
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from scistream_gateway.errors import ConnError
+    from scistream_gateway.protocol import State
+    from scistream_prefect import streams_core as core
+
+    gateways = [_gateway(spec) for spec in args.gateway]
+    tty = sys.stdout.isatty() and not args.json
+    before: dict[str, tuple[float, int]] = {}
+    try:
+        while True:
+            polled = time.monotonic()
+            ends = _each_gateway(args, lambda gw: core.status(gw, args.uid), gateways)
+            report = {}
+            for label, s in ends:
+                moved = _moved(s)
+                last = before.get(label)
+                rate = (None if moved is None or last is None or polled <= last[0]
+                        else max(0.0, (moved - last[1]) / (polled - last[0])))
+                if moved is not None:
+                    before[label] = (polled, moved)
+                report[label] = {"state": s["state"], "alive": s["alive"], "bytes": moved,
+                                 "bytes_per_s": rate}
+            if args.json:
+                print(json.dumps({"time": time.time(), "uid": args.uid, "ends": report}),
+                      flush=True)
+            else:
+                line = " | ".join(
+                    f"{label}: {e['state']} {_size(e['bytes'])}"
+                    + ("" if e["bytes_per_s"] is None else f" {_rate(e['bytes_per_s'])}")
+                    for label, e in report.items())
+                print(("\r\033[K" + line) if tty else line, end="" if tty else "\n", flush=True)
+            states = {e["state"] for e in report.values()}
+            if State.FAILED in states:
+                if tty:
+                    print()
+                raise ConnError(f"stream {args.uid} FAILED: "
+                                + "; ".join(s.get("last_error") or s.get("detail") or label
+                                            for label, s in ends if s["state"] == State.FAILED))
+            if not states & State.ACTIVE:
+                if tty:
+                    print()
+                return 0
+            time.sleep(max(0.0, args.interval - (time.monotonic() - polled)))
+    except KeyboardInterrupt:  # the user stops watching; the stream goes on
+        if tty:
+            print()
+        return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
     from scistream_prefect.deployments import serve
 
+    _console_without_tracebacks()
     serve(limit=args.limit)
     return 0
 
@@ -327,10 +567,16 @@ def build_parser() -> argparse.ArgumentParser:
     whoami.set_defaults(handler=_whoami)
 
     open_ = sub.add_parser(
-        "open", help="open a stream between two gateways (the open-stream flow)",
+        "open", help="open a stream between two gateways",
         description="Open a stream: reserve on both gateways concurrently, the producer's "
-        "hello, connect both. Runs the open-stream Prefect flow, so the run, its listeners "
-        "table and summary show in the Prefect UI. The hello key is never printed.",
+        "hello, connect both; on any failure both ends are released. Where a Prefect "
+        "server is configured (PREFECT_API_URL, in the environment or the active Prefect "
+        "profile), this runs the open-stream flow there, so the run, its listeners table "
+        "and summary show in the Prefect UI. Without one, the same steps run directly (no "
+        "temporary Prefect server) and the outcome is appended as one JSON line to "
+        "$XDG_STATE_HOME/scistream/streams.jsonl (default ~/.local/state/scistream/, mode "
+        "0600: uid, gateways, listeners, fingerprints, timings, never a key); renew and "
+        "release append theirs there too. The hello key is never printed.",
     )
     open_.add_argument("--producer", required=True, metavar="GATEWAY", help=GATEWAY_HELP)
     open_.add_argument("--consumer", required=True, metavar="GATEWAY", help=GATEWAY_HELP)
@@ -344,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     open_.add_argument("--uid", type=_uid, help="the stream's uid (default: a new UUID)")
     open_.add_argument("--hello-key-block", metavar="NAME",
                        help="a Prefect Secret block holding the hello key, for a producer "
-                       "controller that sends its own hello (scistream hello)")
+                       "controller that sends its own hello (scistream hello); needs Prefect")
     open_.add_argument("--no-tls", dest="tls", action="store_false",
                        help="turn OFF encryption between the gateways (refused with "
                        "NOT_IMPLEMENTED unless both gateways' settings say "
@@ -359,15 +605,43 @@ def build_parser() -> argparse.ArgumentParser:
     for name, handler, text in (
         ("status", _status, "state, proxy liveness and bytes of each end of a stream"),
         ("release", _release, "release a stream: proxies stopped, ports freed, keys deleted "
-         "(idempotent)"),
+         "(idempotent; recorded in your streams.jsonl)"),
+        ("renew", _renew, "extend a stream's lease on each end (recorded in your "
+         "streams.jsonl)"),
+        ("watch", _watch, "live throughput of each end until the stream ends (Ctrl-C stops "
+         "watching, not the stream)"),
     ):
         cmd = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ". "
                              "Calls the gateways directly (no flow run).")
         cmd.add_argument("uid", type=_uid, help="the stream's uid")
         cmd.add_argument("--gateway", action="append", required=True, metavar="GATEWAY",
                          help=GATEWAY_HELP + "; repeat for both ends")
-        cmd.add_argument("--json", action="store_true", help="print one JSON object")
+        if name == "renew":
+            cmd.add_argument("--lease", type=_int_in(1, 10**7), metavar="SECONDS",
+                             help="the new lease from now (default: each gateway's)")
+        if name == "watch":
+            cmd.add_argument("--interval", type=_positive_seconds, default=1.0,
+                             metavar="SECONDS", help="seconds between two looks (default 1)")
+            cmd.description += (" Shows one updating line on a terminal, a line per look "
+                                "otherwise. Exits 0 once no end is active (released or "
+                                "expired), or on Ctrl-C; 2 with CONN_ERROR if an end FAILED.")
+            cmd.add_argument("--json", action="store_true",
+                             help="print one JSON object per look: state, bytes and bytes/s "
+                             "of each end")
+        else:
+            cmd.add_argument("--json", action="store_true", help="print one JSON object")
         cmd.set_defaults(handler=handler)
+
+    list_ = sub.add_parser(
+        "list", help="your streams on gateways: state, age, lease left, bytes",
+        description="List your streams on each gateway (the gateway's list_streams: the "
+        "streams whose ownership proofs your requests carry), with state, age, lease left "
+        "and bytes moved.",
+    )
+    list_.add_argument("--gateway", action="append", required=True, metavar="GATEWAY",
+                       help=GATEWAY_HELP + "; repeat for several")
+    list_.add_argument("--json", action="store_true", help="print one JSON object")
+    list_.set_defaults(handler=_list)
 
     hello = sub.add_parser(
         "hello", help="an app controller's hello: prove the key, give or learn listeners",
@@ -396,14 +670,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _needs_client_extra(exc: ModuleNotFoundError) -> bool:
+    return (exc.name or "").split(".")[0] in {"prefect", "globus_compute_sdk", "globus_sdk"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    # The command uses no pydantic plugin, and looking for one reads the entry points of
+    # every installed distribution: 50 ms of a 0.4 s status here (bench/cli.py). Set before
+    # the first model is built (parsing a uid imports the wire models).
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     args = build_parser().parse_args(argv)
     _prefect_defaults()
+    # A gateway function's unexpected failure is logged, with its traceback, in the
+    # gateway's own log; here it is the coded line (SCISTREAM_DEBUG=1 shows the traceback).
+    logging.getLogger("scistream_gateway").addHandler(logging.NullHandler())
 
     def command() -> int:
-        if os.environ.get(DEBUG_ENV) != "1" and args.command in _USES_PREFECT:
-            _console_without_tracebacks()
-        return args.handler(args)
+        from scistream_gateway.errors import NotImplementedHere
+
+        try:
+            return args.handler(args)
+        except ModuleNotFoundError as exc:
+            if not _needs_client_extra(exc):
+                raise
+            raise NotImplementedHere(
+                f"this needs the client's packages ({exc.name} is not installed here, as "
+                f"on a gateway node): {CLIENT_EXTRA}") from None
 
     # The verdict is the last line: nothing is logged after it (Prefect would log the
     # shutdown of its temporary server at exit).

@@ -28,7 +28,8 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from scistream_gateway.errors import BadFormat
-from scistream_prefect.gateways import Gateway, LocalGateway
+from scistream_prefect import streams_core as core
+from scistream_prefect.local_client import LocalClient
 
 __all__ = ["HELLO_KEY_ENV", "consumer_listeners", "read_hello_key", "resolve_gateway",
            "send_hello"]
@@ -36,10 +37,12 @@ __all__ = ["HELLO_KEY_ENV", "consumer_listeners", "read_hello_key", "resolve_gat
 HELLO_KEY_ENV = "SCISTREAM_HELLO_KEY"
 
 
-def resolve_gateway(spec: str) -> Gateway:
+def resolve_gateway(spec: str):
     """A gateway from a local gateway's settings file path or a saved block's name.
 
-    ``spec`` is a path to a gateway TOML file (a local gateway), a saved block's name
+    ``spec`` is a path to a gateway TOML file (a local gateway, called in this process
+    without Prefect: :class:`~scistream_prefect.local_client.LocalClient`), a saved
+    block's name
     (``facility-p``: a Globus Compute gateway block of that name, else a local one), or
     ``<block-type-slug>/<name>``.
 
@@ -48,12 +51,13 @@ def resolve_gateway(spec: str) -> Gateway:
     """
     path = Path(spec).expanduser()
     if path.is_file():
-        return LocalGateway(settings_path=path.resolve())
+        return LocalClient(path)
     if spec.endswith(".toml") or spec.startswith((".", os.sep, "~")):
         raise BadFormat(f"no gateway settings file {spec!r}")
     from prefect.blocks.core import Block
 
     from scistream_prefect.compute import GlobusComputeGateway
+    from scistream_prefect.gateways import LocalGateway
 
     if "/" in spec:
         candidates = [lambda: Block.load(spec)]
@@ -105,7 +109,7 @@ def read_hello_key(key_file: str | os.PathLike | None = None, *, stdin: bool = F
     return SecretStr(key)
 
 
-def send_hello(gateway: Gateway, uid: str, hello_key: SecretStr | str,
+def send_hello(gateway, uid: str, hello_key: SecretStr | str,
                app_listeners: list[str]) -> list[str]:
     """The producer's hello: where its app listens. Returns the producer gateway's listeners.
 
@@ -115,7 +119,7 @@ def send_hello(gateway: Gateway, uid: str, hello_key: SecretStr | str,
     return _hello(gateway, uid, hello_key, "PROD", list(app_listeners))
 
 
-def consumer_listeners(gateway: Gateway, uid: str, hello_key: SecretStr | str) -> list[str]:
+def consumer_listeners(gateway, uid: str, hello_key: SecretStr | str) -> list[str]:
     """The consumer's hello: where the consumer app connects (its gateway's listeners).
 
     Raises:
@@ -124,9 +128,6 @@ def consumer_listeners(gateway: Gateway, uid: str, hello_key: SecretStr | str) -
     return _hello(gateway, uid, hello_key, "CONS", None)
 
 
-def _hello(gateway: Gateway, uid: str, hello_key: SecretStr | str, role: str,
+def _hello(gateway, uid: str, hello_key: SecretStr | str, role: str,
            app_listeners: list[str] | None) -> list[str]:
-    from scistream_prefect.tasks.streams import send_app_hello
-
-    # The task's own function, called directly: no flow or task run is needed next to an app.
-    return send_app_hello.fn(gateway, uid, hello_key, role, app_listeners)["listeners"]
+    return core.hello(gateway, uid, hello_key, role, app_listeners)["listeners"]

@@ -1,4 +1,6 @@
-"""``scistream open / status / release / hello / whoami`` as a user runs them (subprocesses)."""
+"""``scistream open / status / release / hello / whoami`` as a user runs them (subprocesses),
+with a Prefect server configured (PREFECT_API_URL): ``open`` runs the open-stream flow
+there. Without one: test_cli_direct.py."""
 
 from __future__ import annotations
 
@@ -175,6 +177,9 @@ OPTIONS = {
              "--lease", "--no-tls", "--num-conn", "--producer", "--rate", "--uid"},
     "status": {"--gateway", "--json"},
     "release": {"--gateway", "--json"},
+    "renew": {"--gateway", "--json", "--lease"},
+    "list": {"--gateway", "--json"},
+    "watch": {"--gateway", "--interval", "--json"},
     "hello": {"--app-listener", "--gateway", "--json", "--key-file", "--key-stdin", "--role",
               "--uid"},
     "serve": {"--limit"},

@@ -3,24 +3,20 @@
 The protocol's sequential remote round trips are as few as it allows:
 ``reserve ‖ reserve`` -> ``hello`` (or ``wait_hello``) -> ``connect ‖ connect``.
 :func:`setup_stream` runs those tasks inside whatever flow calls it (no subflow, so
-no flow-run overhead); :func:`open_stream` is the same as a flow of its own.
+no flow-run overhead); :func:`open_stream` is the same as a flow of its own. The logic
+is :func:`scistream_prefect.streams_core.open_ends`, which ``scistream open`` also runs
+without a flow.
 """
 
 from __future__ import annotations
-
-import math
-import secrets
-import time
-import uuid
 
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.blocks.system import Secret
 from prefect.futures import wait
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import SecretStr
 
-from scistream_gateway.errors import BadFormat
-from scistream_gateway.protocol import is_canonical_uid, parse_address
+from scistream_prefect import streams_core as core
 from scistream_prefect.artifacts import publish_listeners, publish_summary
 from scistream_prefect.compute import GlobusComputeGateway
 from scistream_prefect.gateways import Gateway, LocalGateway
@@ -30,6 +26,7 @@ from scistream_prefect.recovery import (
     remember_stream,
     rememberable,
 )
+from scistream_prefect.streams_core import StreamHandle
 from scistream_prefect.tasks.streams import (
     connect_gateway_proxy,
     release_gateway_stream,
@@ -44,81 +41,33 @@ __all__ = ["GatewayBlock", "StreamHandle", "open_stream", "release_stream", "set
 #: A gateway a flow parameter can name: a saved block of either kind, or its fields.
 GatewayBlock = LocalGateway | GlobusComputeGateway
 
-
-class StreamHandle(BaseModel):
-    """An open stream: where the consumer app connects, and what identifies it.
-
-    It never holds the hello key: a handle is a flow's result, which Prefect may
-    persist (pickled, in clear) in its result storage.
-    """
-
-    uid: str = Field(description="The stream's id on both gateways.")
-    producer: str = Field(description="Label of the producer-side gateway.")
-    consumer: str = Field(description="Label of the consumer-side gateway.")
-    num_conn: int = Field(description="Parallel connections.")
-    listeners: list[str] = Field(
-        description="The consumer gateway's listeners: where the consumer app connects."
-    )
-    producer_listeners: list[str] = Field(description="The producer gateway's WAN listeners.")
-    app_listeners: list[str] = Field(description="Where the producer app listens.")
-    tls: bool = Field(description="Whether the gateway-to-gateway hop is encrypted.")
-    producer_fingerprint: str = Field(description="SHA-256 of the producer proxy's certificate.")
-    consumer_fingerprint: str = Field(description="SHA-256 of the consumer proxy's certificate.")
-    setup_s: float = Field(description="Seconds from the first reserve to both proxies accepting.")
-    lease_expires: float = Field(
-        default=0.0, description="When the earlier of the two leases runs out (Unix time), "
-        "unless renewed.",
-    )
+_TASKS = {core.reserve: reserve_gateway_ports, core.hello: send_app_hello,
+          core.wait_hello: wait_for_app_hello, core.connect: connect_gateway_proxy}
 
 
-def _key_and_uid(uid: str | None, hello_key: SecretStr | str | None,
-                 app_listeners: list[str] | None) -> tuple[str, SecretStr]:
-    if app_listeners is None and (uid is None or hello_key is None):
-        raise BadFormat("give app_listeners (the flow sends the producer's hello), or the uid "
-                        "and hello key the producer's controller will use for its own hello")
-    if uid is not None and not is_canonical_uid(uid):
-        raise BadFormat(f"uid must be a lowercase canonical UUID, not {uid!r:.80}")
-    if hello_key is None:
-        hello_key = SecretStr(secrets.token_urlsafe(32))
-    elif isinstance(hello_key, str):
-        hello_key = SecretStr(hello_key)
-    elif not isinstance(hello_key, SecretStr):
-        raise BadFormat(f"hello_key must be a string, not {type(hello_key).__name__}")
-    if not hello_key.get_secret_value():
-        raise BadFormat("hello_key is empty")
-    return uid or str(uuid.uuid4()), hello_key
+class _TaskSteps(core.Steps):
+    """The open logic's calls as tasks of the calling flow; after a failed setup, the
+    summary says so and the stored record goes once both ends are released."""
 
+    def __init__(self, run_id):
+        self.run_id = run_id
 
-def _check_setup(producer: object, consumer: object, num_conn: object, rate: object,
-                 app_listeners: object, tls: object, lease_s: object,
-                 hello_timeout_s: object) -> None:
-    """Refuse a malformed request before anything is reserved (``BAD_FORMAT``)."""
-    for name, gateway in (("producer", producer), ("consumer", consumer)):
-        if not isinstance(gateway, Gateway):
-            raise BadFormat(f"{name} must be a gateway block, not {type(gateway).__name__}")
+    def one(self, step, *args, **kwargs):
+        return _TASKS[step](*args, **kwargs)
 
-    def integer(name: str, value: object, low: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise BadFormat(f"{name} must be an integer >= {low}, not {value!r:.80}")
+    def both(self, step, first, second):
+        futures = [_TASKS[step].submit(*args, **kwargs) for args, kwargs in (first, second)]
+        wait(futures)
+        return tuple(f.result() for f in futures)
 
-    integer("num_conn", num_conn, 1)
-    integer("rate", rate, 0)
-    if lease_s is not None:
-        integer("lease_s", lease_s, 1)
-    if not isinstance(tls, bool):
-        raise BadFormat(f"tls must be True or False, not {tls!r:.80}")
-    if (isinstance(hello_timeout_s, bool) or not isinstance(hello_timeout_s, (int, float))
-            or not math.isfinite(hello_timeout_s) or hello_timeout_s < 0):
-        raise BadFormat(f"hello_timeout_s must be a finite number >= 0, not "
-                        f"{hello_timeout_s!r:.80}")
-    if app_listeners is not None:
-        if isinstance(app_listeners, (str, bytes)) or not isinstance(app_listeners,
-                                                                    (list, tuple)):
-            raise BadFormat("app_listeners must be a list of 'host:port' strings")
-        if not app_listeners:
-            raise BadFormat("app_listeners is empty")
-        for address in app_listeners:
-            parse_address(address, "app_listeners")
+    def teardown(self, producer, consumer, uid):
+        teardown_stream(producer, consumer, uid, state="FAILED (setup), released")
+        if self.run_id is not None:
+            forget_stream(self.run_id, uid)
+
+    def teardown_failed(self, uid):
+        get_run_logger().exception("releasing stream %s after a failed setup failed; the "
+                                   "run's hook or the lease expiry will", uid)
 
 
 def setup_stream(
@@ -163,57 +112,20 @@ def setup_stream(
             does, until it releases); by default they are dropped once the stream is
             open, since it is then the caller's to release.
     """
-    _check_setup(producer, consumer, num_conn, rate, app_listeners, tls, lease_s,
-                 hello_timeout_s)
-    uid, key = _key_and_uid(uid, hello_key, app_listeners)
+    core.check_setup(producer, consumer, num_conn, rate, app_listeners, tls, lease_s,
+                     hello_timeout_s)
+    uid, key = core.key_and_uid(uid, hello_key, app_listeners)
     context = FlowRunContext.get()
     run_id = None
     if context is not None and context.flow_run is not None and rememberable(producer,
                                                                               consumer):
         run_id = context.flow_run.id
         remember_stream(run_id, uid, producer, consumer)
-    started = time.perf_counter()
-    reserve = {"uid": uid, "num_conn": num_conn, "hello_key": key, "rate": rate,
-               "lease_s": lease_s}
-    futures = [reserve_gateway_ports.submit(producer, role="PROD", **reserve),
-               reserve_gateway_ports.submit(consumer, role="CONS", **reserve)]
-    try:
-        wait(futures)
-        prod, cons = (f.result() for f in futures)
-        if app_listeners is not None:
-            send_app_hello(producer, uid, key, "PROD", app_listeners)
-            app = [str(a) for a in app_listeners]
-        else:
-            app = wait_for_app_hello(producer, uid, max_wait_seconds=hello_timeout_s)
-        futures = [
-            connect_gateway_proxy.submit(producer, uid, cons["listeners"],
-                                         cons["cert_fingerprint"], cons["certificate"], tls=tls),
-            connect_gateway_proxy.submit(consumer, uid, prod["listeners"],
-                                         prod["cert_fingerprint"], prod["certificate"], tls=tls),
-        ]
-        wait(futures)
-        for future in futures:
-            future.result()
-    except BaseException:
-        try:
-            teardown_stream(producer, consumer, uid, state="FAILED (setup), released")
-            if run_id is not None:
-                forget_stream(run_id, uid)
-        except BaseException:  # noqa: BLE001 - the original failure is the one to raise
-            get_run_logger().exception("releasing stream %s after a failed setup failed; "
-                                       "the run's hook or the lease expiry will", uid)
-        raise
-    setup_s = time.perf_counter() - started  # as documented: not the record's removal
+    handle = core.open_ends(producer, consumer, uid=uid, hello_key=key, num_conn=num_conn,
+                            rate=rate, app_listeners=app_listeners, tls=tls, lease_s=lease_s,
+                            hello_timeout_s=hello_timeout_s, steps=_TaskSteps(run_id))
     if run_id is not None and not keep_record:
         forget_stream(run_id, uid)
-    handle = StreamHandle(
-        uid=uid, producer=producer.label, consumer=consumer.label, num_conn=num_conn,
-        listeners=cons["listeners"], producer_listeners=prod["listeners"], app_listeners=app,
-        tls=tls, producer_fingerprint=prod["cert_fingerprint"],
-        consumer_fingerprint=cons["cert_fingerprint"],
-        setup_s=setup_s,
-        lease_expires=min(prod["lease_expires"], cons["lease_expires"]),
-    )
     publish_listeners(handle)
     publish_summary(uid, handle.producer, handle.consumer, "OPEN", setup_s=handle.setup_s,
                     num_conn=num_conn, tls=tls)

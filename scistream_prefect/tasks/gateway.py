@@ -6,7 +6,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from scistream_prefect.gateways import Gateway
-from scistream_prefect.tasks.streams import _gateway, retry_if_transient
+from scistream_prefect import streams_core as core
+from scistream_prefect.tasks.streams import retry_if_transient
 
 __all__ = ["get_gateway_info"]
 
@@ -36,4 +37,4 @@ def get_gateway_info(gateway: Gateway) -> dict:
             return get_gateway_info(gw)["free_ports"]
         ```
     """
-    return _gateway(gateway).call("gateway_info", {})
+    return core.gateway_info(gateway)

@@ -1,4 +1,5 @@
-"""Tasks on one end of a stream, one remote gateway call each.
+"""Tasks on one end of a stream, one remote gateway call each (each wraps the plain
+call of the same name in :mod:`scistream_prefect.streams_core`).
 
 Calls with side effects (reserve, connect, release) are never cached and never
 retried blindly; the gateway functions are idempotent per ``uid``, so a caller that
@@ -9,16 +10,12 @@ lost a reply may call again with the same arguments. A malformed argument is
 
 from __future__ import annotations
 
-import hashlib
-import math
-import time
-
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import SecretStr
 
-from scistream_gateway.errors import BadFormat, SciStreamError, Timeout, Unavailable
-from scistream_gateway.protocol import MAX_WAIT_HELLO_S, State
+from scistream_gateway.errors import SciStreamError, Timeout, Unavailable
+from scistream_prefect import streams_core as core
 from scistream_prefect.gateways import Gateway
 
 __all__ = [
@@ -30,38 +27,6 @@ __all__ = [
     "send_app_hello",
     "wait_for_app_hello",
 ]
-
-
-def _reveal(key: SecretStr | str) -> str:
-    # Keys travel between tasks as SecretStr, so no record of a task run can show them.
-    value = key.get_secret_value() if isinstance(key, SecretStr) else key
-    if not isinstance(value, str) or not value:
-        raise BadFormat("hello_key must be a non-empty string (or SecretStr)")
-    return value
-
-
-def _gateway(gateway: object) -> Gateway:
-    if not isinstance(gateway, Gateway):
-        raise BadFormat(f"gateway must be a gateway block (LocalGateway, "
-                        f"GlobusComputeGateway), not {type(gateway).__name__}")
-    return gateway
-
-
-def _addresses(field: str, value: object) -> list:
-    # A string is a sequence too: list("h:1") would send ['h', ':', '1'].
-    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-        raise BadFormat(f"{field} must be a list of 'host:port' strings, not "
-                        f"{type(value).__name__}")
-    return list(value)
-
-
-def _seconds(field: str, value: object, positive: bool = False) -> float:
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value) and (value > 0 if positive else value >= 0))
-    if not ok:
-        raise BadFormat(f"{field} must be a finite number {'>' if positive else '>='} 0, "
-                        f"not {value!r:.80}")
-    return float(value)
 
 
 def retry_if_transient(task, task_run, state) -> bool:
@@ -119,12 +84,7 @@ def reserve_gateway_ports(
             return reply["listeners"]
         ```
     """
-    gateway = _gateway(gateway)
-    request = {"uid": uid, "role": role, "num_conn": num_conn, "rate": rate,
-               "key_sha256": hashlib.sha256(_reveal(hello_key).encode()).hexdigest()}
-    if lease_s is not None:
-        request["lease_s"] = lease_s
-    return gateway.call("reserve", request)
+    return core.reserve(gateway, uid, role, num_conn, hello_key, rate, lease_s)
 
 
 @task(name="send-app-hello", cache_policy=NO_CACHE)
@@ -164,11 +124,7 @@ def send_app_hello(
             return listeners
         ```
     """
-    gateway = _gateway(gateway)
-    request = {"uid": uid, "key": _reveal(hello_key), "role": role}
-    if app_listeners is not None:
-        request["app_listeners"] = _addresses("app_listeners", app_listeners)
-    return gateway.call("hello", request)
+    return core.hello(gateway, uid, hello_key, role, app_listeners)
 
 
 @task(name="wait-for-app-hello", cache_policy=NO_CACHE)
@@ -210,19 +166,7 @@ def wait_for_app_hello(
             return app_listeners
         ```
     """
-    gateway = _gateway(gateway)
-    max_wait_seconds = _seconds("max_wait_seconds", max_wait_seconds)
-    poll_frequency_seconds = _seconds("poll_frequency_seconds", poll_frequency_seconds,
-                                      positive=True)
-    deadline = time.monotonic() + max_wait_seconds
-    while True:
-        remaining = deadline - time.monotonic()
-        timeout_s = max(0.0, min(poll_frequency_seconds, remaining, MAX_WAIT_HELLO_S))
-        reply = gateway.call("wait_hello", {"uid": uid, "timeout_s": timeout_s})
-        if reply["state"] != State.RESERVED:
-            return reply["app_listeners"]
-        if time.monotonic() >= deadline:
-            raise Timeout(f"no hello for stream {uid} within {max_wait_seconds} s")
+    return core.wait_hello(gateway, uid, max_wait_seconds, poll_frequency_seconds)
 
 
 @task(name="connect-gateway-proxy", cache_policy=NO_CACHE)
@@ -271,12 +215,7 @@ def connect_gateway_proxy(
                 release_gateway_stream(gw, uid)
         ```
     """
-    gateway = _gateway(gateway)
-    request: dict = {"uid": uid, "remote_listeners": _addresses("remote_listeners",
-                                                                remote_listeners), "tls": tls}
-    if tls:
-        request.update(peer_fingerprint=peer_fingerprint, peer_certificate=peer_certificate)
-    return gateway.call("connect", request)
+    return core.connect(gateway, uid, remote_listeners, peer_fingerprint, peer_certificate, tls)
 
 
 @task(name="get-stream-status", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
@@ -311,7 +250,7 @@ def get_stream_status(gateway: Gateway, uid: str) -> dict:
             return state
         ```
     """
-    return _gateway(gateway).call("status", {"uid": uid})
+    return core.status(gateway, uid)
 
 
 @task(name="renew-stream-lease", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
@@ -344,11 +283,7 @@ def renew_stream_lease(gateway: Gateway, uid: str, lease_s: int | None = None) -
             return expires
         ```
     """
-    gateway = _gateway(gateway)
-    request: dict = {"uid": uid}
-    if lease_s is not None:
-        request["lease_s"] = lease_s
-    return gateway.call("renew", request)["lease_expires"]
+    return core.renew(gateway, uid, lease_s)
 
 
 @task(name="release-gateway-stream", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
@@ -378,4 +313,5 @@ def release_gateway_stream(gateway: Gateway, uid: str) -> bool:
             assert release_gateway_stream(cons, uid)  # twice is fine
         ```
     """
-    return _gateway(gateway).call("release", {"uid": uid})["released"]
+    return core.release(gateway, uid)
+

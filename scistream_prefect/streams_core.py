@@ -1,0 +1,295 @@
+"""Streams as plain gateway calls, no Prefect: the one implementation that the Prefect
+tasks and flows wrap and the command line runs directly.
+
+One function per gateway call (each builds and checks its request), and :func:`open_ends`,
+the open logic: ``reserve ‖ reserve`` -> the producer's ``hello`` (or ``wait_hello``) ->
+``connect ‖ connect``, both ends released on any failure. :class:`Steps` says how the
+calls run: here directly, two at once on threads; in a flow, as Prefect tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
+
+from pydantic import BaseModel, Field, SecretStr
+
+from scistream_gateway.errors import BadFormat, Timeout
+from scistream_gateway.protocol import MAX_WAIT_HELLO_S, State, is_canonical_uid, parse_address
+
+__all__ = [
+    "StreamHandle", "Steps", "check_gateway", "check_setup", "connect", "gateway_info",
+    "hello", "key_and_uid", "list_streams", "open_ends", "release", "release_both", "renew",
+    "reserve", "status", "wait_hello",
+]
+
+
+class StreamHandle(BaseModel):
+    """An open stream: where the consumer app connects, and what identifies it.
+
+    It never holds the hello key: a handle is a flow's result, which Prefect may
+    persist (pickled, in clear) in its result storage.
+    """
+
+    uid: str = Field(description="The stream's id on both gateways.")
+    producer: str = Field(description="Label of the producer-side gateway.")
+    consumer: str = Field(description="Label of the consumer-side gateway.")
+    num_conn: int = Field(description="Parallel connections.")
+    listeners: list[str] = Field(
+        description="The consumer gateway's listeners: where the consumer app connects."
+    )
+    producer_listeners: list[str] = Field(description="The producer gateway's WAN listeners.")
+    app_listeners: list[str] = Field(description="Where the producer app listens.")
+    tls: bool = Field(description="Whether the gateway-to-gateway hop is encrypted.")
+    producer_fingerprint: str = Field(description="SHA-256 of the producer proxy's certificate.")
+    consumer_fingerprint: str = Field(description="SHA-256 of the consumer proxy's certificate.")
+    setup_s: float = Field(description="Seconds from the first reserve to both proxies accepting.")
+    lease_expires: float = Field(
+        default=0.0, description="When the earlier of the two leases runs out (Unix time), "
+        "unless renewed.",
+    )
+
+
+def check_gateway(gateway: object, name: str = "gateway"):
+    """``gateway`` if it has the gateway interface (``call`` and ``label``), else BAD_FORMAT."""
+    if not callable(getattr(gateway, "call", None)) or not hasattr(gateway, "label"):
+        raise BadFormat(f"{name} must be a gateway (LocalGateway, GlobusComputeGateway, "
+                        f"LocalClient), not {type(gateway).__name__}")
+    return gateway
+
+
+def _reveal(key: SecretStr | str) -> str:
+    # Keys travel as SecretStr, so no record of a task run can show them.
+    value = key.get_secret_value() if isinstance(key, SecretStr) else key
+    if not isinstance(value, str) or not value:
+        raise BadFormat("hello_key must be a non-empty string (or SecretStr)")
+    return value
+
+
+def _addresses(field: str, value: object) -> list:
+    # A string is a sequence too: list("h:1") would send ['h', ':', '1'].
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise BadFormat(f"{field} must be a list of 'host:port' strings, not "
+                        f"{type(value).__name__}")
+    return list(value)
+
+
+def _seconds(field: str, value: object, positive: bool = False) -> float:
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value) and (value > 0 if positive else value >= 0))
+    if not ok:
+        raise BadFormat(f"{field} must be a finite number {'>' if positive else '>='} 0, "
+                        f"not {value!r:.80}")
+    return float(value)
+
+
+def gateway_info(gateway) -> dict:
+    """Name, version, backends, addresses, free ports and active streams of a gateway."""
+    return check_gateway(gateway).call("gateway_info", {})
+
+
+def reserve(gateway, uid: str, role: str, num_conn: int, hello_key: SecretStr | str,
+            rate: int = 0, lease_s: int | None = None) -> dict:
+    """``reserve`` on one gateway; only the hello key's SHA-256 is sent."""
+    request = {"uid": uid, "role": role, "num_conn": num_conn, "rate": rate,
+               "key_sha256": hashlib.sha256(_reveal(hello_key).encode()).hexdigest()}
+    if lease_s is not None:
+        request["lease_s"] = lease_s
+    return check_gateway(gateway).call("reserve", request)
+
+
+def hello(gateway, uid: str, hello_key: SecretStr | str, role: str,
+          app_listeners: list[str] | None = None) -> dict:
+    """An app controller's ``hello``; the producer gives where its app listens."""
+    request = {"uid": uid, "key": _reveal(hello_key), "role": role}
+    if app_listeners is not None:
+        request["app_listeners"] = _addresses("app_listeners", app_listeners)
+    return check_gateway(gateway).call("hello", request)
+
+
+def wait_hello(gateway, uid: str, max_wait_seconds: float = 300.0,
+               poll_frequency_seconds: float = 10.0) -> list[str]:
+    """Long-poll ``wait_hello`` until the producer's hello; its ``app_listeners``."""
+    gateway = check_gateway(gateway)
+    max_wait_seconds = _seconds("max_wait_seconds", max_wait_seconds)
+    poll_frequency_seconds = _seconds("poll_frequency_seconds", poll_frequency_seconds,
+                                      positive=True)
+    deadline = time.monotonic() + max_wait_seconds
+    while True:
+        remaining = deadline - time.monotonic()
+        timeout_s = max(0.0, min(poll_frequency_seconds, remaining, MAX_WAIT_HELLO_S))
+        reply = gateway.call("wait_hello", {"uid": uid, "timeout_s": timeout_s})
+        if reply["state"] != State.RESERVED:
+            return reply["app_listeners"]
+        if time.monotonic() >= deadline:
+            raise Timeout(f"no hello for stream {uid} within {max_wait_seconds} s")
+
+
+def connect(gateway, uid: str, remote_listeners: list[str], peer_fingerprint: str | None,
+            peer_certificate: str | None, tls: bool = True) -> dict:
+    """``connect`` one end to its peer's listeners, pinning the peer's certificate."""
+    request: dict = {"uid": uid, "remote_listeners": _addresses("remote_listeners",
+                                                                remote_listeners), "tls": tls}
+    if tls:
+        request.update(peer_fingerprint=peer_fingerprint, peer_certificate=peer_certificate)
+    return check_gateway(gateway).call("connect", request)
+
+
+def status(gateway, uid: str) -> dict:
+    """``status`` of one end: state, proxy liveness, byte counters, lease."""
+    return check_gateway(gateway).call("status", {"uid": uid})
+
+
+def renew(gateway, uid: str, lease_s: int | None = None) -> float:
+    """``renew`` one end's lease; the new expiry (Unix time)."""
+    request: dict = {"uid": uid}
+    if lease_s is not None:
+        request["lease_s"] = lease_s
+    return check_gateway(gateway).call("renew", request)["lease_expires"]
+
+
+def release(gateway, uid: str) -> bool:
+    """``release`` one end (idempotent): True, also when it was already gone."""
+    return check_gateway(gateway).call("release", {"uid": uid})["released"]
+
+
+def list_streams(gateway) -> list[dict]:
+    """The caller's streams on one gateway: ``uid, role, state, created, lease_expires,
+    bytes`` each (the gateway knows the caller by the proofs every request carries)."""
+    return check_gateway(gateway).call("list_streams", {})["streams"]
+
+
+def key_and_uid(uid: str | None, hello_key: SecretStr | str | None,
+                app_listeners: list[str] | None) -> tuple[str, SecretStr]:
+    """The stream's uid and hello key: given, or new (a uuid4, 32 random bytes)."""
+    if app_listeners is None and (uid is None or hello_key is None):
+        raise BadFormat("give app_listeners (the flow sends the producer's hello), or the uid "
+                        "and hello key the producer's controller will use for its own hello")
+    if uid is not None and not is_canonical_uid(uid):
+        raise BadFormat(f"uid must be a lowercase canonical UUID, not {uid!r:.80}")
+    if hello_key is None:
+        hello_key = SecretStr(secrets.token_urlsafe(32))
+    elif isinstance(hello_key, str):
+        hello_key = SecretStr(hello_key)
+    elif not isinstance(hello_key, SecretStr):
+        raise BadFormat(f"hello_key must be a string, not {type(hello_key).__name__}")
+    if not hello_key.get_secret_value():
+        raise BadFormat("hello_key is empty")
+    return uid or str(uuid.uuid4()), hello_key
+
+
+def check_setup(producer: object, consumer: object, num_conn: object, rate: object,
+                app_listeners: object, tls: object, lease_s: object,
+                hello_timeout_s: object) -> None:
+    """Refuse a malformed request before anything is reserved (``BAD_FORMAT``)."""
+    check_gateway(producer, "producer")
+    check_gateway(consumer, "consumer")
+
+    def integer(name: str, value: object, low: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise BadFormat(f"{name} must be an integer >= {low}, not {value!r:.80}")
+
+    integer("num_conn", num_conn, 1)
+    integer("rate", rate, 0)
+    if lease_s is not None:
+        integer("lease_s", lease_s, 1)
+    if not isinstance(tls, bool):
+        raise BadFormat(f"tls must be True or False, not {tls!r:.80}")
+    if (isinstance(hello_timeout_s, bool) or not isinstance(hello_timeout_s, (int, float))
+            or not math.isfinite(hello_timeout_s) or hello_timeout_s < 0):
+        raise BadFormat(f"hello_timeout_s must be a finite number >= 0, not "
+                        f"{hello_timeout_s!r:.80}")
+    if app_listeners is not None:
+        if isinstance(app_listeners, (str, bytes)) or not isinstance(app_listeners,
+                                                                    (list, tuple)):
+            raise BadFormat("app_listeners must be a list of 'host:port' strings")
+        if not app_listeners:
+            raise BadFormat("app_listeners is empty")
+        for address in app_listeners:
+            parse_address(address, "app_listeners")
+
+
+def _both(first: Callable[[], object], second: Callable[[], object]) -> tuple:
+    """Run two calls at once; raise the first one's failure after both ended."""
+    pool = ThreadPoolExecutor(2)
+    try:
+        futures = [pool.submit(first), pool.submit(second)]
+        wait(futures)
+        return tuple(f.result() for f in futures)
+    finally:
+        pool.shutdown(wait=False)
+
+
+def release_both(producer, consumer, uid: str) -> tuple[bool, bool]:
+    """Release both ends at once (idempotent); raise the first failure after both ran."""
+    return _both(lambda: release(producer, uid), lambda: release(consumer, uid))
+
+
+class Steps:
+    """How :func:`open_ends` runs its gateway calls: here, directly, two at once on
+    threads. The flows' subclass runs each as a Prefect task."""
+
+    def one(self, step: Callable, *args, **kwargs):
+        """Run one call, ``step`` being one of this module's call functions."""
+        return step(*args, **kwargs)
+
+    def both(self, step: Callable, first: tuple[tuple, dict],
+             second: tuple[tuple, dict]) -> tuple:
+        """Run ``step`` twice at once, as ``(args, kwargs)`` say; raise the first failure
+        after both ended."""
+        return _both(lambda: step(*first[0], **first[1]), lambda: step(*second[0], **second[1]))
+
+    def teardown(self, producer, consumer, uid: str) -> None:
+        """Release both ends after a failed setup."""
+        release_both(producer, consumer, uid)
+
+    def teardown_failed(self, uid: str) -> None:
+        """Say that releasing after a failed setup failed (the current exception)."""
+        logging.getLogger("scistream_prefect").exception(
+            "releasing stream %s after a failed setup failed; the lease expiry will", uid)
+
+
+def open_ends(producer, consumer, *, uid: str, hello_key: SecretStr, num_conn: int = 4,
+              rate: int = 0, app_listeners: list[str] | None = None, tls: bool = True,
+              lease_s: int | None = None, hello_timeout_s: float = 300.0,
+              steps: Steps | None = None) -> StreamHandle:
+    """Reserve both ends, the producer's hello (sent, or waited for), connect both ends;
+    on any failure (Ctrl-C too) release both and raise it. Arguments are checked by
+    :func:`check_setup` and :func:`key_and_uid` first."""
+    steps = steps or Steps()
+    started = time.perf_counter()
+    common = {"uid": uid, "num_conn": num_conn, "hello_key": hello_key, "rate": rate,
+              "lease_s": lease_s}
+    try:
+        prod, cons = steps.both(reserve, ((producer,), {"role": "PROD", **common}),
+                                ((consumer,), {"role": "CONS", **common}))
+        if app_listeners is not None:
+            steps.one(hello, producer, uid, hello_key, "PROD", app_listeners)
+            app = [str(a) for a in app_listeners]
+        else:
+            app = steps.one(wait_hello, producer, uid, max_wait_seconds=hello_timeout_s)
+        steps.both(connect,
+                   ((producer, uid, cons["listeners"], cons["cert_fingerprint"],
+                     cons["certificate"]), {"tls": tls}),
+                   ((consumer, uid, prod["listeners"], prod["cert_fingerprint"],
+                     prod["certificate"]), {"tls": tls}))
+    except BaseException:
+        try:
+            steps.teardown(producer, consumer, uid)
+        except BaseException:  # noqa: BLE001 - the original failure is the one to raise
+            steps.teardown_failed(uid)
+        raise
+    return StreamHandle(
+        uid=uid, producer=producer.label, consumer=consumer.label, num_conn=num_conn,
+        listeners=cons["listeners"], producer_listeners=prod["listeners"], app_listeners=app,
+        tls=tls, producer_fingerprint=prod["cert_fingerprint"],
+        consumer_fingerprint=cons["cert_fingerprint"],
+        setup_s=time.perf_counter() - started,
+        lease_expires=min(prod["lease_expires"], cons["lease_expires"]),
+    )
