@@ -11,7 +11,6 @@ Errors are one tree, caught by meaning (``except NoResource``); see
 """
 
 import importlib
-import sys
 
 # Public name -> the module that defines it. Imported on first use (module __getattr__),
 # so `import scistream_prefect` and `scistream --help` do not import Prefect.
@@ -63,9 +62,3 @@ def __getattr__(name: str):
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_HOMES))
 
-
-if sys.modules.get("prefect") is not None:
-    # Prefect imports this package (its prefect.collections entry point) before it looks
-    # a block type up by slug (Block.load("scistream-local-gateway/...")): define the
-    # block types now. Without Prefect loaded, they wait for their first use.
-    from scistream_prefect import auth, compute, gateways  # noqa: E402, F401

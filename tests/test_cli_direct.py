@@ -174,10 +174,6 @@ def test_a_failed_open_is_recorded_with_its_code(gateways, tmp_path):
 
 
 def test_list_shows_the_callers_streams(gateways, tmp_path):
-    from scistream_gateway.protocol import FUNCTIONS
-
-    if "list_streams" not in FUNCTIONS:
-        pytest.skip("list_streams is not in scistream_gateway.protocol.FUNCTIONS yet")
     producer, consumer = gateways
     prod, cons = str(producer.settings_path), str(consumer.settings_path)
     opened, seen = scistream(tmp_path, "open", "--producer", prod, "--consumer", cons,
@@ -198,10 +194,11 @@ def test_list_shows_the_callers_streams(gateways, tmp_path):
         scistream(tmp_path, "release", uid, "--gateway", prod, "--gateway", cons)
 
 
-def test_prefect_finds_the_block_types_of_the_lazy_package(tmp_path):
-    """Prefect imports the package (its collection entry point) before it looks a block
-    type up by slug; the lazy package must still define them then."""
-    code = ("from prefect.blocks.core import Block\n"
+@pytest.mark.parametrize("first", ["", "import scistream_prefect\n"])
+def test_prefect_finds_the_block_types_of_the_lazy_package(tmp_path, first):
+    """Prefect imports scistream_prefect.blocks (its collection entry point) before it
+    looks a block type up by slug: found whether or not the lazy package came first."""
+    code = (first + "from prefect.blocks.core import Block\n"
             "print(Block.get_block_class_from_key('scistream-local-gateway').__name__,"
             " Block.get_block_class_from_key('scistream-globus-compute-gateway').__name__)")
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -21,7 +21,7 @@ def test_the_package_is_a_prefect_collection():
     from prefect.plugins import load_prefect_collections
 
     found = {ep.name: ep.value for ep in entry_points(group="prefect.collections")}
-    assert found.get("scistream_prefect") == "scistream_prefect"
+    assert found.get("scistream_prefect") == "scistream_prefect.blocks"
     assert "scistream_prefect" in load_prefect_collections()
 
 
@@ -31,7 +31,7 @@ def test_prefect_block_register_finds_every_block(tmp_path):
 
     env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value())
     proc = subprocess.run([sys.executable, "-m", "prefect", "block", "register", "-m",
-                           "scistream_prefect"], capture_output=True, text=True, timeout=300,
+                           "scistream_prefect.blocks"], capture_output=True, text=True, timeout=300,
                           env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     with get_client(sync_client=True) as client:
