@@ -13,17 +13,15 @@ The gateways' lease expiry is the last line, for a client with no Prefect runner
 
 from __future__ import annotations
 
-import logging
 import threading
 
+from prefect.logging.loggers import flow_run_logger
 from prefect.variables import Variable
 
 from scistream_prefect.compute import GlobusComputeGateway
 from scistream_prefect.gateways import Gateway, LocalGateway
 
 __all__ = ["forget_stream", "release_session_streams", "remember_stream", "rememberable"]
-
-log = logging.getLogger("scistream_prefect")
 
 _BLOCKS = {cls.__name__: cls for cls in (LocalGateway, GlobusComputeGateway)}
 _VARIABLE_PREFIX = "scistream-session-"
@@ -80,6 +78,7 @@ def release_session_streams(flow, flow_run, state) -> None:
     it works from the stored identifiers, with direct gateway calls (no tasks). A
     stream the run had already released is released again, harmlessly (idempotent).
     """
+    log = flow_run_logger(flow_run, flow)  # the run's log in the UI, also from a hook
     name = variable_name(flow_run.id)
     streams = Variable.get(name, default=None) or {}
     failed = False
