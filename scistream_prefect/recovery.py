@@ -13,7 +13,10 @@ The gateways' lease expiry is the last line, for a client with no Prefect runner
 
 from __future__ import annotations
 
+import contextvars
+import logging
 import threading
+import time
 
 from prefect.logging.loggers import flow_run_logger
 from prefect.variables import Variable
@@ -21,11 +24,14 @@ from prefect.variables import Variable
 from scistream_prefect.compute import GlobusComputeGateway
 from scistream_prefect.gateways import Gateway, LocalGateway
 
-__all__ = ["forget_stream", "release_session_streams", "remember_stream", "rememberable"]
+__all__ = ["forget_stream", "forgotten", "release_session_streams", "remember_stream",
+           "rememberable"]
 
 _BLOCKS = {cls.__name__: cls for cls in (LocalGateway, GlobusComputeGateway)}
 _VARIABLE_PREFIX = "scistream-session-"
-_LOCK = threading.Lock()
+_RECORD_LOCK = threading.Lock()  # one read-modify-write of a run's Variable at a time
+_FORGETTING_LOCK = threading.Lock()
+_FORGETTING: list[threading.Thread] = []
 
 
 def variable_name(flow_run_id) -> str:
@@ -51,7 +57,7 @@ def gateway_from_record(record: dict) -> Gateway:
 
 def remember_stream(flow_run_id, uid: str, producer: Gateway, consumer: Gateway) -> None:
     """Store what releasing stream ``uid`` needs, under the flow run's Variable."""
-    with _LOCK:
+    with _RECORD_LOCK:
         name = variable_name(flow_run_id)
         streams = Variable.get(name, default=None) or {}
         streams[uid] = {"producer": gateway_record(producer),
@@ -60,8 +66,43 @@ def remember_stream(flow_run_id, uid: str, producer: Gateway, consumer: Gateway)
 
 
 def forget_stream(flow_run_id, uid: str) -> None:
-    """Drop stream ``uid`` from the run's Variable (the Variable goes with its last one)."""
-    with _LOCK:
+    """Drop stream ``uid`` from the run's Variable (the Variable goes with its last one),
+    in the background: the stream is already released, and this write comes right
+    after task runs whose states a SQLite-backed server is still writing, so it often
+    meets "503 busy" and waits out the client's 2 s retry. Meanwhile the record only
+    makes a hook release the stream again, which is harmless (release is idempotent).
+    The thread is not a daemon: the process waits for it at exit; :func:`forgotten`
+    waits for it sooner."""
+    thread = threading.Thread(target=contextvars.copy_context().run,  # Prefect's settings
+                              args=(_forget, flow_run_id, uid), name=f"forget-{uid}")
+    with _FORGETTING_LOCK:
+        _FORGETTING.append(thread)
+    thread.start()
+
+
+def forgotten(timeout_s: float | None = None) -> bool:
+    """Wait until every :func:`forget_stream` of this process has written; True if so."""
+    with _FORGETTING_LOCK:
+        threads = list(_FORGETTING)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    for thread in threads:
+        thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    return not any(thread.is_alive() for thread in threads)
+
+
+def _forget(flow_run_id, uid: str) -> None:
+    try:
+        _write_forget(flow_run_id, uid)
+    except Exception as exc:  # noqa: BLE001 - a record left only costs a second release
+        logging.getLogger("scistream_prefect").warning(
+            "could not drop stream %s from the run's record: %s", uid, exc)
+    finally:
+        with _FORGETTING_LOCK:
+            _FORGETTING.remove(threading.current_thread())
+
+
+def _write_forget(flow_run_id, uid: str) -> None:
+    with _RECORD_LOCK:
         name = variable_name(flow_run_id)
         streams = Variable.get(name, default=None) or {}
         streams.pop(uid, None)

@@ -13,6 +13,7 @@ from prefect.client.orchestration import get_client
 from prefect.variables import Variable
 
 from scistream_prefect import release_session_streams, stream_session
+from scistream_prefect.recovery import forgotten
 
 from conftest import run_consumer
 from recordkit import run_records
@@ -63,7 +64,9 @@ def test_a_session_moves_data_renews_its_lease_and_releases(gateways, producer_a
     # The identifiers the cancellation hook would need were stored while open (no key)...
     assert set(seen["variable"]) == {seen["uid"]}
     assert seen["variable"][seen["uid"]]["producer"]["block"] == "LocalGateway"
-    # ... and are gone after the release.
+    # ... and are gone after the release (written in the background, as the release
+    # itself does not wait for a busy server).
+    assert forgotten(timeout_s=60)
     with get_client(sync_client=True) as client:
         assert not [v for v in client.read_variables() if seen["uid"] in str(v.value)]
     artifacts = _artifacts(seen["uid"])
