@@ -28,7 +28,7 @@ from scistream_proxy.process import ProcessIdentity
 from scistream_proxy.relay_files import CONTROL_SOCKET, relay_dir_of
 
 from conftest import make_gateway
-from relaykit import KEY, Server, release_both, reserve_end
+from relaykit import KEY, Server, echo, echo_roundtrip, release_both, reserve_end
 
 # How a stream's connections move bytes: TLS with sealed frames between the two native
 # relays (where the kernel has no TLS; else TLS records with kernel TLS), or plain TCP
@@ -83,26 +83,6 @@ def _open(producer, consumer, app_listeners, *, tls=True, rate=0) -> tuple[str, 
     return uid, cons["listeners"]
 
 
-def _echo(conn):
-    buf = bytearray(1 << 16)
-    while n := conn.recv_into(buf):
-        conn.sendall(memoryview(buf)[:n])
-
-
-def _echo_roundtrip(address: str, payload: bytes) -> bytes:
-    back = bytearray()
-    with socket.create_connection(parse_address(address), timeout=60) as sock:
-        sender = threading.Thread(target=sock.sendall, args=(payload,))
-        sender.start()
-        while len(back) < len(payload):
-            chunk = sock.recv(1 << 20)
-            if not chunk:
-                break
-            back += chunk
-        sender.join()
-    return bytes(back)
-
-
 def _relay_pid(gw) -> int:
     pids = proxy_pids(under=Path(gw.settings_path).parent)
     assert len(pids) == 1, pids
@@ -113,13 +93,13 @@ def test_many_connections_on_one_stream_keep_every_byte(gateways, mode):
     """64 connections at once through one listener, each echoed end to end."""
     producer, consumer = gateways
     tls = mode == "tls"
-    server = Server(_echo)
+    server = Server(echo)
     uid, listeners = _open(producer, consumer, [server.address], tls=tls)
     payloads = [os.urandom(256 << 10) for _ in range(64)]
     results: list[bytes | None] = [None] * len(payloads)
 
     def one(i):
-        results[i] = _echo_roundtrip(listeners[0], payloads[i])
+        results[i] = echo_roundtrip(listeners[0], payloads[i])
 
     try:
         threads = [threading.Thread(target=one, args=(i,)) for i in range(len(payloads))]
@@ -215,11 +195,11 @@ def test_half_close_from_the_producer_is_a_clean_end_after_every_byte(gateways, 
 def test_rate_limited_stream_keeps_every_byte(gateways, mode):
     producer, consumer = gateways
     tls = mode == "tls"
-    server = Server(_echo)
+    server = Server(echo)
     uid, listeners = _open(producer, consumer, [server.address], tls=tls, rate=40_000)
     payload = os.urandom(1 << 20)
     try:
-        back = _echo_roundtrip(listeners[0], payload)
+        back = echo_roundtrip(listeners[0], payload)
         status = consumer.call("status", {"uid": uid})
     finally:
         release_both(producer, consumer, uid)
@@ -235,7 +215,7 @@ def test_tls_hop_negotiates_aes_128_gcm_and_a_peer_without_frames_gets_tls_recor
     client that does not offer sealed frames (ALPN), as a C proxy at the other gateway,
     is served TLS records."""
     producer, consumer = gateways
-    server = Server(_echo)
+    server = Server(echo)
     uid, _ = _open(producer, consumer, [server.address])
     prod = producer.call("status", {"uid": uid})
     cons_dir = Path(consumer.settings_path).parent / "streams" / uid
@@ -263,11 +243,11 @@ def test_tls_hop_negotiates_aes_128_gcm_and_a_peer_without_frames_gets_tls_recor
 @pytest.mark.skipif(ktls_available() is not None, reason=str(ktls_available()))
 def test_kernel_tls_is_engaged_where_the_kernel_offers_it(gateways):
     producer, consumer = gateways
-    server = Server(_echo)
+    server = Server(echo)
     uid, listeners = _open(producer, consumer, [server.address])
     payload = os.urandom(4 << 20)
     try:
-        back = _echo_roundtrip(listeners[0], payload)
+        back = echo_roundtrip(listeners[0], payload)
         statuses = [gw.call("status", {"uid": uid}) for gw in (producer, consumer)]
     finally:
         release_both(producer, consumer, uid)
@@ -280,20 +260,20 @@ def test_kernel_tls_is_engaged_where_the_kernel_offers_it(gateways):
 def test_one_relay_per_gateway_hosts_many_streams_and_exits_with_the_last(gateway_root):
     producer = make_gateway(gateway_root, "prod-gw", **GATEWAY_SETTINGS)
     consumer = make_gateway(gateway_root, "cons-gw", **GATEWAY_SETTINGS)
-    server = Server(_echo)
+    server = Server(echo)
     streams = [_open(producer, consumer, [server.address], tls=i % 2 == 0) for i in range(6)]
     try:
         prod_pid, cons_pid = _relay_pid(producer), _relay_pid(consumer)
         assert prod_pid != cons_pid  # each gateway its own relay
         assert {producer.call("status", {"uid": u})["pid"] for u, _ in streams} == {prod_pid}
         for _, listeners in streams:
-            assert _echo_roundtrip(listeners[0], b"x" * 100_000) == b"x" * 100_000
+            assert echo_roundtrip(listeners[0], b"x" * 100_000) == b"x" * 100_000
         # Releasing all but the last keeps the relay; the last release ends it.
         for uid, _ in streams[:-1]:
             release_both(producer, consumer, uid)
         assert _relay_pid(producer) == prod_pid
         last_uid, last_listeners = streams[-1]
-        assert _echo_roundtrip(last_listeners[0], b"y" * 1000) == b"y" * 1000
+        assert echo_roundtrip(last_listeners[0], b"y" * 1000) == b"y" * 1000
     finally:
         for uid, _ in streams:
             release_both(producer, consumer, uid)
@@ -307,7 +287,7 @@ def test_one_relay_per_gateway_hosts_many_streams_and_exits_with_the_last(gatewa
 @pytest.mark.slow
 def test_a_killed_relay_shows_in_every_stream_and_the_next_reserve_starts_another(gateways):
     producer, consumer = gateways
-    server = Server(_echo)
+    server = Server(echo)
     streams = [_open(producer, consumer, [server.address]) for _ in range(3)]
     try:
         pid = _relay_pid(producer)
@@ -324,7 +304,7 @@ def test_a_killed_relay_shows_in_every_stream_and_the_next_reserve_starts_anothe
         uid, listeners = _open(producer, consumer, [server.address])
         streams.append((uid, listeners))
         assert _relay_pid(producer) != pid
-        assert _echo_roundtrip(listeners[0], b"z" * 50_000) == b"z" * 50_000
+        assert echo_roundtrip(listeners[0], b"z" * 50_000) == b"z" * 50_000
     finally:
         for uid, _ in streams:
             release_both(producer, consumer, uid)
@@ -344,7 +324,7 @@ def _start_and_die(stream_dir: str, port: int) -> None:
 @pytest.mark.parametrize("others", [0, 1], ids=["alone", "beside-another-stream"])
 def test_abandon_drops_a_stream_whose_handle_was_never_recorded(gateways, others):
     producer, consumer = gateways
-    server = Server(_echo)
+    server = Server(echo)
     kept = [_open(producer, consumer, [server.address]) for _ in range(others)]
     state_dir = Path(consumer.settings_path).parent
     uid = str(uuid.uuid4())
@@ -363,7 +343,7 @@ def test_abandon_drops_a_stream_whose_handle_was_never_recorded(gateways, others
         NativeBackend().abandon(stream_dir, uid)  # idempotent
         if others:  # the other stream still runs in the same relay
             assert consumer.call("status", {"uid": kept[0][0]})["alive"]
-            assert _echo_roundtrip(kept[0][1][0], b"k" * 1000) == b"k" * 1000
+            assert echo_roundtrip(kept[0][1][0], b"k" * 1000) == b"k" * 1000
         else:  # it was the relay's only stream: the relay is gone
             assert proxy_pids(under=state_dir) == []
             assert not relay_dir_of(stream_dir).joinpath(CONTROL_SOCKET).exists()

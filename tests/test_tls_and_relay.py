@@ -20,6 +20,7 @@ from scistream_proxy.addresses import parse_address
 from scistream_proxy.tls import generate_certificate
 
 from conftest import run_consumer
+from relaykit import echo_roundtrip
 
 
 def _reserve(gw, role, uid, key="secret-key"):
@@ -126,17 +127,8 @@ def test_traffic_flows_both_ways_through_the_tls_hop(gateways):
     handle = open_stream(producer, consumer, num_conn=1,
                          app_listeners=[f"127.0.0.1:{echo.getsockname()[1]}"])
     payload = os.urandom(8 << 20)
-    back = bytearray()
     try:
-        with socket.create_connection(parse_address(handle.listeners[0]), timeout=30) as sock:
-            sender = threading.Thread(target=sock.sendall, args=(payload,))
-            sender.start()
-            while len(back) < len(payload):
-                chunk = sock.recv(1 << 20)
-                if not chunk:
-                    break
-                back += chunk
-            sender.join()
+        back = echo_roundtrip(handle.listeners[0], payload)
     finally:
         release_stream(producer, consumer, handle.uid)
         echo.close()
