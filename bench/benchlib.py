@@ -430,6 +430,23 @@ def write_markdown(path: Path, text: str) -> Path:
     return path
 
 
+def publish(args, name: str, stem: str, result: dict, text: str, readme_text: str | None = None,
+            extra_files: Iterable[Path | None] = ()) -> int:
+    """A bench's ending: ``<stem>.json`` and ``<stem>.md`` in ``args.out``, the README's
+    ``bench:NAME`` section with ``--update-readme`` (``readme_text``, else ``text``),
+    then the result as JSON with ``--json``, else ``text`` and the files written."""
+    files = [write_json(args.out / f"{stem}.json", result),
+             write_markdown(args.out / f"{stem}.md", text), *extra_files]
+    if args.update_readme and not update_readme(name, readme_text or text):
+        print(f"README.md has no <!-- bench:{name} --> markers", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(text)
+        print("wrote", ", ".join(str(f) for f in files if f))
+    return 0
+
+
 def update_readme(name: str, text: str, readme: Path = README) -> bool:
     """Put ``text`` between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` in the
     README (links made relative to the repository root); False if the markers are

@@ -178,16 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     label_line = result["label"] = benchlib.run_label(
         False, ["bench/cli.py", *(sys.argv[1:] if argv is None else argv)])
     text = markdown(result, label_line)
-    files = [benchlib.write_json(args.out / "cli.json", result),
-             benchlib.write_markdown(args.out / "cli.md", text)]
-    if args.update_readme and not benchlib.update_readme("cli", text):
-        print("README.md has no <!-- bench:cli --> markers", file=sys.stderr)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(text)
-        print("wrote", ", ".join(str(f) for f in files))
-    return 0
+    return benchlib.publish(args, "cli", "cli", result, text)
 
 
 if __name__ == "__main__":

@@ -418,17 +418,8 @@ def main(argv: list[str] | None = None) -> int:
             args.quick, ["bench/controlplane.py", *(sys.argv[1:] if argv is None else argv)])
     stem = "controlplane-quick" if result["quick"] else "controlplane"
     text = markdown(result, label_line)
-    files = [benchlib.write_json(args.out / f"{stem}.json", result),
-             benchlib.write_markdown(args.out / f"{stem}.md", text)]
-    if args.update_readme and not benchlib.update_readme("controlplane",
-                                                         markdown(result, label_line, True)):
-        print("README.md has no <!-- bench:controlplane --> markers", file=sys.stderr)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(text)
-        print("wrote", ", ".join(str(f) for f in files))
-    return 0
+    return benchlib.publish(args, "controlplane", stem, result, text,
+                            readme_text=markdown(result, label_line, True))
 
 
 if __name__ == "__main__":

@@ -383,18 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         label_line = result["label"] = benchlib.run_label(
             args.quick, ["bench/dataplane.py", *(sys.argv[1:] if argv is None else argv)])
     stem = "dataplane-quick" if result["quick"] else "dataplane"
-    files = [benchlib.write_json(args.out / f"{stem}.json", result),
-             benchlib.write_markdown(args.out / f"{stem}.md", markdown(result, label_line)),
-             plot(result, args.out / f"{stem}.png")]
-    if args.update_readme and not benchlib.update_readme("dataplane",
-                                                         markdown(result, label_line, True)):
-        print("README.md has no <!-- bench:dataplane --> markers", file=sys.stderr)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(markdown(result, label_line))
-        print("wrote", ", ".join(str(f) for f in files if f))
-    return 0
+    return benchlib.publish(args, "dataplane", stem, result, markdown(result, label_line),
+                            readme_text=markdown(result, label_line, True),
+                            extra_files=[plot(result, args.out / f"{stem}.png")])
 
 
 if __name__ == "__main__":
