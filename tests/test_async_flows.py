@@ -93,3 +93,26 @@ def test_the_hello_wait_leaves_the_event_loop_free(gateways):
     assert asyncio.run(pipeline()) == app_listeners
     assert len(ticks) >= 20
     assert _active(producer, consumer) == [0, 0]
+
+
+def test_an_async_flow_runs_the_open_and_release_flows_on_a_worker_thread(gateways,
+                                                                          producer_app):
+    """What docs/client.md offers an async flow for the open logic: the sync flows as
+    subflows, awaited on a worker thread (their Prefect calls stay sync there)."""
+    from scistream_prefect import open_stream, release_stream
+
+    producer, consumer = gateways
+    app = producer_app(1, 1024)
+    seen: dict = {}
+
+    @flow
+    async def pipeline():
+        handle = await asyncio.to_thread(open_stream, producer, consumer, num_conn=1,
+                                         app_listeners=app.listeners)
+        seen["active"] = _active(producer, consumer)
+        seen["consumer"] = await asyncio.to_thread(run_consumer, handle.listeners)
+        return await asyncio.to_thread(release_stream, producer, consumer, handle.uid)
+
+    assert asyncio.run(pipeline()) is True
+    assert seen["active"] == [1, 1] and seen["consumer"][0] == 0
+    assert _active(producer, consumer) == [0, 0]

@@ -31,7 +31,9 @@ keeps the names the docs use::
 
 The open logic with its release on failure (:func:`scistream_prefect.setup_stream`,
 ``stream_session``) stays sync: it publishes artifacts and stores records through
-Prefect calls that an async flow's context turns into coroutines.
+Prefect calls that an async flow's context turns into coroutines. An async flow awaits
+the sync flows instead, as subflows on a worker thread:
+``await asyncio.to_thread(open_stream, prod, cons, app_listeners=...)``.
 """
 
 from __future__ import annotations
