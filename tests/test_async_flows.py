@@ -80,7 +80,7 @@ def test_the_hello_wait_leaves_the_event_loop_free(gateways):
         ticking = asyncio.create_task(ticker(stop))
         try:
             got, _ = await asyncio.gather(
-                aio.wait_for_app_hello(producer, uid, max_wait_seconds=60,
+                aio.wait_for_app_hello(producer, uid, max_wait_seconds=30,
                                        poll_frequency_seconds=2),
                 controller())
         finally:
