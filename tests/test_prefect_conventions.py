@@ -42,7 +42,7 @@ def test_a_runs_log_says_who_did_what_and_holds_no_secret(gateways, producer_app
         f"connect on {c}, stream {uid}: ok in ", f"release on {c}, stream {uid}: ok in ",
         f"stream {uid} open: consumer app connects to {handle.listeners[0]} ({c}), "
         f"producer gateway listens at {handle.producer_listeners[0]} ({p}), producer app "
-        f"at {app.listeners[0]}, TLS, 1 connections, setup ",
+        f"at {app.listeners[0]}, TLS, 1 connection, setup ",
         f"stream {uid} released on {p} and {c}",
     ]
     records = run_records(state.state_details.flow_run_id, expect=expect)

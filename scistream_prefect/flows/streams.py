@@ -68,7 +68,7 @@ class _TaskSteps(core.Steps):
 
     def teardown_failed(self, uid):
         run_logger().exception("releasing stream %s after a failed setup failed; the "
-                                   "run's hook or the lease expiry will", uid)
+                               "run's hook or the lease expiry will", uid)
 
 
 def setup_stream(
@@ -133,10 +133,11 @@ def setup_stream(
                     num_conn=num_conn, tls=tls)
     run_logger().info(
         "stream %s open: consumer app connects to %s (%s), producer gateway listens at %s "
-        "(%s), producer app at %s, %s, %d connections, setup %.2f s", uid,
+        "(%s), producer app at %s, %s, %d connection%s, setup %.2f s", uid,
         ", ".join(handle.listeners), handle.consumer, ", ".join(handle.producer_listeners),
         handle.producer, ", ".join(handle.app_listeners),
-        "TLS" if tls else "plain TCP (no encryption)", num_conn, handle.setup_s)
+        "TLS" if tls else "plain TCP (no encryption)", num_conn, "s" if num_conn > 1 else "",
+        handle.setup_s)
     return handle
 
 
