@@ -9,24 +9,42 @@ calls run: here directly, two at once on threads; in a flow, as Prefect tasks.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import logging
-import math
 import secrets
 import time
 import uuid
 from collections.abc import Callable
+from typing import Annotated
 from concurrent.futures import ThreadPoolExecutor, wait
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    validate_call,
+)
 
 from scistream_gateway.errors import BadFormat, Timeout
-from scistream_gateway.protocol import MAX_WAIT_HELLO_S, State, is_canonical_uid, parse_address
+from scistream_gateway.protocol import (
+    MAX_NUM_CONN,
+    MAX_RATE_KBPS,
+    MAX_WAIT_HELLO_S,
+    State,
+    is_canonical_uid,
+    parse_address,
+)
 
 __all__ = [
-    "StreamHandle", "Steps", "check_gateway", "check_setup", "connect", "gateway_info",
-    "hello", "key_and_uid", "list_streams", "open_ends", "release", "release_both", "renew",
-    "reserve", "status", "wait_hello",
+    "Addresses", "LeaseS", "NumConn", "PollS", "Rate", "StreamHandle", "Steps", "WaitS",
+    "check_gateway", "check_setup", "checked", "connect", "gateway_info", "hello",
+    "key_and_uid", "list_streams", "open_ends", "poll_hello", "release", "release_both",
+    "renew", "reserve", "status", "wait_hello",
 ]
 
 
@@ -72,21 +90,55 @@ def _reveal(key: SecretStr | str) -> str:
     return value
 
 
-def _addresses(field: str, value: object) -> list:
-    # A string is a sequence too: list("h:1") would send ['h', ':', '1'].
-    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-        raise BadFormat(f"{field} must be a list of 'host:port' strings, not "
-                        f"{type(value).__name__}")
-    return list(value)
+def _address(text: str) -> str:
+    parse_address(text, "address")  # BAD_FORMAT, as the gateway would say
+    return text
 
 
-def _seconds(field: str, value: object, positive: bool = False) -> float:
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value) and (value > 0 if positive else value >= 0))
-    if not ok:
-        raise BadFormat(f"{field} must be a finite number {'>' if positive else '>='} 0, "
-                        f"not {value!r:.80}")
-    return float(value)
+MAX_LEASE_S = 30 * 86400  # a month; each gateway's max_lease_s bounds it further
+MAX_HELLO_TIMEOUT_S = 86400.0  # a day: longer is a typo, not a wait
+
+# The bounds of the open logic's arguments, stated once: flow parameters carry them (so
+# a deployment's form refuses a bad value before a run starts), and :func:`checked`
+# holds plain Python callers to them.
+NumConn = Annotated[int, Field(strict=True, ge=1, le=MAX_NUM_CONN,
+                               description="Parallel connections.")]
+Rate = Annotated[int, Field(strict=True, ge=0, le=MAX_RATE_KBPS,
+                            description="Rate limit in kbit/s (0: unlimited).")]
+LeaseS = Annotated[int, Field(strict=True, ge=1, le=MAX_LEASE_S,
+                              description="Lease in seconds (the gateway's own maximum "
+                              "bounds it further).")]
+WaitS = Annotated[float, Field(strict=True, ge=0, le=MAX_HELLO_TIMEOUT_S, allow_inf_nan=False,
+                               description="Seconds to wait for the producer's hello.")]
+PollS = Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False,
+                               description="Seconds of one long-poll (at most 20 s, the "
+                               "gateway's bound).")]
+Addresses = Annotated[list[Annotated[str, AfterValidator(_address)]],
+                      Field(min_length=1, max_length=MAX_NUM_CONN,
+                            description="'host:port' strings ('[addr]:port' for IPv6).")]
+
+
+def checked(function: Callable) -> Callable:
+    """``function`` with its arguments held to their annotations (the bounds above): a
+    bad one is ``BAD_FORMAT``, naming the argument, never echoing its value."""
+    validated = validate_call(config=ConfigDict(arbitrary_types_allowed=True,
+                                                strict=True))(function)
+    names = list(inspect.signature(function).parameters)
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        try:
+            return validated(*args, **kwargs)
+        except ValidationError as exc:
+            if exc.title != function.__name__:  # raised inside, not about the arguments
+                raise
+            error = exc.errors()[0]
+            # A positional argument's location is its index.
+            where = ".".join(names[part] if i == 0 and isinstance(part, int) else str(part)
+                             for i, part in enumerate(error["loc"]))
+            raise BadFormat(f"{where}: {error['msg']}") from None
+
+    return call
 
 
 def gateway_info(gateway) -> dict:
@@ -104,38 +156,47 @@ def reserve(gateway, uid: str, role: str, num_conn: int, hello_key: SecretStr | 
     return check_gateway(gateway).call("reserve", request)
 
 
+@checked
 def hello(gateway, uid: str, hello_key: SecretStr | str, role: str,
-          app_listeners: list[str] | None = None) -> dict:
+          app_listeners: Addresses | None = None) -> dict:
     """An app controller's ``hello``; the producer gives where its app listens."""
     request = {"uid": uid, "key": _reveal(hello_key), "role": role}
     if app_listeners is not None:
-        request["app_listeners"] = _addresses("app_listeners", app_listeners)
+        request["app_listeners"] = app_listeners
     return check_gateway(gateway).call("hello", request)
 
 
-def wait_hello(gateway, uid: str, max_wait_seconds: float = 300.0,
-               poll_frequency_seconds: float = 10.0) -> list[str]:
+@checked
+def wait_hello(gateway, uid: str, max_wait_seconds: WaitS = 300.0,
+               poll_frequency_seconds: PollS = 10.0) -> list[str]:
     """Long-poll ``wait_hello`` until the producer's hello; its ``app_listeners``."""
-    gateway = check_gateway(gateway)
-    max_wait_seconds = _seconds("max_wait_seconds", max_wait_seconds)
-    poll_frequency_seconds = _seconds("poll_frequency_seconds", poll_frequency_seconds,
-                                      positive=True)
     deadline = time.monotonic() + max_wait_seconds
-    while True:
-        remaining = deadline - time.monotonic()
-        timeout_s = max(0.0, min(poll_frequency_seconds, remaining, MAX_WAIT_HELLO_S))
-        reply = gateway.call("wait_hello", {"uid": uid, "timeout_s": timeout_s})
-        if reply["state"] != State.RESERVED:
-            return reply["app_listeners"]
-        if time.monotonic() >= deadline:
-            raise Timeout(f"no hello for stream {uid} within {max_wait_seconds} s")
+    while (app_listeners := poll_hello(gateway, uid, poll_frequency_seconds,
+                                       deadline)) is None:
+        pass
+    return app_listeners
 
 
-def connect(gateway, uid: str, remote_listeners: list[str], peer_fingerprint: str | None,
+def poll_hello(gateway, uid: str, poll_frequency_seconds: float,
+               deadline: float) -> list[str] | None:
+    """One long-poll of ``wait_hello``, ending by ``deadline`` (``time.monotonic``): the
+    producer's ``app_listeners``, or None if it has not said hello yet; ``TIMEOUT`` when
+    the deadline has passed without a hello."""
+    remaining = deadline - time.monotonic()
+    timeout_s = max(0.0, min(poll_frequency_seconds, remaining, MAX_WAIT_HELLO_S))
+    reply = check_gateway(gateway).call("wait_hello", {"uid": uid, "timeout_s": timeout_s})
+    if reply["state"] != State.RESERVED:
+        return reply["app_listeners"]
+    if time.monotonic() >= deadline:
+        raise Timeout(f"no hello for stream {uid} within the time given")
+    return None
+
+
+@checked
+def connect(gateway, uid: str, remote_listeners: Addresses, peer_fingerprint: str | None,
             peer_certificate: str | None, tls: bool = True) -> dict:
     """``connect`` one end to its peer's listeners, pinning the peer's certificate."""
-    request: dict = {"uid": uid, "remote_listeners": _addresses("remote_listeners",
-                                                                remote_listeners), "tls": tls}
+    request: dict = {"uid": uid, "remote_listeners": remote_listeners, "tls": tls}
     if tls:
         request.update(peer_fingerprint=peer_fingerprint, peer_certificate=peer_certificate)
     return check_gateway(gateway).call("connect", request)
@@ -184,35 +245,14 @@ def key_and_uid(uid: str | None, hello_key: SecretStr | str | None,
     return uid or str(uuid.uuid4()), hello_key
 
 
-def check_setup(producer: object, consumer: object, num_conn: object, rate: object,
-                app_listeners: object, tls: object, lease_s: object,
-                hello_timeout_s: object) -> None:
-    """Refuse a malformed request before anything is reserved (``BAD_FORMAT``)."""
+@checked
+def check_setup(producer: object, consumer: object, num_conn: NumConn, rate: Rate,
+                app_listeners: Addresses | None, tls: bool, lease_s: LeaseS | None,
+                hello_timeout_s: WaitS) -> None:
+    """Refuse a malformed request before anything is reserved (``BAD_FORMAT``): the
+    numbers and addresses by their bounds, the gateways by their interface."""
     check_gateway(producer, "producer")
     check_gateway(consumer, "consumer")
-
-    def integer(name: str, value: object, low: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise BadFormat(f"{name} must be an integer >= {low}, not {value!r:.80}")
-
-    integer("num_conn", num_conn, 1)
-    integer("rate", rate, 0)
-    if lease_s is not None:
-        integer("lease_s", lease_s, 1)
-    if not isinstance(tls, bool):
-        raise BadFormat(f"tls must be True or False, not {tls!r:.80}")
-    if (isinstance(hello_timeout_s, bool) or not isinstance(hello_timeout_s, (int, float))
-            or not math.isfinite(hello_timeout_s) or hello_timeout_s < 0):
-        raise BadFormat(f"hello_timeout_s must be a finite number >= 0, not "
-                        f"{hello_timeout_s!r:.80}")
-    if app_listeners is not None:
-        if isinstance(app_listeners, (str, bytes)) or not isinstance(app_listeners,
-                                                                    (list, tuple)):
-            raise BadFormat("app_listeners must be a list of 'host:port' strings")
-        if not app_listeners:
-            raise BadFormat("app_listeners is empty")
-        for address in app_listeners:
-            parse_address(address, "app_listeners")
 
 
 def _both(first: Callable[[], object], second: Callable[[], object]) -> tuple:

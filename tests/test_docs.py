@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import re
 from pathlib import Path
 
@@ -48,7 +50,9 @@ def test_example_runs(name, code, tmp_path, gateway_root):
              if isinstance(v, Flow) and v.fn.__module__ == "example"]  # not the imported ones
     assert flows, f"the example in {name} defines no flow"
     for example_flow in flows:
-        example_flow()
+        result = example_flow()
+        if inspect.iscoroutine(result):  # an async flow's example
+            asyncio.run(result)
 
 
 def test_every_task_documents_its_arguments_and_a_flow_example():

@@ -10,7 +10,7 @@ without a flow.
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.context import FlowRunContext
 from prefect.blocks.system import Secret
 from prefect.futures import wait
@@ -26,11 +26,12 @@ from scistream_prefect.recovery import (
     remember_stream,
     rememberable,
 )
-from scistream_prefect.streams_core import StreamHandle
+from scistream_prefect.streams_core import Addresses, LeaseS, NumConn, Rate, StreamHandle, WaitS
 from scistream_prefect.tasks.streams import (
     connect_gateway_proxy,
     release_gateway_stream,
     reserve_gateway_ports,
+    run_logger,
     send_app_hello,
     wait_for_app_hello,
 )
@@ -66,27 +67,28 @@ class _TaskSteps(core.Steps):
             forget_stream(self.run_id, uid)
 
     def teardown_failed(self, uid):
-        get_run_logger().exception("releasing stream %s after a failed setup failed; the "
-                                   "run's hook or the lease expiry will", uid)
+        run_logger().exception("releasing stream %s after a failed setup failed; the "
+                               "run's hook or the lease expiry will", uid)
 
 
 def setup_stream(
     producer: Gateway,
     consumer: Gateway,
     *,
-    num_conn: int = 4,
-    rate: int = 0,
-    app_listeners: list[str] | None = None,
+    num_conn: NumConn = 4,
+    rate: Rate = 0,
+    app_listeners: Addresses | None = None,
     uid: str | None = None,
     hello_key: SecretStr | str | None = None,
     tls: bool = True,
-    lease_s: int | None = None,
-    hello_timeout_s: float = 300.0,
+    lease_s: LeaseS | None = None,
+    hello_timeout_s: WaitS = 300.0,
     keep_record: bool = False,
 ) -> StreamHandle:
     """Open a stream with tasks of the calling flow; on any failure, release both ends.
 
-    A malformed argument is ``BAD_FORMAT`` before anything is reserved. Inside a flow
+    A malformed argument is ``BAD_FORMAT`` before anything is reserved (the bounds are
+    those of the argument types, :mod:`scistream_prefect.streams_core`'s). Inside a flow
     run (with gateway blocks), the identifiers needed to release the stream are stored
     before the first reserve (:mod:`scistream_prefect.recovery`), so the flow's
     ``on_cancellation`` / ``on_crashed`` hook can release a stream whose run was
@@ -129,6 +131,13 @@ def setup_stream(
     publish_listeners(handle)
     publish_summary(uid, handle.producer, handle.consumer, "OPEN", setup_s=handle.setup_s,
                     num_conn=num_conn, tls=tls)
+    run_logger().info(
+        "stream %s open: consumer app connects to %s (%s), producer gateway listens at %s "
+        "(%s), producer app at %s, %s, %d connection%s, setup %.2f s", uid,
+        ", ".join(handle.listeners), handle.consumer, ", ".join(handle.producer_listeners),
+        handle.producer, ", ".join(handle.app_listeners),
+        "TLS" if tls else "plain TCP (no encryption)", num_conn, "s" if num_conn > 1 else "",
+        handle.setup_s)
     return handle
 
 
@@ -143,6 +152,11 @@ def teardown_stream(producer: Gateway, consumer: Gateway, uid: str, *,
     wait(futures)
     failed = [gw.label for gw, f in zip((producer, consumer), futures, strict=True)
               if f.state.is_failed()]
+    if failed:
+        run_logger().warning("stream %s: release failed on %s", uid, ", ".join(failed))
+    else:
+        run_logger().info("stream %s released on %s and %s: proxies stopped, ports freed, "
+                          "keys deleted", uid, producer.label, consumer.label)
     publish_summary(uid, producer.label, consumer.label,
                     f"RELEASE FAILED on {', '.join(failed)}" if failed else state)
     for future in futures:
@@ -154,18 +168,20 @@ def teardown_stream(producer: Gateway, consumer: Gateway, uid: str, *,
 def open_stream(
     producer: GatewayBlock,
     consumer: GatewayBlock,
-    num_conn: int = 4,
-    rate: int = 0,
-    app_listeners: list[str] | None = None,
+    num_conn: NumConn = 4,
+    rate: Rate = 0,
+    app_listeners: Addresses | None = None,
     uid: str | None = None,
     hello_key_block: str | None = None,
     tls: bool = True,
-    lease_s: int | None = None,
-    hello_timeout_s: float = 300.0,
+    lease_s: LeaseS | None = None,
+    hello_timeout_s: WaitS = 300.0,
 ) -> StreamHandle:
     """Open a SciStream stream: reserve both ends, hello, connect both ends.
 
-    See :func:`setup_stream` for the parameters. A run that is cancelled or crashes
+    See :func:`setup_stream` for the parameters; their bounds are in the flow's
+    parameter schema, so a deployment's form refuses a bad value, and a call with one
+    fails before the run starts. A run that is cancelled or crashes
     (its process killed) before the stream is open releases both ends in its hooks.
     A flow's parameters are recorded as
     given, so the hello key is never one: ``hello_key_block`` names a Prefect

@@ -7,13 +7,13 @@ from prefect.cache_policies import NO_CACHE
 
 from scistream_prefect.gateways import Gateway
 from scistream_prefect import streams_core as core
-from scistream_prefect.tasks.streams import retry_if_transient
+from scistream_prefect.tasks.streams import logged_call, retry_if_transient, run_name
 
 __all__ = ["get_gateway_info"]
 
 
-@task(name="get-gateway-info", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
-      retry_condition_fn=retry_if_transient)
+@task(name="get-gateway-info", task_run_name=run_name("info"), cache_policy=NO_CACHE,
+      retries=2, retry_delay_seconds=1, retry_condition_fn=retry_if_transient)
 def get_gateway_info(gateway: Gateway) -> dict:
     """Name, version, backends, addresses, free ports and active streams of a gateway.
 
@@ -37,4 +37,5 @@ def get_gateway_info(gateway: Gateway) -> dict:
             return get_gateway_info(gw)["free_ports"]
         ```
     """
-    return core.gateway_info(gateway)
+    with logged_call(gateway, "gateway_info", None):
+        return core.gateway_info(gateway)

@@ -6,12 +6,22 @@ retried blindly; the gateway functions are idempotent per ``uid``, so a caller t
 lost a reply may call again with the same arguments. A malformed argument is
 ``BAD_FORMAT`` before any call; the read-only tasks retry only failures that may pass
 (``UNAVAILABLE``, ``TIMEOUT``, a broken transport), never a refusal.
+
+Each task's run is named after its verb and gateway (``reserve-local:prod-gw``), and
+logs one line per call to the run's log: verb, gateway, uid, outcome (``ok`` or the
+SciStream error code) and duration. Never the request: it carries proofs and keys.
 """
 
 from __future__ import annotations
 
-from prefect import task
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 from pydantic import SecretStr
 
 from scistream_gateway.errors import SciStreamError, Timeout, Unavailable
@@ -29,6 +39,47 @@ __all__ = [
 ]
 
 
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The current run's logger (its lines reach the Prefect UI); outside a run, as when
+    a task's ``.fn`` is called, the package's plain logger."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("scistream_prefect")
+
+
+def _label(gateway: object) -> str:
+    return str(getattr(gateway, "label", type(gateway).__name__))
+
+
+def run_name(verb: str) -> Callable[..., str]:
+    """A ``task_run_name`` naming the verb and the task's gateway (``reserve-local:p``),
+    so two concurrent calls on two gateways tell apart in the UI. A callable, not a
+    template, so an argument that is no gateway still reaches the task's BAD_FORMAT."""
+    def name(parameters: dict) -> str:
+        return f"{verb}-{_label(parameters.get('gateway'))}"
+    return name
+
+
+@contextmanager
+def logged_call(gateway: Gateway, verb: str, uid: str | None) -> Iterator[None]:
+    """Log the gateway call made inside the block: one line, whatever its outcome."""
+    started = time.perf_counter()
+    outcome, level = "ok", logging.INFO
+    try:
+        yield
+    except SciStreamError as exc:
+        outcome, level = exc.code, logging.WARNING
+        raise
+    except BaseException as exc:
+        outcome, level = f"failed ({type(exc).__name__})", logging.WARNING
+        raise
+    finally:
+        stream = f", stream {uid}" if uid else ""
+        run_logger().log(level, "%s on %s%s: %s in %.0f ms", verb, _label(gateway), stream,
+                         outcome, (time.perf_counter() - started) * 1000)
+
+
 def retry_if_transient(task, task_run, state) -> bool:
     """Retry condition of the read-only tasks: not a refusal (bad input, no such uid)."""
     error = state.data  # the engine's Failed state carries the exception
@@ -43,7 +94,8 @@ def retry_if_transient(task, task_run, state) -> bool:
     return not isinstance(error, SciStreamError)  # a transport failure may pass
 
 
-@task(name="reserve-gateway-ports", cache_policy=NO_CACHE)
+@task(name="reserve-gateway-ports", task_run_name=run_name("reserve"),
+      cache_policy=NO_CACHE)
 def reserve_gateway_ports(
     gateway: Gateway, uid: str, role: str, num_conn: int, hello_key: SecretStr | str,
     rate: int = 0, lease_s: int | None = None,
@@ -84,10 +136,12 @@ def reserve_gateway_ports(
             return reply["listeners"]
         ```
     """
-    return core.reserve(gateway, uid, role, num_conn, hello_key, rate, lease_s)
+    with logged_call(gateway, "reserve", uid):
+        return core.reserve(gateway, uid, role, num_conn, hello_key, rate, lease_s)
 
 
-@task(name="send-app-hello", cache_policy=NO_CACHE)
+@task(name="send-app-hello", task_run_name=run_name("hello"),
+      cache_policy=NO_CACHE)
 def send_app_hello(
     gateway: Gateway, uid: str, hello_key: SecretStr | str, role: str,
     app_listeners: list[str] | None = None,
@@ -124,10 +178,12 @@ def send_app_hello(
             return listeners
         ```
     """
-    return core.hello(gateway, uid, hello_key, role, app_listeners)
+    with logged_call(gateway, "hello", uid):
+        return core.hello(gateway, uid, hello_key, role, app_listeners)
 
 
-@task(name="wait-for-app-hello", cache_policy=NO_CACHE)
+@task(name="wait-for-app-hello", task_run_name=run_name("wait-hello"),
+      cache_policy=NO_CACHE)
 def wait_for_app_hello(
     gateway: Gateway, uid: str, max_wait_seconds: float = 300.0,
     poll_frequency_seconds: float = 10.0,
@@ -166,10 +222,12 @@ def wait_for_app_hello(
             return app_listeners
         ```
     """
-    return core.wait_hello(gateway, uid, max_wait_seconds, poll_frequency_seconds)
+    with logged_call(gateway, "wait_hello", uid):
+        return core.wait_hello(gateway, uid, max_wait_seconds, poll_frequency_seconds)
 
 
-@task(name="connect-gateway-proxy", cache_policy=NO_CACHE)
+@task(name="connect-gateway-proxy", task_run_name=run_name("connect"),
+      cache_policy=NO_CACHE)
 def connect_gateway_proxy(
     gateway: Gateway, uid: str, remote_listeners: list[str],
     peer_fingerprint: str | None, peer_certificate: str | None, tls: bool = True,
@@ -215,10 +273,13 @@ def connect_gateway_proxy(
                 release_gateway_stream(gw, uid)
         ```
     """
-    return core.connect(gateway, uid, remote_listeners, peer_fingerprint, peer_certificate, tls)
+    with logged_call(gateway, "connect", uid):
+        return core.connect(gateway, uid, remote_listeners, peer_fingerprint,
+                            peer_certificate, tls)
 
 
-@task(name="get-stream-status", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
+@task(name="get-stream-status", task_run_name=run_name("status"),
+      cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
       retry_condition_fn=retry_if_transient)
 def get_stream_status(gateway: Gateway, uid: str) -> dict:
     """State, proxy liveness and byte counters of one stream end (read-only, so retried).
@@ -250,10 +311,12 @@ def get_stream_status(gateway: Gateway, uid: str) -> dict:
             return state
         ```
     """
-    return core.status(gateway, uid)
+    with logged_call(gateway, "status", uid):
+        return core.status(gateway, uid)
 
 
-@task(name="renew-stream-lease", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
+@task(name="renew-stream-lease", task_run_name=run_name("renew"),
+      cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
       retry_condition_fn=retry_if_transient)
 def renew_stream_lease(gateway: Gateway, uid: str, lease_s: int | None = None) -> float:
     """Extend the lease of one stream end (retried: renewing twice is harmless).
@@ -283,10 +346,12 @@ def renew_stream_lease(gateway: Gateway, uid: str, lease_s: int | None = None) -
             return expires
         ```
     """
-    return core.renew(gateway, uid, lease_s)
+    with logged_call(gateway, "renew", uid):
+        return core.renew(gateway, uid, lease_s)
 
 
-@task(name="release-gateway-stream", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
+@task(name="release-gateway-stream", task_run_name=run_name("release"),
+      cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
       retry_condition_fn=retry_if_transient)
 def release_gateway_stream(gateway: Gateway, uid: str) -> bool:
     """Stop one end's proxy, free its ports, delete its keys (idempotent, so retried).
@@ -313,5 +378,6 @@ def release_gateway_stream(gateway: Gateway, uid: str) -> bool:
             assert release_gateway_stream(cons, uid)  # twice is fine
         ```
     """
-    return core.release(gateway, uid)
+    with logged_call(gateway, "release", uid):
+        return core.release(gateway, uid)
 
