@@ -196,15 +196,15 @@ def _photograph(binary: str, profile: Path, ui: str, names: dict[str, str],
     written = []
     for file_name, (path, expected) in PAGES.items():
         url, expected = ui + path.format(**names), expected.format(**names)
-        dom = _chromium(binary, profile, "--dump-dom", url)
-        if expected not in dom:
-            raise ScreenshotError(f"the page at {url} does not show {expected!r}: the UI "
-                                  "did not draw it")
         png = out / file_name
         png.unlink(missing_ok=True)
-        _chromium(binary, profile, f"--screenshot={png}", url)
+        dom = _chromium(binary, profile, "--dump-dom", f"--screenshot={png}", url)
         if not png.is_file():
             raise ScreenshotError(f"chromium wrote no screenshot of {url}")
+        if expected not in dom:
+            png.unlink()
+            raise ScreenshotError(f"the page at {url} does not show {expected!r}: the UI "
+                                  "did not draw it")
         written.append(png)
     return written
 
