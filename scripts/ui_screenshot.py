@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DOCS_IMG,
                         help=f"where the PNGs go (default: {DOCS_IMG})")
-    parser.add_argument("--port-base", type=int, default=33400,
+    parser.add_argument("--port-base", type=int, default=16700,
                         help="first of the 20 ports the two local gateways use")
     parser.add_argument("--chromium", default="chromium",
                         help="the Chromium binary (default: chromium on PATH)")
