@@ -674,7 +674,15 @@ def _needs_client_extra(exc: ModuleNotFoundError) -> bool:
     return (exc.name or "").split(".")[0] in {"prefect", "globus_compute_sdk", "globus_sdk"}
 
 
-def main(argv: list[str] | None = None) -> int:
+def entry() -> None:
+    """The ``scistream`` command: :func:`main`, exiting with its code."""
+    sys.exit(main(exiting=True))
+
+
+def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
+    """Run one command; its exit code. ``exiting``: the process ends right after, so
+    logging is switched off before the verdict line (Prefect would log the shutdown of
+    its temporary server after it). A caller that goes on keeps its logging."""
     # The command uses no pydantic plugin, and looking for one reads the entry points of
     # every installed distribution: 50 ms of a 0.4 s status here (bench/cli.py). Set before
     # the first model is built (parsing a uid imports the wire models).
@@ -697,11 +705,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"this needs the client's packages ({exc.name} is not installed here, as "
                 f"on a gateway node): {CLIENT_EXTRA}") from None
 
-    # The verdict is the last line: nothing is logged after it (Prefect would log the
-    # shutdown of its temporary server at exit).
     return run_coded(f"scistream {args.command}", command,
-                     before_verdict=lambda: logging.disable(logging.CRITICAL))
+                     before_verdict=(lambda: logging.disable(logging.CRITICAL)) if exiting
+                     else None)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

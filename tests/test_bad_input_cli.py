@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import subprocess
@@ -231,6 +232,8 @@ def test_every_scistream_command_refuses_bad_input(world, name):
         code, _, err = run_in_process(client_cli.main, argv)
         assert_refused(code, err, argv)
         assert dump_state(world.state_dir) == before, argv
+        # A caller that goes on keeps its logging (the suite's run logs need it).
+        assert logging.root.manager.disable == logging.NOTSET, argv
 
     check()
 
