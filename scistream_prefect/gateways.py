@@ -79,9 +79,8 @@ class _Worker:
             )
         finally:
             os.close(log_fd)
-        # Readable once the process has exited, whoever reaps it and whenever: what
-        # tells a dead idle worker apart (Popen.poll may answer None while another
-        # thread holds its wait lock).
+        # Readable once the process has exited as a whole, whoever reaps it: how the pool
+        # tells a dead idle worker apart without reaping it.
         self.pidfd = os.pidfd_open(self.proc.pid)
 
     def exited(self) -> bool:

@@ -4,7 +4,9 @@ of a LocalGateway killed as an endpoint restart kills them."""
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import select
 import signal
 import time
 import uuid
@@ -13,7 +15,6 @@ from pathlib import Path
 from scistream_gateway.engine import EndpointEngine
 from scistream_gateway.settings import CONFIG_ENV
 from scistream_prefect.ownership import with_proofs
-from scistream_proxy.process import ProcessIdentity
 
 
 class ProvenEngine(EndpointEngine):
@@ -45,15 +46,28 @@ def plant(gw, step: str) -> Path:
 
 
 def kill_workers(gw, timeout_s: float = 10.0) -> list[int]:
-    """Every worker of a LocalGateway dies, as in an endpoint restart; returns once each is
-    dead (the kill alone does not mean the next call finds it gone). Returns their pids."""
+    """Every worker of a LocalGateway dies, as in an endpoint restart; returns once each has
+    exited as a whole (the kill alone does not mean the next call finds it gone). Waits on
+    pidfds: /proc shows a killed worker's main thread a zombie while its other threads
+    still exit, and until they have, the pool (rightly) sees it alive. Returns the pids."""
     pids = gw.worker_pids()
     assert pids, "no worker to kill: the gateway was never called"
-    identities = [ProcessIdentity.of(pid) for pid in pids]
-    for pid in pids:
-        os.killpg(pid, signal.SIGKILL)
-    deadline = time.monotonic() + timeout_s
-    while any(i is not None and i.alive() for i in identities):
-        assert time.monotonic() < deadline, f"workers {pids} outlived SIGKILL"
-        time.sleep(0.01)
+    pidfds = [os.pidfd_open(pid) for pid in pids]
+    try:
+        for pid in pids:
+            os.killpg(pid, signal.SIGKILL)
+        poller = select.poll()
+        for fd in pidfds:
+            poller.register(fd, select.POLLIN)
+        deadline = time.monotonic() + timeout_s
+        left = set(pidfds)
+        while left:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"workers {pids} outlived SIGKILL"
+            for fd, _ in poller.poll(math.ceil(remaining * 1000)):
+                poller.unregister(fd)
+                left.discard(fd)
+    finally:
+        for fd in pidfds:
+            os.close(fd)
     return pids
