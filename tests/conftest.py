@@ -76,8 +76,11 @@ def _gateway_workers_stopped():
 
 @pytest.fixture(scope="session", autouse=True)
 def prefect_harness():
+    from scistream_prefect.recovery import forgotten
+
     with prefect_test_harness(server_startup_timeout=120):
         yield
+        forgotten(timeout_s=30)  # the last runs' record updates, while the server is up
 
 
 def make_gateway(root: Path, name: str, size: int = 40, **settings) -> LocalGateway:

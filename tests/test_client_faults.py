@@ -26,6 +26,7 @@ from prefect.variables import Variable
 
 from scistream_gateway.errors import InvalidUid, Timeout
 from scistream_prefect import release_session_streams, setup_stream, stream_session
+from scistream_prefect.recovery import forgotten
 from scistream_proxy.leaks import port_is_free, proxy_pids
 
 from conftest import run_consumer
@@ -64,6 +65,9 @@ def _wait_reserved(producer, consumer, uid: str, timeout: float = 180) -> list[l
 
 
 def _no_variable_left(uid: str) -> bool:
+    """No Variable names the stream, once this process's record updates are written
+    (they are written in the background: recovery.forget_stream)."""
+    assert forgotten(timeout_s=60)
     with get_client(sync_client=True) as client:
         return not [v for v in client.read_variables() if uid in str(v.value)]
 
