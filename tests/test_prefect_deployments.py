@@ -167,5 +167,5 @@ def test_prefect_yaml_deploys_both_flows_to_a_process_pool(tmp_path):
     for name in ("open-stream/scistream", "release-stream/scistream"):
         deployment = read_deployment(name)
         assert deployment is not None and deployment.work_pool_name == "scistream", name
-        assert deployment.entrypoint.startswith("scistream_prefect/flows/streams.py:")
+        assert deployment.entrypoint.startswith("scistream_prefect.flows.streams.")  # a module
         assert "producer" in deployment.parameter_openapi_schema["properties"]
