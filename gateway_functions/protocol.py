@@ -366,7 +366,8 @@ class GatewayInfoReply(Reply):
     backend: str
     backends: dict[str, BackendInfo]
     lan_address: str
-    wan_address: str
+    wan_address: str  # where the WAN listeners are bound
+    wan_advertise_address: str  # what a producer's listeners say (behind NAT)
     port_range: list[int]
     free_ports: int
     max_num_conn: int

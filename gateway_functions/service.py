@@ -252,6 +252,7 @@ class Gateway(Recovery):
                       for name in BACKENDS
                       for reason in [self.backend(name).unavailable_reason()]},
             lan_address=s.lan_address, wan_address=s.wan_address,
+            wan_advertise_address=s.wan_advertise_address,
             port_range=[s.port_min, s.port_max],
             free_ports=size - len(self.store.used_ports()),
             max_num_conn=s.max_num_conn, rate_capacity=s.rate_capacity,
@@ -309,6 +310,8 @@ class Gateway(Recovery):
                                  f"{s.rate_capacity} kbit/s in use, {rate} asked")
 
             host = s.wan_address if role == "PROD" else s.lan_address
+            # Peers dial the address the NAT exposes (if any), with the same ports.
+            advertised = s.wan_advertise_address if role == "PROD" else s.lan_address
             sockets = self._bind_listeners(host, num_conn, backend.reuseport)
             ports = [sock.getsockname()[1] for sock in sockets]
             # Recorded before anything starts: if this worker dies from here on, the
@@ -316,7 +319,7 @@ class Gateway(Recovery):
             self.store.insert(StreamRow(
                 uid=uid, role=role, state=State.STARTING, num_conn=num_conn, rate=rate,
                 key_sha256=key_sha256, lease_expires=time.time() + lease_s,
-                listeners=[format_address(host, port) for port in ports],
+                listeners=[format_address(advertised, port) for port in ports],
                 app_listeners=[], remote_listeners=[], tls=True, cert_fingerprint="",
                 certificate="", backend=backend.name, proxy=None, ports=ports,
                 busy={**_this_worker(), "op": "reserve"},
