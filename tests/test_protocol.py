@@ -114,3 +114,22 @@ def test_settings_refuse_what_they_do_not_know(tmp_path):
         GatewaySettings(name="gw", state_dir=tmp_path, colour="red")
     with pytest.raises(ServerError, match="max_num_conn must be a positive integer"):
         GatewaySettings(name="gw", state_dir=tmp_path, max_num_conn="8")
+
+
+def test_a_connect_may_carry_the_producers_hello(tmp_path):
+    settings = GatewaySettings(name="gw", state_dir=tmp_path)
+    connect = {"uid": UID, "control": "c", "tls": False, "remote_listeners": ["h:1"]}
+    assert protocol.ConnectRequest.parse(connect, settings).hello is None
+    hello = {"key": "k", "app_listeners": ["[::1]:5074"]}
+    parsed = protocol.ConnectRequest.parse({**connect, "hello": hello}, settings).hello
+    # The listeners are checked by the gateway against the stream's num_conn, as hello's.
+    assert parsed == ("k", ["[::1]:5074"])
+    for bad, message in [
+        ({"key": "k"}, "hello must be an object with exactly the fields key and app_listeners"),
+        ({**hello, "role": "PROD"}, "hello must be an object with exactly the fields"),
+        ("k", "hello must be an object with exactly the fields"),
+        ({**hello, "key": ""}, "hello.key must be a string of 1-512 characters"),
+    ]:
+        with pytest.raises(BadFormat) as refused:
+            protocol.ConnectRequest.parse({**connect, "hello": bad}, settings)
+        assert refused.value.message.startswith(message)
