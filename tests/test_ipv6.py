@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import pytest
 
+from scistream_gateway.errors import BadFormat
+from scistream_gateway.protocol import parse_address
 from scistream_prefect import LocalPair
 from scistream_prefect import streams_core as core
-from scistream_proxy import apps
+from scistream_proxy import addresses, apps
+from scistream_proxy.external import _stunnel_address
 
 from backend_chain import skip_reason
 from conftest import make_gateway, run_consumer
@@ -30,6 +33,29 @@ def v6_app():
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+def test_every_parser_reads_and_writes_ipv6_listeners():
+    listener = "[2001:db8::1]:5000"
+    assert parse_address(listener, "x") == ("2001:db8::1", 5000)  # the wire models
+    assert addresses.parse_address(listener) == ("2001:db8::1", 5000)  # the proxies
+    assert addresses.format_address("2001:db8::1", 5000) == listener
+    core.check_setup(object.__new__(_Gw), object.__new__(_Gw), 1, 0, [listener], True,
+                     None, 1.0)
+    for bad in ("2001:db8::1:5000", "[2001:db8::1]", "[gw.example.org]:5000"):
+        with pytest.raises(BadFormat):
+            parse_address(bad, "x")
+        with pytest.raises(BadFormat):
+            core.check_setup(object.__new__(_Gw), object.__new__(_Gw), 1, 0, [bad], True,
+                             None, 1.0)
+    assert _stunnel_address(listener) == "2001:db8::1:5000"  # stunnel splits at the last ':'
+
+
+class _Gw:
+    label = "x"
+
+    def call(self, function, request, timeout_s=None):
+        raise AssertionError("no call: the arguments are checked first")
 
 
 @pytest.mark.parametrize("backend", ["native", "stunnel", "haproxy", "nginx"])
