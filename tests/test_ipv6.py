@@ -40,13 +40,13 @@ def test_every_parser_reads_and_writes_ipv6_listeners():
     assert parse_address(listener, "x") == ("2001:db8::1", 5000)  # the wire models
     assert addresses.parse_address(listener) == ("2001:db8::1", 5000)  # the proxies
     assert addresses.format_address("2001:db8::1", 5000) == listener
-    core.check_setup(object.__new__(_Gw), object.__new__(_Gw), 1, 0, [listener], True,
+    core.check_setup(_Gw(), _Gw(), 1, 0, [listener], True,
                      None, 1.0)
     for bad in ("2001:db8::1:5000", "[2001:db8::1]", "[gw.example.org]:5000"):
         with pytest.raises(BadFormat):
             parse_address(bad, "x")
         with pytest.raises(BadFormat):
-            core.check_setup(object.__new__(_Gw), object.__new__(_Gw), 1, 0, [bad], True,
+            core.check_setup(_Gw(), _Gw(), 1, 0, [bad], True,
                              None, 1.0)
     assert _stunnel_address(listener) == "2001:db8::1:5000"  # stunnel splits at the last ':'
 
