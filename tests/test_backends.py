@@ -210,7 +210,8 @@ def test_stunnel_refuses_plain_tcp_by_name(gateway_root, producer_app):
     try:
         with pytest.raises(NotImplementedHere, match="without TLS"):
             chain.connect(app.listeners, tls=False)
-        assert producer.call("status", {"uid": chain.uid})["state"] == "HELLO"
+        # The refused connect carried the producer's hello: nothing of it was kept.
+        assert producer.call("status", {"uid": chain.uid})["state"] == "RESERVED"
     finally:
         chain.release()
     assert not chain.pair.leftovers()
