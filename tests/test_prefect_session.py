@@ -97,6 +97,7 @@ def test_a_failing_block_still_releases_and_the_error_is_the_users(gateways, pro
     with pytest.raises(ValueError, match="analysis broke"):
         pipeline()
     assert _active(producer, consumer) == [0, 0]
+    assert forgotten(timeout_s=60)  # the summary is published in the background
     summary = _artifacts(seen["uid"])[f"scistream-stream-{seen['uid']}"]
     assert "RELEASED after ValueError" in summary.data
 
