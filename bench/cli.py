@@ -5,7 +5,9 @@ runs it, against two local gateways named by settings files.
         [--out bench/results] [--update-readme] [--json]
 
 Every run starts each command in a fresh interpreter, in this order (A B A B rounds, so
-drift in the machine's load spreads over all of them alike): ``python -c pass`` and
+drift in the machine's load spreads over all of them alike), after one untimed round
+(bytecode is written then, as an installed package has it, whatever
+``PYTHONDONTWRITEBYTECODE`` says in the caller's environment): ``python -c pass`` and
 ``python -c "import prefect"`` (for comparison), ``scistream --help``, then one stream's
 life: ``open --json`` (no Prefect server: the direct path), ``status``, ``renew``,
 ``list`` and ``release``. Wall time from the process's start to its exit; p50 and p95
@@ -93,11 +95,12 @@ def run(args: argparse.Namespace) -> dict:
         root = Path(tmp)
         prod, cons = _gateways(root, args.port_base, args.num_conn)
         env = {k: v for k, v in os.environ.items()
-               if k not in ("PREFECT_API_URL", "PREFECT_PROFILE", "XDG_STATE_HOME")}
+               if k not in ("PREFECT_API_URL", "PREFECT_PROFILE", "XDG_STATE_HOME",
+                            "PYTHONDONTWRITEBYTECODE")}
         env.update(HOME=str(root / "home"), PREFECT_HOME=str(root / "prefect-home"),
                    PREFECT_SERVER_ANALYTICS_ENABLED="false")
         both = ["--gateway", prod, "--gateway", cons]
-        for _ in range(args.runs):
+        for round_ in range(1 + args.runs):  # round 0 warms up: not counted
             def timed(name: str, argv: list[str]) -> str:
                 took, out = _timed(argv, env, cpu[name])
                 times[name].append(took)
@@ -116,6 +119,10 @@ def run(args: argparse.Namespace) -> dict:
                     timed("scistream list", [*command, "list", *both])
             finally:
                 timed("scistream release", [*command, "release", uid, *both])
+            if round_ == 0:
+                for name in GOALS:
+                    times[name].clear()
+                    cpu[name].clear()
         leftovers = benchlib.stop_leftovers(root)  # none: each release stopped its proxies
     rows = {}
     for name, values in times.items():

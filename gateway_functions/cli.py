@@ -34,9 +34,7 @@ import os
 import re
 import sys
 import traceback
-import uuid
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 
 __all__ = ["configure_command", "main", "read_function_ids", "register_functions",
@@ -54,6 +52,8 @@ def _function_names() -> list[str]:
 
 def shipped_config(relative: str) -> str:
     """The text of a file shipped in ``endpoint_configs/``."""
+    from importlib import resources  # 8 ms: not for every scistream command
+
     return resources.files("scistream_gateway.endpoint_configs").joinpath(relative).read_text()
 
 
@@ -69,6 +69,8 @@ def read_function_ids(path: Path) -> dict[str, str]:
     unknown = sorted(set(data) - set(_function_names()))
     if missing or unknown:
         raise ValueError(f"{path}: missing functions {missing}, unknown {unknown}")
+    import uuid
+
     for name, value in data.items():
         try:
             if not isinstance(value, str) or str(uuid.UUID(value)) != value.lower():

@@ -226,7 +226,9 @@ Control = _checked(_proof, _SECRET_SCHEMA)
 class Request(BaseModel):
     """A request: a JSON object with the fields below, none other."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Validators are built on a model's first use (a call checks one request and builds
+    # one reply of the 20 models): 30 ms less per one-shot command (bench/cli.py).
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
     # A field that proves the caller's right (see Control): missing, it is None.
     PROOF: ClassVar[str | None] = None
 
@@ -348,7 +350,7 @@ class ListStreamsRequest(Request):
 class Reply(BaseModel):
     """A reply: the gateway builds one of these; on the wire it is its JSON object."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)  # as Request's
 
     def wire(self) -> dict:
         """The JSON object sent back (optional fields only where the gateway set them)."""

@@ -27,7 +27,7 @@ import socket
 import time
 from pathlib import Path
 
-from scistream_gateway import __version__
+import scistream_gateway
 from scistream_gateway.errors import (
     AuthError,
     BadFormat,
@@ -72,7 +72,6 @@ from scistream_proxy.backends import (
     ProxyUnavailable,
 )
 from scistream_proxy.process import ProcessIdentity, survival_report
-from scistream_proxy.tls import fingerprint_of_pem, generate_certificate
 
 __all__ = ["Gateway"]
 
@@ -247,7 +246,7 @@ class Gateway(Recovery):
         size = s.port_max - s.port_min + 1
         survival = survival_report()
         return GatewayInfoReply(
-            name=s.name, version=__version__, backend=s.backend,
+            name=s.name, version=scistream_gateway.__version__, backend=s.backend,
             backends={name: {"available": reason is None, "reason": reason}
                       for name in BACKENDS
                       for reason in [self.backend(name).unavailable_reason()]},
@@ -262,6 +261,8 @@ class Gateway(Recovery):
         ).wire()
 
     def reserve(self, raw: object) -> dict:
+        from scistream_proxy.tls import generate_certificate  # ssl: only reserve, connect
+
         req = ReserveRequest.parse(raw, self.settings)
         uid, role, num_conn, rate, key_sha256 = (req.uid, req.role, req.num_conn, req.rate,
                                                  req.key_sha256)
@@ -415,6 +416,8 @@ class Gateway(Recovery):
         checked as ``hello`` checks them): the stream goes from RESERVED to CONNECTED in
         one step, its app_listeners recorded with the outcome, so a refused or failed
         connect leaves it RESERVED."""
+        from scistream_proxy.tls import fingerprint_of_pem
+
         req = ConnectRequest.parse(raw, self.settings)
         uid, tls, remote = req.uid, req.tls, req.remote_listeners
         if not tls and not self.settings.allow_plain_tcp:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from scistream_proxy import relay_files
 from scistream_proxy.backends import ProxyBackend, ProxyError, ProxySpec, connect_in_dir
-from scistream_proxy.external import stop_in
 from scistream_proxy.process import ProcessIdentity, ProxyStartError, spawn_detached
 
 __all__ = ["NativeBackend", "control_request"]
@@ -197,6 +196,8 @@ class NativeBackend(ProxyBackend):
         """Take the stream out of its relay; wait for the relay to exit if it was the
         last. ``identity`` None: whichever relay runs now (abandon). A process is
         signalled only if it is the one recorded *and* works in the relay directory."""
+        from scistream_proxy.external import stop_in  # not on the status path: ssl
+
         relay_dir = relay_files.relay_dir_of(stream_dir)
         with _relay_lock(relay_dir):
             if identity is not None and not identity.alive():

@@ -53,6 +53,23 @@ def _int_in(low: int, high: int):
     return parse
 
 
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -61,6 +78,47 @@ def _seconds(text: str) -> float:
     if value is None or not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
     return value
+
+
+class _Bound:
+    """The lower or upper bound of one of :mod:`scistream_prefect.streams_core`'s argument
+    types (``NumConn``, ``LeaseS``, ...), the flows' parameter bounds, read when a help
+    text shows it: so the help says what the flows check, and only ``open`` imports the
+    wire models (pydantic) that hold them."""
+
+    def __init__(self, kind: str, side: str):
+        self.kind, self.side = kind, side  # side: "ge" or "le"
+
+    def value(self) -> float:
+        from scistream_prefect import streams_core as core
+
+        for field in getattr(core, self.kind).__metadata__:
+            for rule in getattr(field, "metadata", ()):
+                if hasattr(rule, self.side):
+                    return getattr(rule, self.side)
+        raise LookupError(f"{self.kind} has no {self.side} bound")
+
+    def __str__(self) -> str:
+        value = self.value()
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _bounded(kind: str, parse):
+    """An argument type: ``parse(text)``, then held to the bounds of ``kind``."""
+    low, high = _Bound(kind, "ge"), _Bound(kind, "le")
+
+    def check(text: str):
+        value = parse(text)
+        if not low.value() <= value <= high.value():
+            raise argparse.ArgumentTypeError(f"{text!r} is not in [{low}, {high}]")
+        return value
+    return check
+
+
+def _bounds_shown(action: argparse.Action, kind: str) -> None:
+    """Let ``action``'s help say ``%(low)s`` and ``%(high)s``: ``kind``'s bounds (argparse
+    fills a help text from the action's attributes)."""
+    action.low, action.high = _Bound(kind, "ge"), _Bound(kind, "le")
 
 
 def _positive_seconds(text: str) -> float:
@@ -585,10 +643,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     open_.add_argument("--producer", required=True, metavar="GATEWAY", help=GATEWAY_HELP)
     open_.add_argument("--consumer", required=True, metavar="GATEWAY", help=GATEWAY_HELP)
-    open_.add_argument("--num-conn", type=_int_in(1, 64), default=4,
-                       help="parallel connections (default 4)")
-    open_.add_argument("--rate", type=_int_in(0, 10**9), default=0,
-                       help="rate limit in kbit/s (default 0: unlimited)")
+    _bounds_shown(open_.add_argument(
+        "--num-conn", type=_bounded("NumConn", _int), default=4,
+        help="parallel connections, %(low)s to %(high)s; the gateways' max_num_conn bounds "
+        "it further (default 4)"), "NumConn")
+    _bounds_shown(open_.add_argument(
+        "--rate", type=_bounded("Rate", _int), default=0,
+        help="rate limit in kbit/s, %(low)s to %(high)s (default 0: unlimited)"), "Rate")
     open_.add_argument("--app-listener", action="append", metavar="HOST:PORT", type=_address,
                        help="where the producer app listens (repeat for several); the "
                        "producer's connect carries its hello")
@@ -600,10 +661,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="turn OFF encryption between the gateways (refused with "
                        "NOT_IMPLEMENTED unless both gateways' settings say "
                        "allow_plain_tcp = true)")
-    open_.add_argument("--lease", type=_int_in(1, 10**7), metavar="SECONDS",
-                       help="lease on both gateways (default: theirs)")
-    open_.add_argument("--hello-timeout", type=_seconds, default=300.0, metavar="SECONDS",
-                       help="how long to wait for the producer's hello (default 300)")
+    _bounds_shown(open_.add_argument(
+        "--lease", type=_bounded("LeaseS", _int), metavar="SECONDS",
+        help="lease on both gateways, %(low)s to %(high)s s; each gateway's max_lease_s "
+        "bounds it further (default: theirs)"), "LeaseS")
+    _bounds_shown(open_.add_argument(
+        "--hello-timeout", type=_bounded("WaitS", _number), default=300.0, metavar="SECONDS",
+        help="how long to wait for the producer's hello, %(low)s to %(high)s s (default "
+        "300)"), "WaitS")
     open_.add_argument("--json", action="store_true", help="print the handle as one JSON object")
     open_.set_defaults(handler=_open)
 
@@ -622,8 +687,10 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--gateway", action="append", required=True, metavar="GATEWAY",
                          help=GATEWAY_HELP + "; repeat for both ends")
         if name == "renew":
-            cmd.add_argument("--lease", type=_int_in(1, 10**7), metavar="SECONDS",
-                             help="the new lease from now (default: each gateway's)")
+            _bounds_shown(cmd.add_argument(
+                "--lease", type=_bounded("LeaseS", _int), metavar="SECONDS",
+                help="the new lease from now, %(low)s to %(high)s s; each gateway's "
+                "max_lease_s bounds it further (default: each gateway's)"), "LeaseS")
         if name == "watch":
             cmd.add_argument("--interval", type=_positive_seconds, default=1.0,
                              metavar="SECONDS", help="seconds between two looks (default 1)")

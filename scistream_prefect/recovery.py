@@ -13,25 +13,25 @@ The gateways' lease expiry is the last line, for a client with no Prefect runner
 
 from __future__ import annotations
 
+import atexit
+import collections
 import contextvars
 import logging
 import threading
-import time
 
+from prefect.context import SyncClientContext
 from prefect.logging.loggers import flow_run_logger
 from prefect.variables import Variable
 
 from scistream_prefect.compute import GlobusComputeGateway
 from scistream_prefect.gateways import Gateway, LocalGateway
 
-__all__ = ["forget_stream", "forgotten", "release_session_streams", "remember_stream",
-           "rememberable"]
+__all__ = ["forget_stream", "forgotten", "in_background", "release_session_streams",
+           "remember_stream", "rememberable"]
 
 _BLOCKS = {cls.__name__: cls for cls in (LocalGateway, GlobusComputeGateway)}
 _VARIABLE_PREFIX = "scistream-session-"
 _RECORD_LOCK = threading.Lock()  # one read-modify-write of a run's Variable at a time
-_FORGETTING_LOCK = threading.Lock()
-_FORGETTING: list[threading.Thread] = []
 
 
 def variable_name(flow_run_id) -> str:
@@ -65,40 +65,79 @@ def remember_stream(flow_run_id, uid: str, producer: Gateway, consumer: Gateway)
         Variable.set(name, streams, overwrite=True)
 
 
+class _Writer:
+    """One thread that makes, in order, the Prefect API writes a release does not wait
+    for. Started with the first write, it stays for the process's life; the process
+    drains it at exit."""
+
+    def __init__(self):
+        self.pending: collections.deque = collections.deque()  # the first one is being made
+        self.changed = threading.Condition()
+        self.thread: threading.Thread | None = None
+
+    def put(self, write, *args) -> None:
+        # The caller's context goes along: Prefect's settings (which server) and run
+        # context (an artifact belongs to the run that made it).
+        with self.changed:
+            self.pending.append((contextvars.copy_context(), write, args))
+            self.changed.notify_all()
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.run, name="scistream-writer",
+                                               daemon=True)
+                self.thread.start()
+                atexit.register(self.drained)  # runs before Prefect's exit handlers
+
+    def run(self) -> None:
+        while True:
+            with self.changed:
+                self.changed.wait_for(lambda: self.pending)
+                context, write, args = self.pending[0]
+            try:
+                context.run(_with_own_client, write, *args)
+            except Exception as exc:  # noqa: BLE001 - a record left only costs a second release
+                logging.getLogger("scistream_prefect").warning(
+                    "%s did not reach the Prefect server: %s", write.__name__, exc)
+            finally:
+                with self.changed:
+                    self.pending.popleft()
+                    self.changed.notify_all()
+
+    def drained(self, timeout_s: float | None = None) -> bool:
+        """Whether every write put so far was made, waiting up to ``timeout_s``."""
+        with self.changed:
+            return self.changed.wait_for(lambda: not self.pending, timeout_s)
+
+
+def _with_own_client(write, *args) -> None:
+    # The caller's run may have ended, closing the client its context holds (Prefect's
+    # get_client hands that one out): the write opens its own. Only this copy changes.
+    SyncClientContext.__var__.set(None)
+    write(*args)
+
+
+_WRITER = _Writer()
+
+
+def in_background(write, *args) -> None:
+    """Call ``write(*args)`` on the writer thread, after the writes put before it: for a
+    record or an artifact that a release must not wait for (a SQLite-backed server meets
+    the writes of the task runs just ended with "503 busy", and the client's retry then
+    waits 2 s). A failed write is logged, not raised."""
+    _WRITER.put(write, *args)
+
+
 def forget_stream(flow_run_id, uid: str) -> None:
     """Drop stream ``uid`` from the run's Variable (the Variable goes with its last one),
-    in the background: the stream is already released, and this write comes right
-    after task runs whose states a SQLite-backed server is still writing, so it often
-    meets "503 busy" and waits out the client's 2 s retry. Meanwhile the record only
-    makes a hook release the stream again, which is harmless (release is idempotent).
-    The thread is not a daemon: the process waits for it at exit; :func:`forgotten`
-    waits for it sooner."""
-    thread = threading.Thread(target=contextvars.copy_context().run,  # Prefect's settings
-                              args=(_forget, flow_run_id, uid), name=f"forget-{uid}")
-    with _FORGETTING_LOCK:
-        _FORGETTING.append(thread)
-    thread.start()
+    in the background (:func:`in_background`): the stream is already released, and
+    meanwhile the record only makes a hook release it again, which is harmless (release
+    is idempotent). :func:`forgotten` waits for it."""
+    in_background(_write_forget, flow_run_id, uid)
 
 
 def forgotten(timeout_s: float | None = None) -> bool:
-    """Wait until every :func:`forget_stream` of this process has written; True if so."""
-    with _FORGETTING_LOCK:
-        threads = list(_FORGETTING)
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    for thread in threads:
-        thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-    return not any(thread.is_alive() for thread in threads)
-
-
-def _forget(flow_run_id, uid: str) -> None:
-    try:
-        _write_forget(flow_run_id, uid)
-    except Exception as exc:  # noqa: BLE001 - a record left only costs a second release
-        logging.getLogger("scistream_prefect").warning(
-            "could not drop stream %s from the run's record: %s", uid, exc)
-    finally:
-        with _FORGETTING_LOCK:
-            _FORGETTING.remove(threading.current_thread())
+    """Wait until every background write of this process was made (a stream forgotten,
+    an artifact published); True if so within ``timeout_s``."""
+    return _WRITER.drained(timeout_s)
 
 
 def _write_forget(flow_run_id, uid: str) -> None:

@@ -92,3 +92,40 @@ def test_demo_reports_a_gateway_error_with_its_code(tmp_path):
     # Our verdict is one line (Prefect's server may still log its shutdown after it).
     verdict = "scistream demo: NO_RESOURCE: port range 30300-30399 on 127.0.0.1 exhausted"
     assert any(line.startswith(verdict) for line in proc.stderr.splitlines()), proc.stderr[-2000:]
+
+
+# open's and renew's arguments, and the open logic's type that bounds each.
+BOUNDED = [("open", "--num-conn", "NumConn"), ("open", "--rate", "Rate"),
+           ("open", "--lease", "LeaseS"), ("open", "--hello-timeout", "WaitS"),
+           ("renew", "--lease", "LeaseS")]
+
+
+def _bounds(kind: str) -> tuple[float, float]:
+    from scistream_prefect import streams_core as core
+
+    rules = [rule for field in getattr(core, kind).__metadata__
+             for rule in getattr(field, "metadata", ())]
+    return (next(r.ge for r in rules if hasattr(r, "ge")),
+            next(r.le for r in rules if hasattr(r, "le")))
+
+
+@pytest.mark.parametrize("command, option, kind", BOUNDED)
+def test_help_states_the_flows_bounds_and_the_parser_holds_to_them(capsys, command, option,
+                                                                   kind):
+    """The help says the bounds the flow parameters carry (streams_core), not numbers of
+    its own; a value past either is BAD_FORMAT's usage error, one inside is taken."""
+    low, high = _bounds(kind)
+    text_low, text_high = (f"{v:g}" if isinstance(v, float) else str(v) for v in (low, high))
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args([command, "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert f"{text_low} to {text_high}" in shown
+    base = (["open", "--producer", "p", "--consumer", "c"] if command == "open"
+            else ["renew", "0b5c4a1e-5f8a-4c1e-9d43-2f1f6ad2c7a1", "--gateway", "g"])
+    for outside in (low - 1, high + 1):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*base, option, str(outside)])
+        assert f"is not in [{text_low}, {text_high}]" in capsys.readouterr().err
+    dest = option.lstrip("-").replace("-", "_")
+    assert getattr(parser.parse_args([*base, option, str(high)]), dest) == high

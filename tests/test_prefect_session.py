@@ -97,6 +97,7 @@ def test_a_failing_block_still_releases_and_the_error_is_the_users(gateways, pro
     with pytest.raises(ValueError, match="analysis broke"):
         pipeline()
     assert _active(producer, consumer) == [0, 0]
+    assert forgotten(timeout_s=60)  # the summary is published in the background
     summary = _artifacts(seen["uid"])[f"scistream-stream-{seen['uid']}"]
     assert "RELEASED after ValueError" in summary.data
 
@@ -180,3 +181,37 @@ def test_a_session_needs_a_flow(gateways):
     with pytest.raises(RuntimeError, match="inside a flow"):
         with stream_session(producer, consumer, app_listeners=["127.0.0.1:9"]):
             pass
+
+
+def test_a_release_waits_for_no_background_write(gateways):
+    """The summary's update and the record's removal go to the writer thread: with that
+    thread held up, the session still ends (both ends released), and once it is free,
+    both writes are made, in order, in the run's context."""
+    import threading
+
+    from scistream_prefect.recovery import in_background
+
+    producer, consumer = gateways
+    hold, seen = threading.Event(), {}
+
+    @flow
+    def pipeline():
+        seen["run_id"] = _flow_run_id()
+        in_background(hold.wait, 120)  # every write after this one waits for it
+        with stream_session(producer, consumer, num_conn=1,
+                            app_listeners=["127.0.0.1:9"]) as stream:
+            seen["uid"] = stream.uid
+        seen["released"] = _active(producer, consumer)
+        seen["pending"] = not forgotten(timeout_s=0)
+
+    pipeline()
+    try:
+        assert seen["released"] == [0, 0] and seen["pending"]
+        assert Variable.get(f"scistream-session-{seen['run_id']}", default=None) is not None
+    finally:
+        hold.set()
+    assert forgotten(timeout_s=60)
+    assert Variable.get(f"scistream-session-{seen['run_id']}", default=None) is None
+    summary = _artifacts(seen["uid"])[f"scistream-stream-{seen['uid']}"]
+    assert "**RELEASED**" in summary.data
+    assert str(summary.flow_run_id) == str(seen["run_id"])  # the run's, though written later

@@ -24,6 +24,7 @@ from scistream_prefect.compute import GlobusComputeGateway
 from scistream_prefect.gateways import Gateway, LocalGateway
 from scistream_prefect.recovery import (
     forget_stream,
+    in_background,
     release_session_streams,
     remember_stream,
     rememberable,
@@ -148,7 +149,9 @@ def teardown_stream(producer: Gateway, consumer: Gateway, uid: str, *,
                     state: str = "RELEASED") -> None:
     """Release both ends concurrently (idempotent); raise the first failure after both ran.
 
-    ``state`` is what the stream's summary artifact says afterwards.
+    ``state`` is what the stream's summary artifact says afterwards; it is published in
+    the background (:func:`~scistream_prefect.recovery.in_background`: an artifact is a
+    server write that took longer than the two releases).
     """
     futures = [release_gateway_stream.submit(producer, uid),
                release_gateway_stream.submit(consumer, uid)]
@@ -160,8 +163,8 @@ def teardown_stream(producer: Gateway, consumer: Gateway, uid: str, *,
     else:
         run_logger().info("stream %s released on %s and %s: proxies stopped, ports freed, "
                           "keys deleted", uid, producer.label, consumer.label)
-    publish_summary(uid, producer.label, consumer.label,
-                    f"RELEASE FAILED on {', '.join(failed)}" if failed else state)
+    in_background(publish_summary, uid, producer.label, consumer.label,
+                  f"RELEASE FAILED on {', '.join(failed)}" if failed else state)
     for future in futures:
         future.result()
 
