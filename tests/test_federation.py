@@ -1,0 +1,169 @@
+"""The two-facility world (tests/world/): its network holds what docs/federation.md says,
+and a stream crosses it end to end.
+
+The world is built once per module; every probe is a real process in a namespace."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from world import netns
+from world.netns import (
+    APP_P,
+    C_LAN,
+    C_WAN,
+    C_WAN6,
+    CLOUD,
+    P_LAN,
+    P_PUBLIC,
+    P_WAN,
+    P_WAN6,
+    World,
+)
+
+pytestmark = pytest.mark.root
+
+# Listens on argv[1], prints its port, and tells every client the address it came from.
+LISTENER = """
+import socket, sys
+host = sys.argv[1]
+server = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host
+                              else socket.AF_INET)
+print(server.getsockname()[1], flush=True)
+while True:
+    conn, peer = server.accept()
+    with conn:
+        conn.sendall(peer[0].encode())
+"""
+# Connects to each "host port" argument; prints, per target, the address the listener
+# saw, or the error.
+PROBE = """
+import json, socket, sys
+out = []
+for target in sys.argv[1:]:
+    host, port = target.rsplit(" ", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=2) as sock:
+            out.append(sock.recv(100).decode())
+    except OSError as exc:
+        out.append(type(exc).__name__)
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def world():
+    with World() as built:
+        yield built
+    assert built.left() == {}
+
+
+class Listener:
+    def __init__(self, world: World, ns: str, host: str):
+        self.proc = world.popen(ns, [sys.executable, "-c", LISTENER, host],
+                                stdout=subprocess.PIPE, text=True)
+        self.port = int(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.proc.stdout.close()
+
+
+@pytest.fixture
+def listen(world):
+    started: list[Listener] = []
+
+    def start(ns: str, host: str) -> int:
+        started.append(Listener(world, ns, host))
+        return started[-1].port
+
+    yield start
+    for listener in started:
+        listener.close()
+
+
+def probe(world: World, ns: str, *targets: tuple[str, int]) -> list[str]:
+    """What each connection from ``ns`` got: the address its listener saw, or an error."""
+    done = world.run(ns, [sys.executable, "-c", PROBE, *(f"{h} {p}" for h, p in targets)],
+                     capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def test_the_world_builds_and_tears_down_leaving_nothing():
+    with World() as other:
+        assert set(netns._existing()) >= {other.name(ns) for ns in netns.NAMESPACES}
+        sleeper = other.popen("cloud", ["sleep", "600"])
+        Listener(other, "fac-p", P_LAN)  # killed by the teardown, not by the test
+        left = other.left()
+        assert left["processes"] and left["listening"][other.name("fac-p")]
+    assert sleeper.wait(timeout=30) < 0
+    assert other.left() == {}
+    assert not [n for n in netns._existing() if n.startswith(f"ssw{other.token}-")]
+
+
+def test_an_app_is_reached_only_from_its_own_gateway(world, listen):
+    port = listen("app-p", APP_P)  # the producer app on facility P's LAN
+    assert probe(world, "fac-p", (APP_P, port)) == [P_LAN]
+    for ns in ("fac-c", "app-c", "wan", "cloud", "user"):
+        assert probe(world, ns, (APP_P, port)) == ["OSError"], ns  # no route: ENETUNREACH
+
+
+def test_an_app_reaches_only_its_own_gateways_lan_address(world, listen):
+    on_lan, on_wan = listen("fac-p", P_LAN), listen("fac-p", P_WAN)
+    cloud = listen("cloud", CLOUD)
+    peer = listen("fac-c", C_LAN)
+    assert probe(world, "app-p", (P_LAN, on_lan), (P_WAN, on_wan), (CLOUD, cloud),
+                 (C_LAN, peer)) == [APP_P, "OSError", "OSError", "OSError"]
+
+
+def test_the_gateways_meet_over_the_wan_with_p_behind_nat(world, listen):
+    at_p, at_p6 = listen("fac-p", P_WAN), listen("fac-p", P_WAN6)
+    at_c = listen("fac-c", C_WAN)
+    # C dials P's public address; P sees C as it is. P dials out from its public address.
+    assert probe(world, "fac-c", (P_PUBLIC, at_p), (P_WAN6, at_p6)) == [C_WAN, C_WAN6]
+    assert probe(world, "fac-p", (C_WAN, at_c)) == [P_PUBLIC]
+    # P's private address is reached only through the NAT: without a route C cannot try,
+    # and the router drops a connection that the NAT did not rewrite.
+    assert probe(world, "fac-c", (P_WAN, at_p)) == ["OSError"]
+    world.run("fac-c", ["ip", "route", "add", f"{P_WAN}/32", "via", netns.C_ROUTER], check=True)
+    try:
+        assert probe(world, "fac-c", (P_WAN, at_p)) == ["TimeoutError"]
+    finally:
+        world.run("fac-c", ["ip", "route", "del", f"{P_WAN}/32"], check=True)
+
+
+def test_the_cloud_is_the_control_plane_and_joins_no_two_facilities(world, listen):
+    cloud = listen("cloud", CLOUD)
+    for ns, seen in (("fac-p", "198.51.100.2"), ("fac-c", "198.51.100.6"),
+                     ("user", "198.51.100.10")):
+        assert probe(world, ns, (CLOUD, cloud)) == [seen], ns
+    c_control = listen("fac-c", "198.51.100.6")
+    assert probe(world, "fac-p", ("198.51.100.6", c_control)) == ["OSError"]
+    assert probe(world, "user", (P_LAN, listen("fac-p", P_LAN)), (C_WAN, listen("fac-c", C_WAN))
+                 ) == ["OSError", "OSError"]
+
+
+def test_nothing_routes_out(world):
+    names = {world.name(ns) for ns in netns.NAMESPACES}
+    for ns in netns.NAMESPACES:
+        assert world.run(ns, ["ip", "route", "show", "default"], capture_output=True,
+                         text=True).stdout == "", ns
+        for family, address in (("-4", "1.1.1.1"), ("-6", "2606:4700:4700::1111")):
+            done = world.run(ns, ["ip", family, "route", "get", address],
+                             capture_output=True, text=True)
+            assert done.returncode != 0 and "unreachable" in done.stderr, (ns, done)
+        # Every link but loopback is a veth whose other end is in the world.
+        ids = {entry["nsid"]: entry["name"] for entry in json.loads(world.run(
+            ns, ["ip", "-j", "netns", "list-id"], capture_output=True, text=True,
+            check=True).stdout)}
+        links = json.loads(world.run(ns, ["ip", "-j", "-d", "link"], capture_output=True,
+                                     text=True, check=True).stdout)
+        for link in links:
+            if link["ifname"] != "lo":
+                assert link["linkinfo"]["info_kind"] == "veth", (ns, link)
+                assert ids.get(link.get("link_netnsid")) in names, (ns, link)
