@@ -13,6 +13,7 @@ with ``rabbitmqctl``, the password on its stdin, never in argv.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -67,8 +68,34 @@ class Broker:
         self._own_root = root is None
         self.root = Path(root or tempfile.mkdtemp(prefix="rabbitmq-"))
         self.node = f"rabbit-{secrets.token_hex(4)}@localhost"
+        self._attached = False
         self._epmd: subprocess.Popen | None = None
         self._server: subprocess.Popen | None = None
+
+    @classmethod
+    def attach(cls, state: str | os.PathLike) -> Broker:
+        """A handle on a running node from its :meth:`save_state` file, for a process
+        in the node's own namespace (``rabbitmqctl`` runs without a prefix). Its
+        ``stop()`` stops nothing: the node belongs to whoever started it."""
+        data = json.loads(Path(state).read_text())
+        broker = cls(host=data["host"], amqp_port=data["amqp_port"],
+                     epmd_port=data["epmd_port"], dist_port=data["dist_port"],
+                     vhost=data["vhost"], root=data["root"])
+        broker.node, broker.admin_password = data["node"], data["admin_password"]
+        broker._attached = True
+        return broker
+
+    def save_state(self) -> Path:
+        """Write what :meth:`attach` needs (the admin password too) to an owner-only file
+        in the node's directory; returns its path."""
+        path = self.root / "broker.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"host": self.host, "amqp_port": self.amqp_port,
+                       "epmd_port": self.epmd_port, "dist_port": self.dist_port,
+                       "vhost": self.vhost, "root": str(self.root), "node": self.node,
+                       "admin_password": self.admin_password}, f)
+        return path
 
     # -- what clients need
     def url(self, user: str | None = None, password: str | None = None,
@@ -151,6 +178,7 @@ class Broker:
                     env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     start_new_session=True)
             self._await_boot(timeout_s)
+            self.save_state()
         except BaseException:
             self.stop()
             raise
@@ -216,6 +244,8 @@ class Broker:
         """TERM the node (its script stops the VM) and epmd, then KILL any process of
         theirs still alive (the VM's helpers, erl_child_setup and inet_gethost, run in
         sessions of their own). Removes the node's directory if this object made it."""
+        if self._attached:
+            return
         procs = [p for p in (self._server, self._epmd) if p is not None]
         tree = descendants([p.pid for p in procs])
         for proc in procs:
