@@ -344,8 +344,9 @@ class State:
             endpoint = self.endpoints.get(endpoint_id)
             if endpoint is None:
                 raise HttpError(404, "ENDPOINT_NOT_FOUND", f"no endpoint {endpoint_id}")
-            period = float(endpoint.heartbeat.get("heartbeat_period") or 30)
-            online = (endpoint.heartbeat_at > time.time() - 3 * period
+            period = float(endpoint.heartbeat.get("heartbeat_period", 30))
+            # A period of 0 is an endpoint's last heartbeat: it is shutting down.
+            online = (period > 0 and endpoint.heartbeat_at > time.time() - 3 * period
                       and endpoint.heartbeat.get("active", True) is not False)
             return {"status": "online" if online else "offline",
                     "details": dict(endpoint.heartbeat)}
