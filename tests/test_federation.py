@@ -167,3 +167,43 @@ def test_nothing_routes_out(world):
             if link["ifname"] != "lo":
                 assert link["linkinfo"]["info_kind"] == "veth", (ns, link)
                 assert ids.get(link.get("link_netnsid")) in names, (ns, link)
+
+
+# -- Prefect in the world ------------------------------------------------------------
+
+WORKERS_AND_DEPLOYMENTS = """
+import json, time
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as client:
+    deadline = time.monotonic() + 120
+    while True:
+        workers = client.read_workers_for_work_pool("scistream")
+        if any(w.status == "ONLINE" for w in workers) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    entrypoints = [d.entrypoint for d in [
+        client.read_deployment_by_name("open-stream/scistream"),
+        client.read_deployment_by_name("release-stream/scistream")]}
+print(json.dumps({"workers": [str(w.status) for w in workers], "entrypoints": entrypoints}))
+"""
+
+
+@pytest.fixture(scope="module")
+def prefect_world(world, tmp_path_factory):
+    from world.prefect_world import PrefectWorld
+
+    with PrefectWorld(world, tmp_path_factory.mktemp("prefect-world")) as started:
+        yield started
+
+
+@pytest.mark.slow
+def test_prefect_runs_in_the_world_from_an_installed_package(prefect_world):
+    from world.prefect_world import installed_origin
+
+    assert installed_origin(prefect_world).startswith(str(prefect_world.root / "venv"))
+    seen = prefect_world.python(WORKERS_AND_DEPLOYMENTS)
+    assert "ONLINE" in " ".join(seen["workers"]), (seen, prefect_world.worker.tail())
+    assert set(seen["entrypoints"]) == {
+        "scistream_prefect.flows.streams.open_stream",
+        "scistream_prefect.flows.streams.release_stream"}
+    assert "Worker 'ProcessWorker" in prefect_world.worker.tail()
