@@ -6,6 +6,7 @@ The world is built once per module; every probe is a real process in a namespace
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -189,21 +190,53 @@ print(json.dumps({"workers": [str(w.status) for w in workers], "entrypoints": en
 
 
 @pytest.fixture(scope="module")
-def prefect_world(world, tmp_path_factory):
-    from world.prefect_world import PrefectWorld
+def federation(tmp_path_factory):
+    """The whole world, once for the module: stand-ins, broker, endpoints, Prefect."""
+    from world.federation import Federation
 
-    with PrefectWorld(world, tmp_path_factory.mktemp("prefect-world")) as started:
-        yield started
+    # The world's processes (stand-ins, endpoints) take this process's environment: the
+    # suite's loopback-only socket guard stays out of them; the topology guards there.
+    saved = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = netns.world_env()["PYTHONPATH"]
+    fed = Federation(tmp_path_factory.mktemp("federation"))
+    try:
+        fed.start()
+        yield fed
+    finally:
+        left = fed.stop()
+        os.environ["PYTHONPATH"] = saved
+    assert left == {}
 
 
-@pytest.mark.slow
-def test_prefect_runs_in_the_world_from_an_installed_package(prefect_world):
+def test_prefect_runs_in_the_world_from_an_installed_package(federation):
     from world.prefect_world import installed_origin
 
-    assert installed_origin(prefect_world).startswith(str(prefect_world.root / "venv"))
-    seen = prefect_world.python(WORKERS_AND_DEPLOYMENTS)
-    assert "ONLINE" in " ".join(seen["workers"]), (seen, prefect_world.worker.tail())
+    prefect = federation.prefect
+    assert installed_origin(prefect).startswith(str(prefect.root / "venv"))
+    seen = prefect.python(WORKERS_AND_DEPLOYMENTS)
+    assert "ONLINE" in " ".join(seen["workers"]), (seen, prefect.worker.tail())
     assert set(seen["entrypoints"]) == {
         "scistream_prefect.flows.streams.open_stream",
         "scistream_prefect.flows.streams.release_stream"}
-    assert "Worker 'ProcessWorker" in prefect_world.worker.tail()
+    assert "Worker 'ProcessWorker" in prefect.worker.tail()
+
+
+def _end_to_end(federation, nbytes: int) -> dict:
+    from world.federation import stream_end_to_end
+
+    summary = stream_end_to_end(federation, nbytes, num_conn=4)
+    assert summary["checksum_ok"] and summary["bytes"] == nbytes, summary
+    assert summary["tls"], summary
+    # reserve ‖ reserve -> connect ‖ connect: the flow sends the hello with P's connect.
+    assert summary["setup_round_trips"] == 2, summary
+    assert summary["left"] == {}, summary
+    return summary
+
+
+def test_a_deployment_run_streams_through_both_endpoints(federation):
+    _end_to_end(federation, 64 << 20)
+
+
+@pytest.mark.slow
+def test_one_gib_through_both_endpoints(federation):
+    _end_to_end(federation, 1 << 30)

@@ -215,6 +215,26 @@ class World:
         self.run("wan", ["nft", "-f", "-"], input=rules, text=True, check=True,
                  capture_output=True)
 
+    def forward_localhost(self, ns: str, port: int) -> None:
+        """Connections in ``ns`` to 127.0.0.1:``port`` go to the cloud's same port: for a
+        client that expects a service on localhost (the Compute SDK's ``local``
+        environment), in the kernel (no relay process)."""
+        self._sysctl(ns, "net.ipv4.conf.all.route_localnet", 1)
+        rules = f"""
+        table ip localhost_{port} {{
+          chain output {{
+            type nat hook output priority -100;
+            ip daddr 127.0.0.1 tcp dport {port} dnat to {CLOUD}:{port}
+          }}
+          chain postrouting {{
+            type nat hook postrouting priority srcnat;
+            ip saddr 127.0.0.0/8 ip daddr {CLOUD} masquerade
+          }}
+        }}
+        """
+        self.run(ns, ["nft", "-f", "-"], input=rules, text=True, check=True,
+                 capture_output=True)
+
     # -- removing -------------------------------------------------------------------
 
     def teardown(self) -> None:

@@ -40,11 +40,12 @@ class PrefectWorld:
     """The server, the pool, the deployments and a worker; ``start()`` / ``stop()``.
 
     ``root`` holds the server's PREFECT_HOME, the wheel's venv, the worker's empty
-    working directory and the logs."""
+    working directory and the logs. ``user_env`` is added to the environment of every
+    process of the user's (the worker, its flow runs, :meth:`python`)."""
 
-    def __init__(self, world: World, root: Path, worker_env: dict | None = None):
+    def __init__(self, world: World, root: Path, user_env: dict | None = None):
         self.world, self.root = world, root
-        self.worker_env = worker_env or {}
+        self.user_env = user_env or {}
         self.server: Served | None = None
         self.worker: Served | None = None
         self.bin: Path | None = None
@@ -55,7 +56,8 @@ class PrefectWorld:
         env = {k: v for k, v in world_env().items() if not k.startswith("PREFECT_")}
         env.update(PREFECT_API_URL=API_URL, PREFECT_SERVER_ANALYTICS_ENABLED="false",
                    PREFECT_HOME=str(self.root / "client-home"),
-                   PREFECT_API_REQUEST_TIMEOUT="120", **extra)
+                   PREFECT_API_REQUEST_TIMEOUT="120")
+        env.update(self.user_env, **extra)
         return env
 
     def start(self) -> PrefectWorld:
@@ -78,7 +80,7 @@ class PrefectWorld:
         self.worker = Served([*self.world.argv_prefix("user"), str(self.bin / "python"), "-m",
                               "prefect", "worker", "start", "--pool", POOL],
                              self.root / "worker.log", cwd=outside,
-                             env=self.env(PREFECT_WORKER_QUERY_SECONDS="1", **self.worker_env))
+                             env=self.env(PREFECT_WORKER_QUERY_SECONDS="1"))
         return self
 
     def _wait_healthy(self, timeout_s: float = 300) -> None:
