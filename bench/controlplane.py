@@ -4,12 +4,17 @@ gateways on loopback.
 
     .venv/bin/python bench/controlplane.py [--quick] [--open-runs 100]
         [--session-runs 50] [--flow-runs 5] [--concurrent 50,200] [--backend native]
-        [--workers 4] [--port-base 16200] [--out bench/results] [--json]
+        [--workers 4] [--port-base 16200] [--added-delay-ms 0] [--out bench/results]
+        [--json]
 
-Measured, each as a distribution (n, p50, p90, p99, min, max):
-- open (direct calls): reserve ‖ reserve -> hello -> connect ‖ connect through the
-  gateway functions (Globus Compute serializer, worker processes, SQLite, real
-  proxies), from the first reserve until both proxies listen; then release.
+Measured, each as a distribution (n, p50, p90, p95, p99, min, max):
+- open (direct calls), both paths alternately (A B A B), through the gateway functions
+  (Globus Compute serializer, worker processes, SQLite, real proxies), from the first
+  reserve until both proxies listen; then release. Folded: the client is the
+  producer's controller, its hello rides on the producer's connect (reserve ‖ reserve
+  -> connect ‖ connect). Separate: the producer's controller says hello itself once
+  the stream is reserved, the client waits for it (reserve ‖ reserve -> hello ‖
+  wait_hello -> connect ‖ connect).
 - inside a running flow: ``stream_session`` (the session's tasks) from entering the
   ``with`` until the block runs, and its release when the block ends. Direct opens
   and sessions alternate (A B A B) inside one flow run.
@@ -18,6 +23,9 @@ Measured, each as a distribution (n, p50, p90, p99, min, max):
 - sequential remote round trips of each: every ``LocalGateway.call`` (the seam where
   gateway functions run) is recorded with its start and end; calls that overlap in
   time are one round trip. Counted, not assumed.
+- ``--added-delay-ms N`` adds N ms to every gateway call at that seam (before the
+  call), standing for the distance to a remote gateway: setup grows by N ms per
+  sequential round trip.
 - 50 and 200 streams opened at once on one gateway pair: time until all are open,
   each one's setup time, release time, and the RSS / PSS of the proxy processes of
   both gateways with them idle (per stream: above the figure with one stream open).
@@ -29,10 +37,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import sys
 import tempfile
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -47,15 +57,18 @@ from scistream_prefect import (  # noqa: E402
     release_stream,
     stream_session,
 )
+from scistream_prefect import streams_core as core  # noqa: E402
 from scistream_proxy.leaks import proxy_pids  # noqa: E402
 
 IDLE_APP = ["127.0.0.1:9"]  # a hello needs the app's address; nothing connects to it here
 
 
 class CallRecorder:
-    """Records every ``LocalGateway.call`` (start, end, function) while active."""
+    """Records every ``LocalGateway.call`` (start, end, function) while active, each
+    call first delayed by ``added_delay_s``."""
 
-    def __init__(self):
+    def __init__(self, added_delay_s: float = 0.0):
+        self.added_delay_s = added_delay_s
         self.calls: list[tuple[float, float, str]] = []
         self._lock = threading.Lock()
         self._original = None
@@ -67,6 +80,8 @@ class CallRecorder:
         def call(gateway, function, request, timeout_s=None):
             started = time.perf_counter()
             try:
+                if recorder.added_delay_s:
+                    time.sleep(recorder.added_delay_s)
                 return original(gateway, function, request, timeout_s)
             finally:
                 with recorder._lock:
@@ -124,25 +139,77 @@ class TripCounter:
                 for op, counts in self.counts.items()}
 
 
+def with_p95(values: list[float]) -> dict:
+    """:func:`benchlib.distribution` of ``values`` with its 95th percentile added."""
+    dist = benchlib.distribution(values)
+    if values:
+        ordered = sorted(values)
+        pos = (len(ordered) - 1) * 0.95
+        low, high = int(pos), min(int(pos) + 1, len(ordered) - 1)
+        dist["p95"] = ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+    return dist
+
+
+class ControllerSteps(core.Steps):
+    """The open logic's steps, with the producer's controller saying hello on its own
+    once both reserves are back (as an app controller told the uid would)."""
+
+    def __init__(self, producer, uid: str, key, app_listeners: list[str]):
+        self.hello = (producer, uid, key, "PROD", app_listeners)
+        self.thread: threading.Thread | None = None
+
+    def both(self, step, first, second):
+        replies = super().both(step, first, second)
+        if step is core.reserve:
+            self.thread = threading.Thread(target=core.hello, args=self.hello)
+            self.thread.start()
+        return replies
+
+
+def open_direct(producer, consumer, folded: bool) -> core.StreamHandle:
+    """One stream opened with the plain calls: the hello folded into the producer's
+    connect, or sent by the producer's controller while the client waits for it."""
+    if folded:
+        uid, key = core.key_and_uid(None, None, IDLE_APP)
+        return core.open_ends(producer, consumer, uid=uid, hello_key=key, num_conn=1,
+                              app_listeners=IDLE_APP)
+    uid, key = core.key_and_uid(str(uuid.uuid4()), secrets.token_urlsafe(32), None)
+    steps = ControllerSteps(producer, uid, key, IDLE_APP)
+    try:
+        return core.open_ends(producer, consumer, uid=uid, hello_key=key, num_conn=1,
+                              hello_timeout_s=60, steps=steps)
+    finally:
+        if steps.thread is not None:
+            steps.thread.join()
+
+
+OPENS = {True: "open, hello folded into connect (direct calls)",
+         False: "open, controller's own hello (direct calls)"}
+
+
 @flow(name="bench-controlplane-opens")
 def alternating_opens(producer: LocalGateway, consumer: LocalGateway, open_runs: int,
-                      session_runs: int) -> dict:
-    """Inside this one running flow, alternately (A B A B ...): a stream opened and
-    released with direct calls, and a ``stream_session`` (the session's tasks), until
+                      session_runs: int, added_delay_s: float = 0.0) -> dict:
+    """Inside this one running flow, alternately (A B C A B C ...): a stream opened with
+    direct calls and its hello folded into connect, one whose producer's controller says
+    hello itself, each released; and a ``stream_session`` (the session's tasks), until
     each has run its count."""
-    recorder, trips = CallRecorder(), TripCounter()
-    pair = LocalPair(producer, consumer)
-    opens, releases, enter, setup, leave, leave_calls = [], [], [], [], [], []
+    recorder, trips = CallRecorder(added_delay_s), TripCounter()
+    opens = {folded: ([], []) for folded in OPENS}  # setup_s, release_s
+    enter, setup, leave, leave_calls, counted = [], [], [], [], {folded: [] for folded in OPENS}
     with recorder:
         for index in range(max(open_runs, session_runs)):
-            if index < open_runs:
+            for folded, name in OPENS.items():
+                if index >= open_runs:
+                    continue
                 recorder.take()
-                chain = pair.open(IDLE_APP)
-                opens.append(chain.seconds)
-                trips.add("open (direct calls)", recorder.take())
+                handle = open_direct(producer, consumer, folded)
+                opens[folded][0].append(handle.setup_s)
+                counted[folded].append(handle.setup_round_trips)
+                trips.add(name, recorder.take())
                 started = time.perf_counter()
-                chain.release()
-                releases.append(time.perf_counter() - started)
+                core.release_both(producer, consumer, handle.uid)
+                opens[folded][1].append(time.perf_counter() - started)
                 trips.add("release (direct calls)", recorder.take())
             if index < session_runs:
                 recorder.take()
@@ -158,12 +225,14 @@ def alternating_opens(producer: LocalGateway, consumer: LocalGateway, open_runs:
                 if calls:
                     leave_calls.append(max(c[1] for c in calls) - min(c[0] for c in calls))
                 trips.add("stream_session release (tasks in a flow)", calls)
-    return {"open_s": benchlib.distribution(opens),
-            "release_s": benchlib.distribution(releases),
-            "enter_s": benchlib.distribution(enter),
-            "setup_s": benchlib.distribution(setup),
-            "session_release_s": benchlib.distribution(leave),
-            "session_release_calls_s": benchlib.distribution(leave_calls),
+    return {"opens": {name: {"setup_s": with_p95(opens[folded][0]),
+                             "release_s": with_p95(opens[folded][1]),
+                             "setup_round_trips": sorted(set(counted[folded]))}
+                      for folded, name in OPENS.items()},
+            "enter_s": with_p95(enter),
+            "setup_s": with_p95(setup),
+            "session_release_s": with_p95(leave),
+            "session_release_calls_s": with_p95(leave_calls),
             "trips": trips.result()}
 
 
@@ -181,8 +250,8 @@ def flow_runs(producer, consumer, runs: int, recorder: CallRecorder, trips: Trip
         release_stream(producer, consumer, handle.uid)
         releases.append(time.perf_counter() - started)
         trips.add("release_stream flow run", recorder.take())
-    return {"open_stream_s": benchlib.distribution(opens),
-            "release_stream_s": benchlib.distribution(releases)}
+    return {"open_stream_s": with_p95(opens),
+            "release_stream_s": with_p95(releases)}
 
 
 def concurrent_streams(pair: LocalPair, counts: list[int], num_conn: int,
@@ -225,7 +294,7 @@ def concurrent_streams(pair: LocalPair, counts: list[int], num_conn: int,
                       for key in ("rss_kib", "pss_kib")}
         out[str(count)] = {
             "opened": len(chains), "errors": errors[:5], "error_count": len(errors),
-            "all_open_s": all_open, "setup_s": benchlib.distribution([c.seconds for c in chains]),
+            "all_open_s": all_open, "setup_s": with_p95([c.seconds for c in chains]),
             "release_all_s": released, "memory": mem,
             "per_stream_kib": per_stream,
         }
@@ -237,6 +306,10 @@ def checks(result: dict) -> benchlib.Checks:
     enter = result.get("session", {}).get("enter_s", {})
     out.add_at_most("stream setup inside a running flow p50 <= 0.25 s", enter.get("p50"), 0.25,
                     f"p50 {_fmt(enter.get('p50'), 3)} s over {enter.get('n', 0)} sessions")
+    folded = result.get("round_trips", {}).get(OPENS[True], {})
+    out.add_at_most("setup with the hello folded into connect: 2 round trips",
+                    folded.get("usual"), 2,
+                    f"counted at the seam: {folded.get('round_trips', '-')}")
     counts = [int(k) for k in result.get("concurrent", {}) if k.isdigit()]
     if counts:
         top = result["concurrent"][str(max(counts))]
@@ -258,15 +331,24 @@ def markdown(result: dict, label_line: str, readme: bool = False) -> str:
     lines = [] if readme else ["# Control plane benchmark", ""]
     lines += [label_line, "",
               f"Two local gateways on loopback, backend `{result['config']['backend']}`, "
-              f"{result['config']['workers']} worker processes each. Seconds. Method: "
-              "[docs/benchmarks.md](../../docs/benchmarks.md).", ""]
+              f"{result['config']['workers']} worker processes each, "
+              f"{result['config'].get('added_delay_ms', 0):g} ms added to every gateway "
+              "call. Seconds. Method: [docs/benchmarks.md](../../docs/benchmarks.md).", ""]
+    paths = result.get("setup_paths", {})
+    if paths:
+        rows = [[name, ", ".join(map(str, info["setup_round_trips"])), info["setup_s"]["n"],
+                 *[_fmt(info["setup_s"].get(k), 3) for k in ("p50", "p95")]]
+                for name, info in paths.items()]
+        lines += ["Setup by path (round trips as the client counts them, `setup_round_trips`):",
+                  "", benchlib.markdown_table(["path", "round trips", "n", "setup p50",
+                                               "setup p95"], rows), ""]
     rows = []
     for name, dist in result["timings"].items():
         if dist.get("n"):
-            rows.append([name, dist["n"], *[_fmt(dist[k], 3)
-                                            for k in ("p50", "p90", "p99", "min", "max")]])
-    lines += [benchlib.markdown_table(["measure", "n", "p50", "p90", "p99", "min", "max"],
-                                      rows), ""]
+            rows.append([name, dist["n"], *[_fmt(dist.get(k), 3) for k in
+                                            ("p50", "p90", "p95", "p99", "min", "max")]])
+    lines += [benchlib.markdown_table(["measure", "n", "p50", "p90", "p95", "p99", "min",
+                                       "max"], rows), ""]
     rows = [[op, info["usual"], ", ".join(f"{k} × {v}" for k, v in info["round_trips"].items()),
              "; ".join(info["sequences"])] for op, info in result["round_trips"].items()]
     lines += ["Sequential remote round trips (calls at the gateway seam, overlapping ones "
@@ -308,7 +390,8 @@ def run(args) -> dict:
         "bench": "controlplane", "quick": args.quick,
         "config": {k: getattr(args, k) for k in ("open_runs", "session_runs", "flow_runs",
                                                    "concurrent", "backend", "workers",
-                                                   "num_conn", "port_base")},
+                                                   "num_conn", "port_base",
+                                                   "added_delay_ms")},
         "machine": benchlib.machine(), "timings": {}, "round_trips": {}, "errors": [],
     }
     started = time.monotonic()
@@ -343,12 +426,15 @@ def measure(args, root: Path, result: dict) -> None:
 def measure_opens(args, pair: LocalPair, result: dict) -> None:
     """Opens with direct calls and sessions alternately, then flow runs, on ``pair``."""
     producer, consumer = pair.producer, pair.consumer
-    print(f"alternately: open/release with direct calls x{args.open_runs}, "
+    print(f"alternately: open/release with direct calls x{args.open_runs} per path, "
           f"stream_session x{args.session_runs}, inside one flow ...", file=sys.stderr)
-    opens = alternating_opens(producer, consumer, args.open_runs, args.session_runs)
+    opens = alternating_opens(producer, consumer, args.open_runs, args.session_runs,
+                              args.added_delay_ms / 1000)
     timings = result["timings"]
-    timings["open, direct calls (reserve to both listening)"] = opens["open_s"]
-    timings["release, direct calls"] = opens["release_s"]
+    result["setup_paths"] = opens["opens"]
+    for name, info in opens["opens"].items():
+        timings[f"{name}: setup_s (first reserve to both listening)"] = info["setup_s"]
+        timings[f"{name}: release"] = info["release_s"]
     timings["stream_session open inside a flow (until the block runs)"] = opens["enter_s"]
     timings["  of which setup_s (first reserve to both listening)"] = opens["setup_s"]
     timings["stream_session release (block end to released)"] = opens["session_release_s"]
@@ -359,7 +445,7 @@ def measure_opens(args, pair: LocalPair, result: dict) -> None:
     result["round_trips"].update(opens["trips"])
     if args.flow_runs:
         print(f"open_stream/release_stream flow runs x{args.flow_runs} ...", file=sys.stderr)
-        recorder, trips = CallRecorder(), TripCounter()
+        recorder, trips = CallRecorder(args.added_delay_ms / 1000), TripCounter()
         with recorder:
             flows = flow_runs(producer, consumer, args.flow_runs, recorder, trips)
         timings["open_stream flow run (wall)"] = flows["open_stream_s"]
@@ -385,6 +471,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port-base", type=int, default=16200,
                         help="the gateways' ports start here (40 + 2 x (largest count x "
                         "num_conn + 10) ports)")
+    parser.add_argument("--added-delay-ms", type=float, default=0.0, metavar="N",
+                        help="add N ms to every gateway call at the client's seam, standing "
+                        "for the distance to remote gateways (default 0)")
     parser.add_argument("--out", type=Path, default=benchlib.RESULTS_DIR)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--update-readme", action="store_true",
@@ -398,9 +487,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, name, quick if args.quick else full)
     args.concurrent = [int(c) for c in args.concurrent.split(",") if c]
     if args.open_runs < 1 or args.session_runs < 0 or args.flow_runs < 0 \
-            or min(args.concurrent, default=2) < 2:
+            or min(args.concurrent, default=2) < 2 or not 0 <= args.added_delay_ms <= 10_000:
         parser.error("--open-runs must be positive, --session-runs and --flow-runs not "
-                     "negative, --concurrent counts at least 2")
+                     "negative, --concurrent counts at least 2, --added-delay-ms 0-10000")
     reason = None if args.render else benchlib.backend_skip_reason(args.backend)
     if reason:
         parser.error(f"backend {args.backend} cannot run here: {reason}")

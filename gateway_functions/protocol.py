@@ -283,6 +283,21 @@ class WaitHelloRequest(Request):
     timeout_s: _number(0, MAX_WAIT_HELLO_S) = 10.0
 
 
+class FoldedHello(NamedTuple):
+    """The producer's hello carried by its ``connect``: ``hello``'s key and app_listeners."""
+
+    key: str
+    app_listeners: object  # checked as hello checks it, once the stream is known
+
+
+def _folded_hello(value: object, field: str, info: ValidationInfo) -> FoldedHello:
+    if not isinstance(value, dict) or set(value) != {"key", "app_listeners"}:
+        raise BadFormat(f"{field} must be an object with exactly the fields key and "
+                        "app_listeners (the producer's hello)")
+    return FoldedHello(_text(MAX_KEY_CHARS)(value["key"], f"{field}.key", info),
+                       value["app_listeners"])
+
+
 class ConnectRequest(Request):
     PROOF = "control"
     uid: Uid
@@ -293,6 +308,11 @@ class ConnectRequest(Request):
     peer_fingerprint: _checked(_unchecked, _HEX64_SCHEMA) = None
     peer_certificate: _checked(_unchecked, {"type": "string", "minLength": 1,
                                             "maxLength": MAX_CERT_PEM}) = None
+    # The producer's hello, folded in (a PROD stream only): reserve -> connect, no
+    # round trip of its own. Checked as ``hello`` checks it, after the control secret.
+    hello: _checked(_folded_hello, {
+        "type": "object", "additionalProperties": False, "required": ["key", "app_listeners"],
+        "properties": {"key": _SECRET_SCHEMA, "app_listeners": _ADDRESS_LIST}}) = None
 
     @model_validator(mode="after")
     def _peer(self) -> ConnectRequest:
@@ -346,7 +366,8 @@ class GatewayInfoReply(Reply):
     backend: str
     backends: dict[str, BackendInfo]
     lan_address: str
-    wan_address: str
+    wan_address: str  # where the WAN listeners are bound
+    wan_advertise_address: str  # what a producer's listeners say (behind NAT)
     port_range: list[int]
     free_ports: int
     max_num_conn: int

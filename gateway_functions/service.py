@@ -100,6 +100,34 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _checked_hello(stream: StreamRow, role: str, key: str, app_listeners: object,
+                   given: bool) -> list[str] | None:
+    """The checks of a hello on ``stream`` (``hello``'s own, or folded into the
+    producer's ``connect``): the stream takes hellos, ``key`` is its hello key, ``role``
+    its role; a producer's ``app_listeners`` (``given`` or not) are well formed and, once
+    recorded, the same. Returns them (None for a consumer); changes nothing."""
+    uid = stream.uid
+    # A FAILED stream keeps its row until released, but takes no hello (as no
+    # connect): its proxy is gone.
+    if not stream.active or stream.state == State.FAILED or stream.key_sha256 is None:
+        raise InvalidUid(f"stream {uid} is {stream.state}")
+    if not hmac.compare_digest(_sha256(key), stream.key_sha256):
+        raise AuthError(f"wrong hello key for stream {uid}")
+    if role != stream.role:
+        raise BadFormat(f"stream {uid} is {stream.role} on this gateway, hello says {role}")
+    if role != "PROD":
+        if given:
+            raise BadFormat("a CONS hello takes no app_listeners")
+        return None
+    if not given:
+        raise BadFormat("a PROD hello must give app_listeners")
+    app_listeners = addresses(app_listeners, "app_listeners", stream.num_conn)
+    if stream.state != State.RESERVED and stream.app_listeners != app_listeners:
+        raise BadFormat(f"stream {uid} already has app_listeners {stream.app_listeners} "
+                        f"({stream.state})")
+    return app_listeners
+
+
 def _prove(stream: StreamRow, control: str | None) -> None:
     """``AUTH_ERROR`` unless ``control`` is the control secret of ``stream`` (None: the
     request gave none)."""
@@ -224,6 +252,7 @@ class Gateway(Recovery):
                       for name in BACKENDS
                       for reason in [self.backend(name).unavailable_reason()]},
             lan_address=s.lan_address, wan_address=s.wan_address,
+            wan_advertise_address=s.wan_advertise_address,
             port_range=[s.port_min, s.port_max],
             free_ports=size - len(self.store.used_ports()),
             max_num_conn=s.max_num_conn, rate_capacity=s.rate_capacity,
@@ -281,6 +310,8 @@ class Gateway(Recovery):
                                  f"{s.rate_capacity} kbit/s in use, {rate} asked")
 
             host = s.wan_address if role == "PROD" else s.lan_address
+            # Peers dial the address the NAT exposes (if any), with the same ports.
+            advertised = s.wan_advertise_address if role == "PROD" else s.lan_address
             sockets = self._bind_listeners(host, num_conn, backend.reuseport)
             ports = [sock.getsockname()[1] for sock in sockets]
             # Recorded before anything starts: if this worker dies from here on, the
@@ -288,7 +319,7 @@ class Gateway(Recovery):
             self.store.insert(StreamRow(
                 uid=uid, role=role, state=State.STARTING, num_conn=num_conn, rate=rate,
                 key_sha256=key_sha256, lease_expires=time.time() + lease_s,
-                listeners=[format_address(host, port) for port in ports],
+                listeners=[format_address(advertised, port) for port in ports],
                 app_listeners=[], remote_listeners=[], tls=True, cert_fingerprint="",
                 certificate="", backend=backend.name, proxy=None, ports=ports,
                 busy={**_this_worker(), "op": "reserve"},
@@ -344,26 +375,13 @@ class Gateway(Recovery):
         self.reap()
         with self.store.transaction():
             stream = self._lookup(uid)
-            # A FAILED stream keeps its row until released, but takes no hello (as no
-            # connect): its proxy is gone.
-            if not stream.active or stream.state == State.FAILED or stream.key_sha256 is None:
-                raise InvalidUid(f"stream {uid} is {stream.state}")
-            digest = hashlib.sha256(key.encode()).hexdigest()
-            if not hmac.compare_digest(digest, stream.key_sha256):
-                raise AuthError(f"wrong hello key for stream {uid}")
-            if role != stream.role:
-                raise BadFormat(f"stream {uid} is {stream.role} on this gateway, hello says {role}")
-            if role == "PROD":
-                if "app_listeners" not in req.model_fields_set:
-                    raise BadFormat("a PROD hello must give app_listeners")
-                app_listeners = addresses(req.app_listeners, "app_listeners", stream.num_conn)
-                if stream.state == State.RESERVED:
-                    self.store.update(uid, state=State.HELLO, app_listeners=app_listeners)
-                elif stream.app_listeners != app_listeners:
-                    raise BadFormat(f"stream {uid} already has app_listeners "
-                                    f"{stream.app_listeners} ({stream.state})")
-            elif "app_listeners" in req.model_fields_set:
-                raise BadFormat("a CONS hello takes no app_listeners")
+            app_listeners = _checked_hello(stream, role, key, req.app_listeners,
+                                           "app_listeners" in req.model_fields_set)
+            if app_listeners is not None and stream.state == State.RESERVED:
+                if stream.busy is not None:  # a connect carrying a hello; alive: reaped
+                    raise Unavailable(f"a {stream.busy.get('op', 'call')} of stream {uid} "
+                                      "is in progress; try again")
+                self.store.update(uid, state=State.HELLO, app_listeners=app_listeners)
         return HelloReply(uid=uid, role=role, listeners=stream.listeners).wire()
 
     def wait_hello(self, raw: object) -> dict:
@@ -391,7 +409,12 @@ class Gateway(Recovery):
         listeners, ``tls`` and peer fingerprint (the certificate is checked against the
         fingerprint, so the same fingerprint is the same certificate); another peer is
         ``AUTH_ERROR``, since which peer the stream trusts is an authentication
-        decision, and the pinned one stays."""
+        decision, and the pinned one stays.
+
+        The producer's connect may carry its hello (``hello``: key and app_listeners,
+        checked as ``hello`` checks them): the stream goes from RESERVED to CONNECTED in
+        one step, its app_listeners recorded with the outcome, so a refused or failed
+        connect leaves it RESERVED."""
         req = ConnectRequest.parse(raw, self.settings)
         uid, tls, remote = req.uid, req.tls, req.remote_listeners
         if not tls and not self.settings.allow_plain_tcp:
@@ -418,6 +441,10 @@ class Gateway(Recovery):
             if stream.busy is not None:  # alive: reap_abandoned has just run
                 raise Unavailable(f"a {stream.busy.get('op', 'call')} of stream {uid} is in "
                                   "progress; try again")
+            app_listeners = stream.app_listeners
+            if req.hello is not None:
+                app_listeners = _checked_hello(stream, "PROD", req.hello.key,
+                                               req.hello.app_listeners, True)
             if stream.state == State.CONNECTED:
                 if stream.peer_fingerprint is not None and (
                         peer_fp is None
@@ -428,9 +455,9 @@ class Gateway(Recovery):
                         remote, tls, peer_fp):
                     return reply
                 raise BadFormat(f"stream {uid} is already connected with other parameters")
-            if stream.role == "PROD" and stream.state != State.HELLO:
+            if stream.role == "PROD" and stream.state != State.HELLO and req.hello is None:
                 raise InvalidUid(f"stream {uid} is {stream.state}: the producer's hello "
-                                 "(its app_listeners) must come before connect")
+                                 "(its app_listeners) must come before connect, or with it")
             if stream.state not in (State.RESERVED, State.HELLO):
                 raise InvalidUid(f"stream {uid} is {stream.state}")
             # Marked before the proxy changes: a worker dying from here on leaves a row
@@ -450,7 +477,7 @@ class Gateway(Recovery):
                 raise ConnError(f"the proxy of stream {uid} is not running")
             if peer_cert is not None:
                 (directory / PEER_CERT_FILE).write_text(peer_cert)
-            targets = stream.app_listeners if stream.role == "PROD" else remote
+            targets = app_listeners if stream.role == "PROD" else remote
             try:
                 handle = backend.connect(stream.proxy, directory, targets=targets, tls=tls,
                                          peer_cert_file=PEER_CERT_FILE if tls else None,
@@ -464,6 +491,7 @@ class Gateway(Recovery):
             with self.store.transaction():
                 self.store.update(uid, state=State.CONNECTED, remote_listeners=remote,
                                   tls=int(tls), peer_fingerprint=peer_fp,
+                                  app_listeners=app_listeners,
                                   proxy=handle or stream.proxy, busy=None)
         except BaseException:
             # The stream stays as it was (a failed connect may be tried again) unless

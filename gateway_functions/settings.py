@@ -7,7 +7,8 @@ Example (every key but ``name`` and ``state_dir`` has the default shown)::
     name = "facility-p-gw"
     state_dir = "/var/lib/scistream"     # SQLite state, per-stream keys and configs
     lan_address = "127.0.0.1"            # where this facility's apps reach the proxy
-    wan_address = "127.0.0.1"            # where the peer gateway reaches the proxy
+    wan_address = "127.0.0.1"            # where the WAN listeners are bound
+    wan_advertise_address = ""           # what peers dial (behind NAT); "" = wan_address
     port_range = [50000, 50999]          # inclusive; one port per connection
     max_num_conn = 64                    # per stream
     rate_capacity = 0                    # kbit/s summed over active streams; 0 = unlimited
@@ -28,6 +29,11 @@ The container backends reach ``docker_host`` when named (a ``unix://`` socket), 
 ``DOCKER_HOST``, else the Docker SDK's standard socket. A shared gateway refuses them
 unless ``docker_host`` names a socket owned by the gateway's own user (a rootless
 engine): whoever reaches an engine controls every container on it.
+
+Behind NAT, the WAN listeners are bound on ``wan_address`` (this node's own address)
+and ``reserve`` advertises ``wan_advertise_address`` (the address the NAT exposes, with
+the same ports forwarded) in a producer's ``listeners``; read back, an empty one is
+``wan_address``. Any address may be an IPv6 literal (``"2001:db8::1"``, no brackets).
 
 ``allow_plain_tcp`` lets a stream's owner turn encryption off between the gateways
 (``connect`` with ``tls: false``); off, such a request is ``NOT_IMPLEMENTED``.
@@ -62,6 +68,8 @@ _PROBLEMS = {
     "port_max": "port_range must be [low, high] with 1024 <= low <= high <= 65535",
     "lan_address": "lan_address is not a host name or IP address",
     "wan_address": "wan_address is not a host name or IP address",
+    "wan_advertise_address": "wan_advertise_address is not a host name or IP address "
+                             "(or \"\": the wan_address)",
     "max_num_conn": "max_num_conn must be a positive integer",
     "default_lease_s": "default_lease_s must be a positive integer",
     "max_lease_s": "max_lease_s must be a positive integer",
@@ -87,6 +95,7 @@ class GatewaySettings(BaseModel):
     state_dir: Path
     lan_address: str = "127.0.0.1"
     wan_address: str = "127.0.0.1"
+    wan_advertise_address: str = ""  # what peers dial, behind NAT; "" (default): wan_address
     port_min: int = 50000
     port_max: int = 50999
     max_num_conn: int = 64
@@ -132,12 +141,19 @@ class GatewaySettings(BaseModel):
     @classmethod
     def _check(cls, values: object, handler, info: ValidationInfo) -> GatewaySettings:
         where = f"gateway settings {(info.context or {}).get('path', '(given)')}"
+        # Not given (or ""): peers dial the address the listeners are bound on.
+        advertise_given = isinstance(values, dict) and values.get("wan_advertise_address")
+        if isinstance(values, dict) and not advertise_given:
+            values = {**values, "wan_advertise_address": values.get(
+                "wan_address", cls.model_fields["wan_address"].default)}
         try:
             settings = handler(values)
         except ValidationError as exc:
             problems = []
             for error in exc.errors():
                 key = str(error["loc"][0]) if error["loc"] else ""
+                if key == "wan_advertise_address" and not advertise_given:
+                    continue  # the wan_address's own problem
                 if error["type"] == "missing":
                     raise ServerError(f"{where}: missing key '{key}'") from None
                 problem = _PROBLEMS.get(key, f"unknown keys {[key]}")
@@ -156,6 +172,9 @@ class GatewaySettings(BaseModel):
         for key in ("lan_address", "wan_address"):
             if not check_host(getattr(self, key)):
                 problems.append(_PROBLEMS[key])
+        if self.wan_advertise_address != self.wan_address and not check_host(
+                self.wan_advertise_address):
+            problems.append(_PROBLEMS["wan_advertise_address"])
         for key in ("max_num_conn", "default_lease_s", "max_lease_s"):
             if getattr(self, key) < 1:
                 problems.append(_PROBLEMS[key])
@@ -227,6 +246,7 @@ class GatewaySettings(BaseModel):
         for key, value in (
             ("name", self.name), ("state_dir", str(self.state_dir)),
             ("lan_address", self.lan_address), ("wan_address", self.wan_address),
+            ("wan_advertise_address", self.wan_advertise_address),
             ("port_range", [self.port_min, self.port_max]),
             ("max_num_conn", self.max_num_conn), ("rate_capacity", self.rate_capacity),
             ("backend", self.backend), ("default_lease_s", self.default_lease_s),

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 
-from scistream_proxy.addresses import parse_address
+from scistream_proxy.addresses import format_address, parse_address
 
 BLOCK = 1 << 20
 COMMAND = [sys.executable, "-m", "scistream_proxy.apps"]
@@ -61,10 +61,13 @@ class EchoServer:
         self.sock.close()
 
 
-def start_producer(connections: int, total_bytes: int) -> tuple[subprocess.Popen, list[str]]:
-    """Start the producer app; return it and the listeners it reported."""
+def start_producer(connections: int, total_bytes: int, listen: str = "127.0.0.1:0"
+                   ) -> tuple[subprocess.Popen, list[str]]:
+    """Start the producer app (listening on ``listen``, port 0: any free); return it
+    and the listeners it reported."""
     proc = subprocess.Popen(
-        [*COMMAND, "producer", "--connections", str(connections), "--bytes", str(total_bytes)],
+        [*COMMAND, "producer", "--connections", str(connections), "--bytes", str(total_bytes),
+         "--listen", listen],
         stdout=subprocess.PIPE, text=True,
     )
     return proc, json.loads(proc.stdout.readline())["listening"]
@@ -140,9 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.app == "producer":
-        server = socket.create_server(parse_address(args.listen), backlog=args.connections)
+        host, port = parse_address(args.listen)
+        server = socket.create_server((host, port), backlog=args.connections,
+                                      family=socket.AF_INET6 if ":" in host else socket.AF_INET)
         bound = server.getsockname()
-        print(json.dumps({"listening": [f"{bound[0]}:{bound[1]}"]}), flush=True)
+        print(json.dumps({"listening": [format_address(*bound[:2])]}), flush=True)
         conns = [server.accept()[0] for _ in range(args.connections)]
         server.close()
         results: list = [None] * args.connections

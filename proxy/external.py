@@ -31,7 +31,7 @@ from scistream_proxy import procfs
 from scistream_proxy.backends import ProxyBackend, ProxyError, ProxySpec, connect_in_dir
 from scistream_proxy.leaks import working_dirs
 from scistream_proxy.limits import conn_cap
-from scistream_proxy.addresses import format_address
+from scistream_proxy.addresses import format_address, parse_address
 from scistream_proxy.process import (
     ProcessIdentity,
     ProxyStartError,
@@ -300,6 +300,13 @@ def _ssl_files(stream_dir: Path, tls: bool) -> None:
         raise ProxyError("the peer's certificate is missing")
 
 
+def _stunnel_address(address: str) -> str:
+    """``host:port`` as stunnel reads it: split at the last colon, an IPv6 host bare
+    (``::1:5000``; stunnel resolves ``[::1]`` as a host name and fails)."""
+    host, port = parse_address(address)
+    return f"{host}:{port}"
+
+
 class StunnelBackend(HeldPortsBackend):
     """stunnel: one service per listener; TLS only (stunnel cannot relay plain TCP)."""
 
@@ -314,8 +321,9 @@ class StunnelBackend(HeldPortsBackend):
         _ssl_files(stream_dir, tls)
         server = handle["role"] == "PROD"
         text = render_template("stunnel.conf") + "".join(
-            render_template("stunnel-service.conf", index=index, listener=listener,
-                            target=targets[index % len(targets)],
+            render_template("stunnel-service.conf", index=index,
+                            listener=_stunnel_address(listener),
+                            target=_stunnel_address(targets[index % len(targets)]),
                             client="no" if server else "yes", peer_cert=peer_cert_file)
             for index, listener in enumerate(handle["listeners"]))
         write_private(stream_dir / "stunnel.conf", text.encode())

@@ -153,7 +153,7 @@ def _demo(args: argparse.Namespace) -> int:
                  f"{summary['active_streams']} streams, "
                  f"{summary['leftover_stream_dirs']} key directories")
         print(f"\nstream {summary['uid']}\n"
-              f"  setup (reserve ‖ reserve, hello, connect ‖ connect): {summary['setup_s']:.3f} s\n"
+              f"  setup (reserve ‖ reserve, connect ‖ connect): {summary['setup_s']:.3f} s\n"
               f"  moved: {summary['bytes'] / 2**20:.1f} MiB in {summary['seconds']:.2f} s"
               f" = {summary['throughput_gbit_s']:.2f} Gbit/s\n"
               f"  checksums: {verdict}\n"
@@ -285,7 +285,7 @@ def _open(args: argparse.Namespace) -> int:
     from scistream_gateway.errors import BadFormat
 
     if not args.app_listener and not (args.uid and args.hello_key_block):
-        raise BadFormat("give --app-listener (the flow sends the producer's hello), or "
+        raise BadFormat("give --app-listener (the producer's connect carries its hello), or "
                         "--uid and --hello-key-block for a producer controller's own hello")
     options = dict(num_conn=args.num_conn, rate=args.rate, app_listeners=args.app_listener or None,
                    uid=args.uid, tls=args.tls, lease_s=args.lease,
@@ -301,7 +301,8 @@ def _open(args: argparse.Namespace) -> int:
     data = handle.model_dump(mode="json")
     _print(args, data,
            f"stream {handle.uid} open ({handle.producer} -> {handle.consumer}, "
-           f"{'TLS' if handle.tls else 'NO encryption'}, setup {handle.setup_s:.3f} s)\n"
+           f"{'TLS' if handle.tls else 'NO encryption'}, setup {handle.setup_s:.3f} s in "
+           f"{handle.setup_round_trips} round trips)\n"
            f"consumer app connects to: {' '.join(handle.listeners)}")
     return 0
 
@@ -328,7 +329,9 @@ def _open_direct(args: argparse.Namespace, options: dict):
                       app_listeners=handle.app_listeners,
                       producer_fingerprint=handle.producer_fingerprint,
                       consumer_fingerprint=handle.consumer_fingerprint,
-                      setup_s=round(handle.setup_s, 4), lease_expires=handle.lease_expires)
+                      setup_s=round(handle.setup_s, 4),
+                      setup_round_trips=handle.setup_round_trips,
+                      lease_expires=handle.lease_expires)
     return handle
 
 
@@ -568,8 +571,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     open_ = sub.add_parser(
         "open", help="open a stream between two gateways",
-        description="Open a stream: reserve on both gateways concurrently, the producer's "
-        "hello, connect both; on any failure both ends are released. Where a Prefect "
+        description="Open a stream: reserve on both gateways concurrently, then connect "
+        "both, the producer's connect carrying its hello (--app-listener; two round trips) "
+        "or after waiting for the producer's controller; on any failure both ends are "
+        "released. Where a Prefect "
         "server is configured (PREFECT_API_URL, in the environment or the active Prefect "
         "profile), this runs the open-stream flow there, so the run, its listeners table "
         "and summary show in the Prefect UI. Without one, the same steps run directly (no "
@@ -585,8 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     open_.add_argument("--rate", type=_int_in(0, 10**9), default=0,
                        help="rate limit in kbit/s (default 0: unlimited)")
     open_.add_argument("--app-listener", action="append", metavar="HOST:PORT", type=_address,
-                       help="where the producer app listens (repeat for several); the flow "
-                       "sends the producer's hello")
+                       help="where the producer app listens (repeat for several); the "
+                       "producer's connect carries its hello")
     open_.add_argument("--uid", type=_uid, help="the stream's uid (default: a new UUID)")
     open_.add_argument("--hello-key-block", metavar="NAME",
                        help="a Prefect Secret block holding the hello key, for a producer "

@@ -52,11 +52,10 @@ class PairStream:
     def connect(self, app_listeners: list[str], *, tls: bool = True,
                 prod_peer: tuple[str, str] | None = None,
                 cons_peer: tuple[str, str] | None = None) -> None:
-        """hello, then connect ‖ connect. ``*_peer`` = (certificate, fingerprint) to give
-        that side instead of the real peer's (an impostor)."""
+        """connect ‖ connect, the producer's carrying its hello (``app_listeners``), as
+        the client flow does it. ``*_peer`` = (certificate, fingerprint) to give that
+        side instead of the real peer's (an impostor)."""
         producer, consumer = self.pair.producer, self.pair.consumer
-        producer.call("hello", {"uid": self.uid, "key": self.key, "role": "PROD",
-                                "app_listeners": app_listeners})
         prod_peer = prod_peer or (self.cons["certificate"], self.cons["cert_fingerprint"])
         cons_peer = cons_peer or (self.prod["certificate"], self.prod["cert_fingerprint"])
 
@@ -66,8 +65,10 @@ class PairStream:
             return {"uid": self.uid, "remote_listeners": remote,
                     "peer_certificate": peer[0], "peer_fingerprint": peer[1]}
 
-        self.pair._both((producer, "connect", request(self.cons["listeners"], prod_peer)),
-                       (consumer, "connect", request(self.prod["listeners"], cons_peer)))
+        hello = {"hello": {"key": self.key, "app_listeners": app_listeners}}
+        self.pair._both((producer, "connect",
+                         {**request(self.cons["listeners"], prod_peer), **hello}),
+                        (consumer, "connect", request(self.prod["listeners"], cons_peer)))
 
     def status(self) -> tuple[dict, dict]:
         """Both ends' ``status`` replies, producer's first."""
@@ -154,8 +155,9 @@ class LocalPair:
 
     def open(self, app_listeners: list[str], *, tls: bool = True,
              num_conn: int | None = None) -> PairStream:
-        """reserve ‖ reserve, hello, connect ‖ connect, as the client flow does it; on a
-        failure both ends are released and the failure raised."""
+        """reserve ‖ reserve, then connect ‖ connect with the producer's hello folded in,
+        as the client flow does it; on a failure both ends are released and the failure
+        raised."""
         started = time.perf_counter()
         stream = self.reserve(num_conn or len(app_listeners))
         try:

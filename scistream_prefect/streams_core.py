@@ -2,8 +2,10 @@
 tasks and flows wrap and the command line runs directly.
 
 One function per gateway call (each builds and checks its request), and :func:`open_ends`,
-the open logic: ``reserve ‖ reserve`` -> the producer's ``hello`` (or ``wait_hello``) ->
-``connect ‖ connect``, both ends released on any failure. :class:`Steps` says how the
+the open logic: ``reserve ‖ reserve`` -> ``connect ‖ connect`` with the producer's hello
+carried by its connect (two round trips), or ``reserve ‖ reserve`` -> ``wait_hello`` ->
+``connect ‖ connect`` when the producer's controller says hello itself; both ends
+released on any failure. :class:`Steps` says how the
 calls run: here directly, two at once on threads; in a flow, as Prefect tasks.
 """
 
@@ -68,6 +70,10 @@ class StreamHandle(BaseModel):
     producer_fingerprint: str = Field(description="SHA-256 of the producer proxy's certificate.")
     consumer_fingerprint: str = Field(description="SHA-256 of the consumer proxy's certificate.")
     setup_s: float = Field(description="Seconds from the first reserve to both proxies accepting.")
+    setup_round_trips: int = Field(
+        description="Sequential gateway round trips of the setup: 2 when the producer's "
+        "hello rode on its connect, 3 when the flow waited for the producer's controller "
+        "(wait_hello).")
     lease_expires: float = Field(
         default=0.0, description="When the earlier of the two leases runs out (Unix time), "
         "unless renewed.",
@@ -194,11 +200,19 @@ def poll_hello(gateway, uid: str, poll_frequency_seconds: float,
 
 @checked
 def connect(gateway, uid: str, remote_listeners: Addresses, peer_fingerprint: str | None,
-            peer_certificate: str | None, tls: bool = True) -> dict:
-    """``connect`` one end to its peer's listeners, pinning the peer's certificate."""
+            peer_certificate: str | None, tls: bool = True,
+            hello_key: SecretStr | str | None = None,
+            app_listeners: Addresses | None = None) -> dict:
+    """``connect`` one end to its peer's listeners, pinning the peer's certificate. The
+    producer's connect may carry its hello (``hello_key`` and ``app_listeners``, both or
+    neither): one round trip instead of two."""
     request: dict = {"uid": uid, "remote_listeners": remote_listeners, "tls": tls}
     if tls:
         request.update(peer_fingerprint=peer_fingerprint, peer_certificate=peer_certificate)
+    if (hello_key is None) != (app_listeners is None):
+        raise BadFormat("a hello carried by connect gives both hello_key and app_listeners")
+    if app_listeners is not None:
+        request["hello"] = {"key": _reveal(hello_key), "app_listeners": app_listeners}
     return check_gateway(gateway).call("connect", request)
 
 
@@ -230,8 +244,8 @@ def key_and_uid(uid: str | None, hello_key: SecretStr | str | None,
                 app_listeners: list[str] | None) -> tuple[str, SecretStr]:
     """The stream's uid and hello key: given, or new (a uuid4, 32 random bytes)."""
     if app_listeners is None and (uid is None or hello_key is None):
-        raise BadFormat("give app_listeners (the flow sends the producer's hello), or the uid "
-                        "and hello key the producer's controller will use for its own hello")
+        raise BadFormat("give app_listeners (the producer's connect carries its hello), or the "
+                        "uid and hello key the producer's controller will use for its own hello")
     if uid is not None and not is_canonical_uid(uid):
         raise BadFormat(f"uid must be a lowercase canonical UUID, not {uid!r:.80}")
     if hello_key is None:
@@ -299,7 +313,8 @@ def open_ends(producer, consumer, *, uid: str, hello_key: SecretStr, num_conn: i
               rate: int = 0, app_listeners: list[str] | None = None, tls: bool = True,
               lease_s: int | None = None, hello_timeout_s: float = 300.0,
               steps: Steps | None = None) -> StreamHandle:
-    """Reserve both ends, the producer's hello (sent, or waited for), connect both ends;
+    """Reserve both ends, then connect both ends, the producer's carrying its hello
+    when ``app_listeners`` are given (else the hello is waited for in between);
     on any failure (Ctrl-C too) release both and raise it. Arguments are checked by
     :func:`check_setup` and :func:`key_and_uid` first."""
     steps = steps or Steps()
@@ -310,13 +325,16 @@ def open_ends(producer, consumer, *, uid: str, hello_key: SecretStr, num_conn: i
         prod, cons = steps.both(reserve, ((producer,), {"role": "PROD", **common}),
                                 ((consumer,), {"role": "CONS", **common}))
         if app_listeners is not None:
-            steps.one(hello, producer, uid, hello_key, "PROD", app_listeners)
+            # The flow is the producer's controller: its hello rides on the connect.
             app = [str(a) for a in app_listeners]
+            folded = {"hello_key": hello_key, "app_listeners": app}
+            round_trips = 2
         else:
             app = steps.one(wait_hello, producer, uid, max_wait_seconds=hello_timeout_s)
+            folded, round_trips = {}, 3
         steps.both(connect,
                    ((producer, uid, cons["listeners"], cons["cert_fingerprint"],
-                     cons["certificate"]), {"tls": tls}),
+                     cons["certificate"]), {"tls": tls, **folded}),
                    ((consumer, uid, prod["listeners"], prod["cert_fingerprint"],
                      prod["certificate"]), {"tls": tls}))
     except BaseException:
@@ -330,6 +348,6 @@ def open_ends(producer, consumer, *, uid: str, hello_key: SecretStr, num_conn: i
         listeners=cons["listeners"], producer_listeners=prod["listeners"], app_listeners=app,
         tls=tls, producer_fingerprint=prod["cert_fingerprint"],
         consumer_fingerprint=cons["cert_fingerprint"],
-        setup_s=time.perf_counter() - started,
+        setup_s=time.perf_counter() - started, setup_round_trips=round_trips,
         lease_expires=min(prod["lease_expires"], cons["lease_expires"]),
     )

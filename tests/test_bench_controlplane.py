@@ -29,26 +29,38 @@ def test_controlplane_bench_counts_round_trips_and_measures(controlplane, gatewa
     out = gateway_root / "out"
     assert controlplane.main(["--open-runs", "3", "--session-runs", "2", "--flow-runs", "1",
                               "--concurrent", "2,4", "--workers", "2", "--port-base", "16200",
-                              "--out", str(out)]) == 0
+                              "--added-delay-ms", "20", "--out", str(out)]) == 0
     assert LocalGateway.call is seam  # the recorder put the seam back
     result = json.loads((out / "controlplane.json").read_text())
+    assert result["config"]["added_delay_ms"] == 20
+    folded, separate = controlplane.OPENS[True], controlplane.OPENS[False]
     timings = result["timings"]
-    assert timings["open, direct calls (reserve to both listening)"]["n"] == 3
+    for name in (folded, separate):
+        assert timings[f"{name}: setup_s (first reserve to both listening)"]["n"] == 3
     assert timings["stream_session open inside a flow (until the block runs)"]["n"] == 2
     assert timings["open_stream flow run (wall)"]["n"] == 1
     for dist in timings.values():
-        assert 0 < dist["min"] <= dist["p50"] <= dist["p90"] <= dist["p99"] <= dist["max"]
+        assert 0 < dist["min"] <= dist["p50"] <= dist["p90"] <= dist["p95"] <= dist["p99"] \
+            <= dist["max"]
+    # Each sequential round trip waited the added 20 ms at least (a sleep, not a speed).
+    paths = result["setup_paths"]
+    assert paths[folded]["setup_round_trips"] == [2]
+    assert paths[separate]["setup_round_trips"] == [3]
+    assert paths[folded]["setup_s"]["min"] >= 2 * 0.020
+    assert paths[separate]["setup_s"]["min"] >= 3 * 0.020
     trips = result["round_trips"]
-    # Measured at the seam; the protocol's shape is reserve ‖ reserve, hello, connect ‖ connect.
-    for operation in ("open (direct calls)", "stream_session open (tasks in a flow)",
+    # Measured at the seam: the hello rides on the producer's connect.
+    for operation in (folded, separate, "stream_session open (tasks in a flow)",
                       "open_stream flow run"):
         assert sum(trips[operation]["round_trips"].values()) >= 1
-        sequences = trips[operation]["sequences"]
-        if operation == "open (direct calls)":
-            assert "reserve ‖ reserve → hello → connect ‖ connect" in sequences
-        else:  # Prefect tasks submitted together need not overlap on a loaded machine
-            assert {s.replace("‖", "→") for s in sequences} == \
-                {"reserve → reserve → hello → connect → connect"}, sequences
+    assert "reserve ‖ reserve → connect ‖ connect" in trips[folded]["sequences"]
+    assert "reserve ‖ reserve → hello ‖ wait_hello → connect ‖ connect" in \
+        trips[separate]["sequences"]
+    for operation in (folded, "stream_session open (tasks in a flow)",
+                      "open_stream flow run"):
+        # Prefect tasks submitted together need not overlap on a loaded machine
+        assert {s.replace("‖", "→") for s in trips[operation]["sequences"]} == \
+            {"reserve → reserve → connect → connect"}, trips[operation]
     assert {s.replace("‖", "→") for s in trips["release_stream flow run"]["sequences"]} == \
         {"release → release"}
     for count in ("2", "4"):
@@ -59,8 +71,9 @@ def test_controlplane_bench_counts_round_trips_and_measures(controlplane, gatewa
     verdicts = {c["target"]: c["verdict"] for c in result["checks"]}
     assert set(verdicts.values()) <= {"met", "not met"}
     table = (out / "controlplane.md").read_text()
-    assert "| measure | n | p50 | p90 | p99 | min | max |" in table
+    assert "| measure | n | p50 | p90 | p95 | p99 | min | max |" in table
     assert "Sequential remote round trips" in table
+    assert "| path | round trips | n | setup p50 | setup p95 |" in table
 
 
 def test_round_trips_group_overlapping_calls(controlplane):

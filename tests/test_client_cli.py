@@ -45,6 +45,7 @@ def test_open_status_release_by_settings_file(gateways, producer_app, tmp_path):
     assert opened.returncode == 0, opened.stderr[-3000:]
     handle = json.loads(opened.stdout)
     assert "hello_key" not in handle and handle["tls"] is True
+    assert handle["setup_round_trips"] == 2  # the producer's hello rode on its connect
     uid = handle["uid"]
     try:
         code, received = run_consumer(handle["listeners"])
@@ -99,6 +100,7 @@ def test_controllers_say_hello_with_keys_that_never_touch_argv(gateways, produce
     handle = json.loads(out)
     try:
         assert json.loads(hello.stdout)["listeners"] == handle["producer_listeners"]
+        assert handle["setup_round_trips"] == 3  # reserve, wait_hello, connect
         key_file = tmp_path / "stream.key"
         key_file.write_text(key)
         key_file.chmod(0o600)

@@ -102,6 +102,8 @@ addresses = st.sampled_from([
 
 def field_strategies(world: World) -> dict:
     cert = world.reply.get("certificate", "")
+    fields_key = st.sampled_from([KEY, KEY + " ", ""]) | json_values
+    app_lists = st.lists(addresses, max_size=4) | json_values
     fingerprint = world.reply.get("cert_fingerprint", "0" * 64)
     return {
         "uid": st.sampled_from([world.uid, world.uid.upper(), world.uid.replace("-", ""),
@@ -115,15 +117,18 @@ def field_strategies(world: World) -> dict:
         "owner_sha256": st.sampled_from(["0" * 64, "A" * 64]) | json_values,
         "control": st.sampled_from([control_secret(world.uid), "wrong", ""]) | json_values,
         "owner": st.sampled_from([owner_token(), ""]) | json_values,
-        "key": st.sampled_from([KEY, KEY + " ", ""]) | json_values,
+        "key": fields_key,
         "lease_s": st.integers(-5, 10**6) | st.floats(-1, 10) | json_values,
         "timeout_s": st.floats(-1, 0.02) | st.sampled_from([21, 3600, True]) | json_values,
-        "app_listeners": st.lists(addresses, max_size=4) | json_values,
+        "app_listeners": app_lists,
         "remote_listeners": st.lists(addresses, max_size=70) | json_values,
         "peer_fingerprint": st.sampled_from([fingerprint, "0" * 64]) | json_values,
         "peer_certificate": st.sampled_from([cert, cert.replace("A", "B", 1), "PEM"])
                             | json_values,
         "tls": st.booleans() | json_values,
+        "hello": st.fixed_dictionaries({"key": fields_key, "app_listeners": app_lists})
+                 | st.sampled_from([{"key": KEY}, {"key": KEY, "app_listeners": [APP],
+                                                    "role": "PROD"}]) | json_values,
         "unknown": json_values,
         "__class__": json_values,
     }
@@ -142,7 +147,8 @@ def valid_requests(world: World, fresh_uid: str) -> dict[str, dict]:
         "wait_hello": {"uid": world.uid, "control": control, "timeout_s": 0},
         "connect": {"uid": world.uid, "control": control, "remote_listeners": ["127.0.0.1:9"],
                     "peer_fingerprint": world.reply["cert_fingerprint"],
-                    "peer_certificate": world.reply["certificate"]},
+                    "peer_certificate": world.reply["certificate"],
+                    "hello": {"key": KEY, "app_listeners": [APP]}},
         "status": {"uid": world.uid, "control": control},
         "renew": {"uid": world.uid, "control": control, "lease_s": 3600},
         "release": {"uid": world.uid, "control": control},

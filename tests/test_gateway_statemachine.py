@@ -104,7 +104,7 @@ class GatewayMachine(RuleBasedStateMachine):
         else:
             assert "error" not in reply, reply
             self.active[uid] = {"role": role, "rate": rate, "num_conn": num_conn,
-                                "killed": False, "state": "RESERVED"}
+                                "killed": False, "state": "RESERVED", "app": None}
             status = _call("status", {"uid": uid})
             self.identities[uid] = ProcessIdentity(status["pid"],
                                                    ProcessIdentity.of(status["pid"]).start_time)
@@ -140,10 +140,12 @@ class GatewayMachine(RuleBasedStateMachine):
             assert reply["error"]["code"] == "INVALID_UID", reply
         elif not right_key:
             assert reply["error"]["code"] == "AUTH_ERROR"
+        elif s["role"] == "PROD" and s["state"] != "RESERVED" and s["app"] != "127.0.0.1:9":
+            assert reply["error"]["code"] == "BAD_FORMAT", reply  # a connect's hello said :10
         else:
             assert "error" not in reply, reply
             if s["role"] == "PROD" and s["state"] == "RESERVED":
-                s["state"] = "HELLO"
+                s["state"], s["app"] = "HELLO", "127.0.0.1:9"
 
     @rule(uid=uids)
     def connect_plain(self, uid):
@@ -161,6 +163,30 @@ class GatewayMachine(RuleBasedStateMachine):
         else:
             assert reply.get("state") == "CONNECTED", reply
             s["state"] = "CONNECTED"
+
+    @rule(uid=uids, right_key=st.booleans(), app=st.sampled_from(["127.0.0.1:9",
+                                                                  "127.0.0.1:10"]))
+    def connect_with_hello(self, uid, right_key, app):
+        """The producer's connect carrying its hello: RESERVED -> CONNECTED in one step."""
+        s = self.active.get(uid)
+        reply = _call("connect", {"uid": uid, "remote_listeners": ["127.0.0.1:9"],
+                                   "tls": False, "hello": {
+                                       "key": _key(uid) if right_key else "wrong",
+                                       "app_listeners": [app]}})
+        if s is None or s["state"] == "FAILED":
+            assert reply["error"]["code"] == "INVALID_UID", reply
+        elif not right_key:
+            assert reply["error"]["code"] == "AUTH_ERROR", reply
+        elif s["role"] == "CONS":
+            assert reply["error"]["code"] == "BAD_FORMAT", reply
+        elif s["state"] != "RESERVED" and s["app"] != app:  # another hello recorded
+            assert reply["error"]["code"] == "BAD_FORMAT", reply
+        elif s["killed"] and s["state"] != "CONNECTED":
+            assert reply["error"]["code"] == "CONN_ERROR", reply
+            s["state"] = "FAILED"
+        else:
+            assert reply.get("state") == "CONNECTED", reply
+            s["state"], s["app"] = "CONNECTED", app
 
     @rule(uid=uids)
     def kill_proxy(self, uid):

@@ -128,8 +128,8 @@ def peak_rss_kib(pid: int) -> int:
 
 def open_stream(producer: LocalGateway, consumer: LocalGateway, uid: str,
                 app_listeners: list[str]) -> dict:
-    """reserve ‖ reserve, the producer's hello, connect ‖ connect: the gateway calls of
-    setup_stream, without a Prefect task run around each."""
+    """reserve ‖ reserve, connect ‖ connect with the producer's hello carried by its
+    connect: the gateway calls of setup_stream, without a Prefect task run around each."""
     key = secrets.token_urlsafe(32)
     key_sha256 = hashlib.sha256(key.encode()).hexdigest()
     with ThreadPoolExecutor(2) as pool:
@@ -137,13 +137,12 @@ def open_stream(producer: LocalGateway, consumer: LocalGateway, uid: str,
             "uid": uid, "role": role, "num_conn": NUM_CONN, "key_sha256": key_sha256})
             for gw, role in ((producer, "PROD"), (consumer, "CONS")))
         prod, cons = prod_f.result(), cons_f.result()
-        producer.call("hello", {"uid": uid, "key": key, "role": "PROD",
-                                "app_listeners": app_listeners})
+        hello = {"hello": {"key": key, "app_listeners": app_listeners}}
         connects = [pool.submit(gw.call, "connect", {
             "uid": uid, "remote_listeners": peer["listeners"],
             "peer_fingerprint": peer["cert_fingerprint"],
-            "peer_certificate": peer["certificate"]})
-            for gw, peer in ((producer, cons), (consumer, prod))]
+            "peer_certificate": peer["certificate"], **extra})
+            for gw, peer, extra in ((producer, cons, hello), (consumer, prod, {}))]
         for future in connects:
             assert future.result()["state"] == "CONNECTED"
     return {"uid": uid, "producer": prod["listeners"], "consumer": cons["listeners"]}

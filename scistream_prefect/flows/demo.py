@@ -1,9 +1,9 @@
 """The demo: a real stream between two local gateways on loopback, checked end to end.
 
 A producer app sends generated data; a Prefect flow opens the stream (reserve on both
-gateways, hello, connect on both); a consumer app reads everything through consumer
-proxy -> TLS -> producer proxy; checksums are compared; the flow releases the stream;
-and the demo checks that no proxy process, port or key file is left.
+gateways, connect on both, the producer's carrying its hello); a consumer app reads
+everything through consumer proxy -> TLS -> producer proxy; checksums are compared;
+the flow releases the stream; and the demo checks that no proxy process, port or key file is left.
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ def stream_demo(
     return {
         "uid": handle.uid,
         "setup_s": handle.setup_s,
+        "setup_round_trips": handle.setup_round_trips,
         "listeners": handle.listeners + handle.producer_listeners,
         "consumer": apps.connection_results(out),
         "consumer_exit": consumer_app.returncode,
@@ -142,6 +143,7 @@ def _run_demo_in(root: Path, *, total_bytes: int, num_conn: int, tls: bool, port
         "num_conn": num_conn,
         "tls": tls,
         "setup_s": round(run["setup_s"], 4),
+        "setup_round_trips": run["setup_round_trips"],
         "bytes": total_received,
         "seconds": round(run["seconds"], 3),
         "throughput_gbit_s": round(total_received * 8 / run["seconds"] / 1e9, 3),

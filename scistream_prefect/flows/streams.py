@@ -1,7 +1,9 @@
 """Open and release a stream between a producer gateway and a consumer gateway.
 
 The protocol's sequential remote round trips are as few as it allows:
-``reserve ‖ reserve`` -> ``hello`` (or ``wait_hello``) -> ``connect ‖ connect``.
+``reserve ‖ reserve`` -> ``connect ‖ connect``, the producer's connect carrying its
+hello when the flow was given ``app_listeners``; with the producer's controller saying
+hello itself, ``reserve ‖ reserve`` -> ``wait_hello`` -> ``connect ‖ connect``.
 :func:`setup_stream` runs those tasks inside whatever flow calls it (no subflow, so
 no flow-run overhead); :func:`open_stream` is the same as a flow of its own. The logic
 is :func:`scistream_prefect.streams_core.open_ends`, which ``scistream open`` also runs
@@ -32,7 +34,6 @@ from scistream_prefect.tasks.streams import (
     release_gateway_stream,
     reserve_gateway_ports,
     run_logger,
-    send_app_hello,
     wait_for_app_hello,
 )
 
@@ -42,8 +43,8 @@ __all__ = ["GatewayBlock", "StreamHandle", "open_stream", "release_stream", "set
 #: A gateway a flow parameter can name: a saved block of either kind, or its fields.
 GatewayBlock = LocalGateway | GlobusComputeGateway
 
-_TASKS = {core.reserve: reserve_gateway_ports, core.hello: send_app_hello,
-          core.wait_hello: wait_for_app_hello, core.connect: connect_gateway_proxy}
+_TASKS = {core.reserve: reserve_gateway_ports, core.wait_hello: wait_for_app_hello,
+          core.connect: connect_gateway_proxy}
 
 
 class _TaskSteps(core.Steps):
@@ -99,8 +100,9 @@ def setup_stream(
         consumer: the gateway in front of the consumer app.
         num_conn: parallel connections; connection *i* goes to ``app_listeners[i % n]``.
         rate: stream rate limit in kbit/s (0 = unlimited).
-        app_listeners: where the producer app listens; given, the flow sends the
-            producer's hello itself. Otherwise it waits for the producer's controller,
+        app_listeners: where the producer app listens; given, the flow is the
+            producer's controller and its hello rides on the producer's connect (setup
+            in two round trips). Otherwise it waits for the producer's controller,
             which must know ``uid`` and ``hello_key``.
         uid: the stream id (a UUID); generated when not given.
         hello_key: the key app controllers prove. When not given, a key is generated,
@@ -133,11 +135,12 @@ def setup_stream(
                     num_conn=num_conn, tls=tls)
     run_logger().info(
         "stream %s open: consumer app connects to %s (%s), producer gateway listens at %s "
-        "(%s), producer app at %s, %s, %d connection%s, setup %.2f s", uid,
+        "(%s), producer app at %s, %s, %d connection%s, setup %.2f s in %d round trips",
+        uid,
         ", ".join(handle.listeners), handle.consumer, ", ".join(handle.producer_listeners),
         handle.producer, ", ".join(handle.app_listeners),
         "TLS" if tls else "plain TCP (no encryption)", num_conn, "s" if num_conn > 1 else "",
-        handle.setup_s)
+        handle.setup_s, handle.setup_round_trips)
     return handle
 
 
@@ -177,7 +180,8 @@ def open_stream(
     lease_s: LeaseS | None = None,
     hello_timeout_s: WaitS = 300.0,
 ) -> StreamHandle:
-    """Open a SciStream stream: reserve both ends, hello, connect both ends.
+    """Open a SciStream stream: reserve both ends, connect both ends (the producer's
+    connect carrying its hello, or after waiting for the producer's controller).
 
     See :func:`setup_stream` for the parameters; their bounds are in the flow's
     parameter schema, so a deployment's form refuses a bad value, and a call with one

@@ -19,10 +19,10 @@ keeps the names the docs use::
         uid, key = str(uuid.uuid4()), secrets.token_urlsafe(32)
         p, c = await asyncio.gather(aio.reserve_gateway_ports(prod, uid, "PROD", 1, key),
                                     aio.reserve_gateway_ports(cons, uid, "CONS", 1, key))
-        await aio.send_app_hello(prod, uid, key, "PROD", app_listeners)
-        await asyncio.gather(
+        await asyncio.gather(  # the producer's connect carries its hello
             aio.connect_gateway_proxy(prod, uid, c["listeners"], c["cert_fingerprint"],
-                                      c["certificate"]),
+                                      c["certificate"], hello_key=key,
+                                      app_listeners=app_listeners),
             aio.connect_gateway_proxy(cons, uid, p["listeners"], p["cert_fingerprint"],
                                       p["certificate"]))
         ...  # the consumer app connects to c["listeners"]
@@ -118,11 +118,13 @@ async def wait_for_app_hello(
 async def connect_gateway_proxy(
     gateway: Gateway, uid: str, remote_listeners: list[str],
     peer_fingerprint: str | None, peer_certificate: str | None, tls: bool = True,
+    hello_key: SecretStr | str | None = None, app_listeners: list[str] | None = None,
 ) -> dict:
     """:func:`scistream_prefect.tasks.connect_gateway_proxy`, awaitable."""
     with logged_call(gateway, "connect", uid):
         return await asyncio.to_thread(core.connect, gateway, uid, remote_listeners,
-                                       peer_fingerprint, peer_certificate, tls)
+                                       peer_fingerprint, peer_certificate, tls, hello_key,
+                                       app_listeners)
 
 
 @task(name="get-stream-status", task_run_name=run_name("status"), cache_policy=NO_CACHE,

@@ -231,8 +231,13 @@ def wait_for_app_hello(
 def connect_gateway_proxy(
     gateway: Gateway, uid: str, remote_listeners: list[str],
     peer_fingerprint: str | None, peer_certificate: str | None, tls: bool = True,
+    hello_key: SecretStr | str | None = None, app_listeners: list[str] | None = None,
 ) -> dict:
     """Point one gateway's proxy at its targets and pin the peer gateway's certificate.
+
+    The producer's connect may carry the producer's hello (``hello_key`` and
+    ``app_listeners``): then no :func:`send_app_hello` is needed, and the setup is two
+    round trips, ``reserve ‖ reserve`` -> ``connect ‖ connect``.
 
     Args:
         gateway: the gateway whose proxy to connect.
@@ -242,12 +247,16 @@ def connect_gateway_proxy(
         peer_certificate: the peer's certificate, PEM (the trust anchor).
         tls: ``False`` turns encryption off on the gateway-to-gateway hop and must be
             asked for by name.
+        hello_key: (producer, with ``app_listeners``) the stream's hello key, for the
+            hello this connect carries.
+        app_listeners: (producer, with ``hello_key``) where the producer app listens.
 
     Returns:
         ``uid``, ``state``, ``listeners``, ``backend``, once the proxy accepts.
 
     Raises:
-        AuthError: the certificate does not match the fingerprint.
+        AuthError: the certificate does not match the fingerprint, or a wrong hello key;
+            the stream is unchanged.
 
     Example:
         ```python
@@ -264,9 +273,10 @@ def connect_gateway_proxy(
             uid, key = str(uuid.uuid4()), secrets.token_urlsafe(32)
             p = reserve_gateway_ports(prod, uid, "PROD", 1, key)
             c = reserve_gateway_ports(cons, uid, "CONS", 1, key)
-            send_app_hello(prod, uid, key, "PROD", ["127.0.0.1:5074"])
+            # The producer's connect carries its hello: no send_app_hello round trip.
             connect_gateway_proxy(prod, uid, c["listeners"], c["cert_fingerprint"],
-                                  c["certificate"])
+                                  c["certificate"], hello_key=key,
+                                  app_listeners=["127.0.0.1:5074"])
             connect_gateway_proxy(cons, uid, p["listeners"], p["cert_fingerprint"],
                                   p["certificate"])
             for gw in (prod, cons):
@@ -275,7 +285,7 @@ def connect_gateway_proxy(
     """
     with logged_call(gateway, "connect", uid):
         return core.connect(gateway, uid, remote_listeners, peer_fingerprint,
-                            peer_certificate, tls)
+                            peer_certificate, tls, hello_key, app_listeners)
 
 
 @task(name="get-stream-status", task_run_name=run_name("status"),
