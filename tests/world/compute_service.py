@@ -247,6 +247,8 @@ class State:
                 if task is not None:
                     ch.basic_publish("", task["result_queue"], body,
                                      pika.BasicProperties(delivery_mode=2))
+                    log.info("task %s: result after %.3f s", task_id,
+                             time.monotonic() - task["submitted"])
             except Exception:  # noqa: BLE001 - one bad message must not stop the service
                 log.exception("a result could not be forwarded")
             ch.basic_ack(method.delivery_tag)
@@ -313,7 +315,8 @@ class State:
                 task_id = str(uuid.uuid4())
                 with self.lock:
                     self.tasks[task_id] = {"result_queue": result_queue, "result": None,
-                                           "owner": caller["sub"]}
+                                           "owner": caller["sub"],
+                                           "submitted": time.monotonic()}
                 self.publish(
                     info["task_queue_info"]["queue"],
                     pack(Task(task_id=uuid.UUID(task_id), task_buffer=code + payload)),
