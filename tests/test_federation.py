@@ -221,10 +221,10 @@ def test_prefect_runs_in_the_world_from_an_installed_package(federation):
     assert "Worker 'ProcessWorker" in prefect.worker.tail()
 
 
-def _end_to_end(federation, nbytes: int) -> dict:
+def _end_to_end(federation, nbytes: int, **kwargs) -> dict:
     from world.federation import stream_end_to_end
 
-    summary = stream_end_to_end(federation, nbytes, num_conn=4)
+    summary = stream_end_to_end(federation, nbytes, num_conn=4, **kwargs)
     assert summary["checksum_ok"] and summary["bytes"] == nbytes, summary
     assert summary["tls"], summary
     # reserve ‖ reserve -> connect ‖ connect: the flow sends the hello with P's connect.
@@ -234,9 +234,72 @@ def _end_to_end(federation, nbytes: int) -> dict:
 
 
 def test_a_deployment_run_streams_through_both_endpoints(federation):
-    _end_to_end(federation, 64 << 20)
+    summary = _end_to_end(federation, 64 << 20)
+    # P is behind NAT: it advertised the address C reaches, not the one it binds.
+    assert all(a.startswith(f"{P_PUBLIC}:") for a in summary["wan_listeners"]), summary
+
+
+def test_a_run_over_ipv6_between_the_gateways(federation):
+    p, c = federation.nodes["P"], federation.nodes["C"]
+    p.write_settings(wan_address=P_WAN6, wan_advertise_address=P_WAN6)
+    c.write_settings(wan_address=C_WAN6)
+    try:
+        summary = _end_to_end(federation, 16 << 20)
+    finally:
+        p.write_settings()
+        c.write_settings()
+    assert all(a.startswith(f"[{P_WAN6}]:") for a in summary["wan_listeners"]), summary
+
+
+def test_an_endpoint_restarted_while_the_stream_flows(federation):
+    """The relays outlive the endpoint: C's endpoint stops and starts while 16 MiB flow at
+    8 Mbit/s (16 s); the data keeps flowing, and the release run's calls, the first
+    after the restart, reconcile."""
+    restarts = []
+
+    def restart_c():
+        endpoint = federation.nodes["C"].endpoint
+        endpoint.restart()
+        restarts.append(endpoint.proc.pid)
+
+    _end_to_end(federation, 16 << 20, rate=8000, during=restart_c)
+    assert restarts
 
 
 @pytest.mark.slow
 def test_one_gib_through_both_endpoints(federation):
     _end_to_end(federation, 1 << 30)
+
+
+CANCEL_WHILE_WAITING = """
+import json, sys, time
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.deployments import run_deployment
+from prefect.states import Cancelling
+run = run_deployment("open-stream/scistream", parameters=json.loads(sys.argv[1]), timeout=0)
+this_run = FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
+with get_client(sync_client=True) as client:
+    deadline = time.monotonic() + 600
+    while not any(t.name.startswith("wait-hello") and t.state and t.state.is_running()
+                  for t in client.read_task_runs(flow_run_filter=this_run)):
+        if time.monotonic() > deadline:
+            sys.exit("the run never waited for a hello")
+        time.sleep(1)
+    client.set_flow_run_state(run.id, Cancelling(), force=True)
+    while not (state := client.read_flow_run(run.id).state).is_final():
+        time.sleep(1)
+print(json.dumps({"state": state.type.value}))
+"""
+
+
+def test_a_run_cancelled_while_it_waits_for_a_hello_releases_both_ends(federation):
+    from deploykit import wait_for
+
+    p, c = federation.nodes["P"], federation.nodes["C"]
+    parameters = {"producer": p.block(), "consumer": c.block(), "num_conn": 2,
+                  "hello_timeout_s": 600}
+    seen = federation.prefect.python(CANCEL_WHILE_WAITING, json.dumps(parameters))
+    assert seen["state"] == "CANCELLED", (seen, federation.prefect.worker.tail())
+    wait_for(lambda: not p.left() and not c.left(), "both ends released", timeout=300,
+             every=2)

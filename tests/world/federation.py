@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from world.auth_service import AuthService
@@ -26,7 +27,7 @@ from world.endpoints import EndpointDaemon, globus_env, register_functions
 from world.netns import APP_P, C_LAN, C_WAN, CLOUD, P_LAN, P_PUBLIC, P_WAN, World
 from world.prefect_world import PrefectWorld
 
-__all__ = ["Federation", "GatewayNode", "stream_end_to_end"]
+__all__ = ["Federation", "GatewayNode", "call", "stream_end_to_end"]
 
 COMPUTE_PORT = 5000  # the Compute SDK's `local` environment: http://localhost:5000
 PORTS = (40000, 40099)  # each gateway's port range
@@ -45,19 +46,24 @@ class GatewayNode:
         self.settings = settings
         self.endpoint: EndpointDaemon | None = None
 
-    def start(self) -> None:
+    def write_settings(self, **overrides) -> None:
+        """Write the gateway's settings file (its functions read it at every call), with
+        ``overrides`` of the node's own settings: an operator reconfiguring the node."""
         from scistream_gateway.settings import GatewaySettings
 
+        self.settings_path.write_text(GatewaySettings(
+            name=self.name, state_dir=self.state_dir, port_min=PORTS[0], port_max=PORTS[1],
+            **{**self.settings, **overrides}).to_toml())
+        shutil.chown(self.settings_path, self.user, self.user)
+
+    def start(self) -> None:
         subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
                         "/usr/sbin/nologin", self.user], check=True, capture_output=True)
         self.home.mkdir(mode=0o700)
         self.state_dir.mkdir(mode=0o700)
-        self.settings_path.write_text(GatewaySettings(
-            name=self.name, state_dir=self.state_dir, port_min=PORTS[0], port_max=PORTS[1],
-            **self.settings).to_toml())
         shutil.chown(self.home, self.user, self.user)
-        for path in (self.state_dir, self.settings_path):
-            shutil.chown(path, self.user, self.user)
+        shutil.chown(self.state_dir, self.user, self.user)
+        self.write_settings()
         self.endpoint = EndpointDaemon(
             self.name, home=self.home, env=self.fed.globus_env(self.home / "globus"),
             functions=self.fed.functions, settings=self.settings_path, user=self.user,
@@ -170,6 +176,9 @@ class Federation:
             "                  client_secret=os.environ['WORLD_CLIENT_SECRET'])"
             f".save({CREDENTIALS_BLOCK!r}, overwrite=True)\n"
             "print(json.dumps({}))", WORLD_CLIENT_ID=client_id, WORLD_CLIENT_SECRET=secret)
+        # Each endpoint starts its workers at its first task: paid here, not by a setup.
+        for node in self.nodes.values():
+            call(self, node, "gateway_info", {})
 
     def user_env(self, home: Path) -> dict:
         """What the user's processes (worker, flow runs, the CLI) need of the Globus
@@ -229,12 +238,18 @@ print(json.dumps({"state": run.state.type.value, "message": run.state.message,
                   "tasks": [[t.name, t.start_time.timestamp(), t.end_time.timestamp()]
                             for t in tasks if t.start_time and t.end_time]}))
 """
-_STATUS = """
+# One gateway call from user, as the flows make it: block fields, function, request.
+_CALL = """
 import json, sys
 from scistream_prefect.compute import GlobusComputeGateway
 gateway = GlobusComputeGateway(**json.loads(sys.argv[1]))
-print(json.dumps(gateway.call("status", {"uid": sys.argv[2]})))
+print(json.dumps(gateway.call(sys.argv[2], json.loads(sys.argv[3]))))
 """
+
+
+def call(fed: Federation, node: GatewayNode, function: str, request: dict) -> dict:
+    """``function`` on ``node``'s endpoint, from user, with the pipeline's credentials."""
+    return fed.prefect.python(_CALL, json.dumps(node.block()), function, json.dumps(request))
 
 
 def round_trips(tasks: list) -> int:
@@ -251,10 +266,12 @@ def round_trips(tasks: list) -> int:
     return waves
 
 
-def stream_end_to_end(fed: Federation, nbytes: int, num_conn: int = 4) -> dict:
-    """Item 1: a deployment run from user opens a TLS stream from P to C; the consumer
-    app in app-c reads ``nbytes`` from the producer app in app-p through it (a checksum
-    per connection); a second run releases it. Returns the summary's figures."""
+def stream_end_to_end(fed: Federation, nbytes: int, num_conn: int = 4, rate: int = 0,
+                      during: Callable[[], None] | None = None) -> dict:
+    """A deployment run from user opens a TLS stream from P to C (``rate`` in kbit/s,
+    0: unlimited); the consumer app in app-c reads ``nbytes`` from the producer app in
+    app-p through it (a checksum per connection), while ``during()`` runs; a second run
+    releases it. Returns the summary's figures."""
     world, p, c = fed.world, fed.nodes["P"], fed.nodes["C"]
     producer = world.popen("app-p", [sys.executable, "-m", "scistream_proxy.apps", "producer",
                                      "--listen", f"{APP_P}:0", "--connections",
@@ -265,14 +282,22 @@ def stream_end_to_end(fed: Federation, nbytes: int, num_conn: int = 4) -> dict:
         uid = str(uuid.uuid4())
         opened = _run(fed, "open-stream/scistream", {
             "producer": p.block(), "consumer": c.block(), "num_conn": num_conn,
-            "app_listeners": app_listeners, "uid": uid, "tls": True})
+            "app_listeners": app_listeners, "uid": uid, "tls": True, "rate": rate})
         try:
-            status = fed.prefect.python(_STATUS, json.dumps(c.block()), uid)
+            status = call(fed, c, "status", {"uid": uid})
+            wan_listeners = call(fed, p, "status", {"uid": uid})["listeners"]
             started = time.perf_counter()
-            consumer = world.run("app-c", [sys.executable, "-m", "scistream_proxy.apps",
-                                           "consumer", *status["listeners"], "--timeout",
-                                           "120"], capture_output=True, text=True,
-                                 timeout=3600)
+            consumer = world.popen("app-c", [sys.executable, "-m", "scistream_proxy.apps",
+                                             "consumer", *status["listeners"], "--timeout",
+                                             "120"], stdout=subprocess.PIPE, text=True)
+            try:
+                if during is not None:
+                    during()
+                consumed_out = consumer.communicate(timeout=3600)[0]
+            finally:
+                if consumer.poll() is None:
+                    consumer.kill()
+                    consumer.wait()
             seconds = time.perf_counter() - started
             produced = json.loads(producer.communicate(timeout=120)[0].strip()
                                   .splitlines()[-1])
@@ -284,7 +309,7 @@ def stream_end_to_end(fed: Federation, nbytes: int, num_conn: int = 4) -> dict:
         if producer.poll() is None:
             producer.kill()
             producer.wait()
-    consumed = json.loads(consumer.stdout.strip().splitlines()[-1])
+    consumed = json.loads(consumed_out.strip().splitlines()[-1])
 
     def digests(result: dict) -> list:
         return sorted((r.get("bytes"), r.get("sha256")) for r in result["connections"])
@@ -295,6 +320,7 @@ def stream_end_to_end(fed: Federation, nbytes: int, num_conn: int = 4) -> dict:
         "checksum_ok": received == nbytes and digests(produced) == digests(consumed),
         "checksum": hashlib.sha256(json.dumps(digests(consumed)).encode()).hexdigest()[:16],
         "connections": num_conn,
+        "wan_listeners": wan_listeners,
         "tls": tls,
         "setup_s": round(opened["seconds"], 3),
         "setup_round_trips": round_trips(opened["tasks"]),
