@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import uuid
+from pathlib import Path
 
 import pytest
 
@@ -184,13 +188,13 @@ with get_client(sync_client=True) as client:
         time.sleep(1)
     entrypoints = [d.entrypoint for d in [
         client.read_deployment_by_name("open-stream/scistream"),
-        client.read_deployment_by_name("release-stream/scistream")]}
+        client.read_deployment_by_name("release-stream/scistream")]]
 print(json.dumps({"workers": [str(w.status) for w in workers], "entrypoints": entrypoints}))
 """
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory):
+def federation():
     """The whole world, once for the module: stand-ins, broker, endpoints, Prefect."""
     from world.federation import Federation
 
@@ -198,7 +202,10 @@ def federation(tmp_path_factory):
     # suite's loopback-only socket guard stays out of them; the topology guards there.
     saved = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = netns.world_env()["PYTHONPATH"]
-    fed = Federation(tmp_path_factory.mktemp("federation"))
+    # Not under pytest's base directory (0700): the gateway nodes' Unix users reach
+    # their homes in here.
+    root = Path(tempfile.mkdtemp(prefix="scistream-federation-"))
+    fed = Federation(root)
     try:
         fed.start()
         yield fed
@@ -206,6 +213,7 @@ def federation(tmp_path_factory):
         left = fed.stop()
         os.environ["PYTHONPATH"] = saved
     assert left == {}
+    shutil.rmtree(root)
 
 
 def test_prefect_runs_in_the_world_from_an_installed_package(federation):
@@ -271,20 +279,26 @@ def test_one_gib_through_both_endpoints(federation):
     _end_to_end(federation, 1 << 30)
 
 
+# An external controller's run: the hello key in a Secret block, no app listeners, so
+# the run waits for the producer's controller's hello, which never comes.
 CANCEL_WHILE_WAITING = """
-import json, sys, time
+import json, secrets, sys, time
+from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.deployments import run_deployment
 from prefect.states import Cancelling
-run = run_deployment("open-stream/scistream", parameters=json.loads(sys.argv[1]), timeout=0)
+Secret(value=secrets.token_urlsafe(24)).save("world-hello-key", overwrite=True)
+parameters = dict(json.loads(sys.argv[1]), hello_key_block="world-hello-key")
+run = run_deployment("open-stream/scistream", parameters=parameters, timeout=0)
 this_run = FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
 with get_client(sync_client=True) as client:
     deadline = time.monotonic() + 600
     while not any(t.name.startswith("wait-hello") and t.state and t.state.is_running()
                   for t in client.read_task_runs(flow_run_filter=this_run)):
-        if time.monotonic() > deadline:
-            sys.exit("the run never waited for a hello")
+        state = client.read_flow_run(run.id).state
+        if time.monotonic() > deadline or state.is_final():
+            sys.exit(f"the run never waited for a hello: {state}")
         time.sleep(1)
     client.set_flow_run_state(run.id, Cancelling(), force=True)
     while not (state := client.read_flow_run(run.id).state).is_final():
@@ -298,7 +312,7 @@ def test_a_run_cancelled_while_it_waits_for_a_hello_releases_both_ends(federatio
 
     p, c = federation.nodes["P"], federation.nodes["C"]
     parameters = {"producer": p.block(), "consumer": c.block(), "num_conn": 2,
-                  "hello_timeout_s": 600}
+                  "uid": str(uuid.uuid4()), "hello_timeout_s": 600}
     seen = federation.prefect.python(CANCEL_WHILE_WAITING, json.dumps(parameters))
     assert seen["state"] == "CANCELLED", (seen, federation.prefect.worker.tail())
     wait_for(lambda: not p.left() and not c.left(), "both ends released", timeout=300,

@@ -75,7 +75,11 @@ class GatewayNode:
     def stop(self) -> None:
         if self.endpoint is not None:
             self.endpoint.stop()
-        subprocess.run(["userdel", self.user], capture_output=True)
+
+    def remove_user(self) -> str:
+        """Delete the node's Unix user (once nothing of it runs); the error, if any."""
+        done = subprocess.run(["userdel", self.user], capture_output=True, text=True)
+        return done.stderr.strip() if done.returncode not in (0, 6) else ""  # 6: no user
 
     def block(self) -> dict:
         """This gateway as a flow parameter (a GlobusComputeGateway block's fields)."""
@@ -213,6 +217,8 @@ class Federation:
         self.world.teardown()
         if world_left := self.world.left():
             left["after_teardown"] = world_left
+        if users := [e for node in self.nodes.values() if (e := node.remove_user())]:
+            left["users"] = users
         return left
 
     def __enter__(self) -> Federation:
