@@ -30,7 +30,12 @@ from world.netns import (
     World,
 )
 
-pytestmark = pytest.mark.root
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the world needs root (namespaces, users)"),
+    pytest.mark.skipif(not (shutil.which("nft") and shutil.which("ip")),
+                       reason="the world needs iproute2 and nftables (apt-get install them)"),
+]
 
 # Listens on argv[1], prints its port, and tells every client the address it came from.
 LISTENER = """
@@ -196,8 +201,11 @@ print(json.dumps({"workers": [str(w.status) for w in workers], "entrypoints": en
 @pytest.fixture(scope="module")
 def federation():
     """The whole world, once for the module: stand-ins, broker, endpoints, Prefect."""
+    from world import broker
     from world.federation import Federation
 
+    if not broker.available():
+        pytest.skip("rabbitmq-server is not installed (scripts/with-test-env installs it)")
     # The world's processes (stand-ins, endpoints) take this process's environment: the
     # suite's loopback-only socket guard stays out of them; the topology guards there.
     saved = os.environ.get("PYTHONPATH", "")
