@@ -5,7 +5,9 @@ shows."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import site
 import subprocess
 import sys
 import time
@@ -19,6 +21,40 @@ def prefect_env() -> dict:
     from prefect.settings import PREFECT_API_URL
 
     return dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value())
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def build_wheel(dist: Path) -> Path:
+    """The project's wheel, built from a copy of the checkout (which gets no build/)."""
+    source = dist.parent / "wheel-source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "*.egg-info", "__pycache__", ".pytest_cache",
+        ".hypothesis", "bench_results*"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w",
+                    str(dist), str(source)], check=True, capture_output=True)
+    shutil.rmtree(source)
+    (wheel,) = dist.glob("scistream_prefect-*.whl")
+    return wheel
+
+
+def installed_venv(where: Path, wheel: Path) -> Path:
+    """A venv with ``wheel`` installed (not editable); returns its bin directory.
+
+    Its dependencies are this interpreter's, reached through a path file (no index,
+    no download): that directory's own path files are not read, so the checkout's
+    editable install stays out, and the venv's own site-packages come first."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(where)], check=True)
+    python = where / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install",
+                    "--quiet", "--no-deps", "--no-index", str(wheel)], check=True,
+                   capture_output=True)
+    own = subprocess.run([str(python), "-c", "import sysconfig; "
+                          "print(sysconfig.get_path('purelib'))"], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    Path(own, "dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    return where / "bin"
 
 
 def wait_for(predicate, what: str, timeout: float = 180.0, every: float = 0.5):

@@ -1,0 +1,235 @@
+"""The Globus cloud's stand-ins against the real clients that use them.
+
+A private RabbitMQ (tests/world/broker.py), fauxbus as Globus Auth
+(tests/world/auth_service.py) and the Compute web-service stand-in
+(tests/world/compute_service.py) on loopback; real ``globus-compute-endpoint`` daemons
+configured from the shipped endpoint configs (tests/world/endpoints.py); the real
+Compute SDK Client and Executor behind scistream_prefect's GlobusComputeGateway block.
+The SDK's ``local`` environment puts the web service at localhost:5000: run inside a
+private network namespace (``/work/wt/netns-run``, or CI's), where that port is free.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from world import broker as world_broker
+from world.auth_service import AuthService
+from world.compute_service import ComputeService
+from world.endpoints import EndpointDaemon, globus_env, register_functions
+
+from scistream_prefect import (AuthError, GlobusComputeGateway, GlobusCredentials,
+                               LocalGateway)
+from scistream_prefect.compute import shutdown_executors
+
+COMPUTE_PORT = 5000  # where GLOBUS_SDK_ENVIRONMENT=local puts the web service
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def workdir():
+    path = Path(tempfile.mkdtemp(prefix="world-cloud-"))
+    os.chmod(path, 0o711)  # endpoint users traverse it to their own directories
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cloud(workdir):
+    """Broker, Auth and the Compute web service; Auth knows the service's own client,
+    a facility's robot (owner of the endpoints) and a stranger."""
+    if not world_broker.available():
+        pytest.skip("needs rabbitmq-server (Debian's package; scripts/with-test-env)")
+    if not _port_free(COMPUTE_PORT):
+        pytest.skip(f"localhost:{COMPUTE_PORT} is taken: run in a private network namespace")
+    broker = world_broker.Broker().start()
+    auth = compute = None
+    try:
+        auth = AuthService(["compute", "facility", "stranger"], workdir=workdir)
+        compute = ComputeService(broker, auth, port=COMPUTE_PORT, workdir=workdir)
+        yield broker, auth, compute
+    finally:
+        shutdown_executors(wait=True)
+        for part in (compute, auth):
+            if part is not None:
+                part.stop()
+        broker.stop()
+
+
+@pytest.fixture(scope="module")
+def operator_user():
+    """The Unix user the single-user endpoints run as: root would make them multi-user
+    endpoints. Created for the module when running as root; else the current user."""
+    if os.geteuid() != 0:
+        yield None
+        return
+    name = f"sst-op-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
+                    "/usr/sbin/nologin", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["userdel", name], check=False)
+
+
+def _chown_tree(path: Path, user: str | None) -> None:
+    if user is None:
+        return
+    entry = pwd.getpwnam(user)
+    for p in [path, *path.rglob("*")]:
+        os.chown(p, entry.pw_uid, entry.pw_gid)
+
+
+@pytest.fixture(scope="module")
+def facility(cloud, workdir, operator_user):
+    """Two gateways, each behind a real single-user endpoint daemon owned by the
+    facility's robot; functions registered once. Yields name -> (daemon, gateway)."""
+    _, auth, _ = cloud
+    functions = workdir / "functions.json"
+    register_functions(functions, globus_env(workdir / "admin-home", auth.url,
+                                             auth.clients["facility"]))
+    daemons, started = {}, []
+    try:
+        for name, ports in (("gw-p", (43000, 43039)), ("gw-c", (43100, 43139))):
+            gateway = LocalGateway.create(name, workdir / name, port_range=ports)
+            home = workdir / f"home-{name}"
+            env = globus_env(home, auth.url, auth.clients["facility"])
+            _chown_tree(workdir / name, operator_user)
+            _chown_tree(home, operator_user)
+            daemon = EndpointDaemon(name, home=home, env=env, functions=functions,
+                                    settings=gateway.settings_path, user=operator_user)
+            daemon.configure()
+            started.append(daemon.start())
+            daemons[name] = (daemon, gateway)
+        yield daemons
+    finally:
+        shutdown_executors(wait=True)
+        for daemon in started:
+            daemon.stop()
+
+
+@pytest.fixture
+def as_facility(cloud, monkeypatch, tmp_path):
+    """This process as a client of the world: Auth at the stand-in, the local Compute
+    environment, the facility robot's credentials in a GlobusCredentials block."""
+    from globus_compute_sdk import Executor
+
+    _, auth, _ = cloud
+    # Executors share a process-wide default task group, and with it one result
+    # watcher; each test's are its own, and stop with its Executors.
+    monkeypatch.setattr(Executor, "_default_task_group_id", None)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("GLOBUS_SDK_ENVIRONMENT", "local")
+    monkeypatch.setenv("GLOBUS_SDK_SERVICE_URL_AUTH", auth.url + "/")
+    client_id, secret = auth.clients["facility"]
+    GlobusCredentials(client_id=client_id, client_secret=secret).save("world-facility",
+                                                                      overwrite=True)
+    yield "world-facility"
+    shutdown_executors(wait=True)
+
+
+def _block(facility, name: str, credentials: str) -> GlobusComputeGateway:
+    daemon, _ = facility[name]
+    return GlobusComputeGateway.from_registration(
+        daemon.endpoint_id, daemon.functions, display_name=name,
+        credentials_block=credentials, call_timeout_s=120)
+
+
+def test_reserve_status_release_through_a_real_endpoint_daemon(facility, as_facility):
+    """The Executor submits the registered functions to the single-user endpoint over
+    the real broker; the replies are the gateway's."""
+    import hashlib
+
+    gw = _block(facility, "gw-p", as_facility)
+    info = gw.call("gateway_info", {})
+    assert info["name"] == "gw-p" and info["active_streams"] == 0
+    uid = str(uuid.uuid4())
+    reply = gw.call("reserve", {"uid": uid, "role": "CONS", "num_conn": 2, "rate": 0,
+                                "key_sha256": hashlib.sha256(b"hello-key").hexdigest()})
+    try:
+        assert reply["uid"] == uid and len(reply["listeners"]) == 2
+        assert gw.call("status", {"uid": uid})["state"] == "RESERVED"
+        assert gw.call("gateway_info", {})["active_streams"] == 1
+    finally:
+        assert gw.call("release", {"uid": uid})["released"] is True
+    assert gw.call("gateway_info", {})["active_streams"] == 0
+
+
+def test_a_stream_through_two_endpoint_daemons_carries_data(facility, as_facility,
+                                                             producer_app):
+    from conftest import run_consumer
+
+    from scistream_prefect import open_stream, release_stream
+
+    producer, consumer = _block(facility, "gw-p", as_facility), _block(facility, "gw-c",
+                                                                       as_facility)
+    app = producer_app(2, 8 << 20)
+    handle = open_stream(producer, consumer, num_conn=2, app_listeners=app.listeners)
+    try:
+        code, received = run_consumer(handle.listeners)
+        assert code == 0 and sum(r["bytes"] for r in received) == 8 << 20
+        assert sorted(r["sha256"] for r in received) == sorted(
+            r["sha256"] for r in app.result())
+    finally:
+        release_stream(producer, consumer, handle.uid)
+    for gw in (producer, consumer):  # through the endpoints: their state is the operator's
+        assert gw.call("gateway_info", {})["active_streams"] == 0
+
+
+def test_a_wrong_token_is_refused(cloud, facility, as_facility):
+    """A token Auth did not issue is a 401 at the web service; a client whose secret is
+    wrong gets no token at all; another identity may not use a single-user endpoint."""
+    from globus_sdk import AccessTokenAuthorizer, ComputeClientV2, GlobusAPIError
+
+    bogus = ComputeClientV2(base_url=f"http://localhost:{COMPUTE_PORT}",
+                            authorizer=AccessTokenAuthorizer("not-a-token"))
+    with pytest.raises(GlobusAPIError) as refused:
+        bogus.get_result_amqp_url()
+    assert refused.value.http_status == 401
+
+    _, auth, _ = cloud
+    client_id, _ = auth.clients["facility"]
+    GlobusCredentials(client_id=client_id, client_secret="wrong").save("world-wrong",
+                                                                       overwrite=True)
+    with pytest.raises(AuthError):
+        _block(facility, "gw-p", "world-wrong").call("gateway_info", {})
+
+    stranger_id, stranger_secret = auth.clients["stranger"]
+    GlobusCredentials(client_id=stranger_id, client_secret=stranger_secret).save(
+        "world-stranger", overwrite=True)
+    with pytest.raises(AuthError, match="403"):
+        _block(facility, "gw-p", "world-stranger").call("gateway_info", {})
+
+
+def test_the_delay_knob_holds_every_request(cloud, workdir):
+    """``--delay-ms`` holds each request at least that long (a floor, not a speed)."""
+    broker, auth, _ = cloud
+    (workdir / "slow").mkdir(exist_ok=True)
+    slow = ComputeService(broker, auth, port=0, delay_ms=400, workdir=workdir / "slow")
+    try:
+        for _ in range(2):
+            started = time.monotonic()
+            with urllib.request.urlopen(f"{slow.url}/v2/version", timeout=30) as reply:
+                assert reply.status == 200
+            assert time.monotonic() - started >= 0.4
+    finally:
+        slow.stop()
