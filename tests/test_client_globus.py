@@ -6,8 +6,9 @@ request still goes through the real ``UserApp`` / ``ClientApp``, token storage a
 validation, ID-token signature check, Compute ``Client`` and ``Executor``; only the
 server side is canned. The Executor's results arrive over AMQP (pika); one test goes
 all the way round: HTTP fixtures, globus-compute-endpoint's own ``execute_task`` running what
-was submitted, and the Result delivered over AMQP by a loopback stub
-(``tests/amqp_stub.py``) to the Executor's own result watcher.
+was submitted, and the Result delivered through a real RabbitMQ (``tests/world/broker.py``)
+to the Executor's own result watcher. Stand-ins of the whole cloud, with real endpoint
+daemons and streams through them, are tests/test_world_cloud.py's.
 """
 
 from __future__ import annotations
@@ -328,59 +329,94 @@ def test_without_function_ids_the_shipped_function_is_registered_by_source(globu
     _bound_to_task(future, task_id)
 
 
+def run_like_an_endpoint(settings_path: str, function_code: str, task_payload: str,
+                         task_id: str, run_dir: str) -> bytes:
+    """What an endpoint's worker does with a task: globus-compute-endpoint's own
+    ``execute_task`` on the function the service registered and the arguments the SDK
+    submitted, with the gateway's settings. Returns the packed Result message.
+
+    Run it in its own process: ``execute_task`` changes the working directory.
+    """
+    import os
+
+    from globus_compute_common.messagepack import pack
+    from globus_compute_common.messagepack.message_types import Task
+    from globus_compute_endpoint.engines.helper import execute_task
+
+    from scistream_gateway.local_worker import ALLOWED_SERIALIZERS
+
+    os.environ["SCISTREAM_GATEWAY_CONFIG"] = settings_path
+    task = Task(task_id=uuid.UUID(task_id), task_buffer=function_code + task_payload)
+    # As the shipped endpoint configs have it: source code and JSON data only.
+    return execute_task(pack(task), uuid.UUID(task_id), run_dir=run_dir,
+                        task_deserializers=list(ALLOWED_SERIALIZERS))
+
+
 @pytest.mark.slow
 def test_a_call_round_trips_through_the_executor_and_an_endpoint_engine(globus_offline,
                                                                         gateway_root):
-    """The whole path with only the cloud replaced: the Executor registers the shipped
-    function and submits the request over HTTP (globus-sdk fixtures); globus-compute-
-    endpoint's ``execute_task`` runs exactly what was sent against a real gateway; the
-    Result comes back over AMQP (a loopback stub speaking pika's frames) to the
+    """The whole path with only the web service replaced: the Executor registers the
+    shipped function and submits the request over HTTP (globus-sdk fixtures);
+    globus-compute-endpoint's ``execute_task`` runs exactly what was sent against a real
+    gateway; the Result goes through a real RabbitMQ (tests/world/broker.py) to the
     Executor's own result watcher; the block returns the gateway's reply."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from amqp_stub import AmqpStub, run_like_an_endpoint
+    import pika
     from conftest import make_gateway
+    from world import broker as world_broker
 
+    if not world_broker.available():
+        pytest.skip("needs rabbitmq-server (Debian's package; scripts/with-test-env)")
     local = make_gateway(gateway_root, "behind-compute-gw")
     client_id = str(uuid.uuid4())
     GlobusCredentials(client_id=client_id, client_secret="x").save("robot-e2e", overwrite=True)
     RegisteredResponse(service="auth", path="/v2/oauth2/token", method="POST",
                        json=_client_grant("robot-token")).add()
-    function_id, task_id = str(uuid.uuid4()), str(uuid.uuid4())
+    function_id, task_id, task_group_id = (str(uuid.uuid4()) for _ in range(3))
     RegisteredResponse(service="compute", path="/v3/functions", method="POST",
                        json={"function_uuid": function_id}).add()
     RegisteredResponse(service="compute", path=f"/v3/endpoints/{ENDPOINT_ID}/submit",
                        method="POST", json={
-                           "request_id": str(uuid.uuid4()), "task_group_id": str(uuid.uuid4()),
+                           "request_id": str(uuid.uuid4()), "task_group_id": task_group_id,
                            "endpoint_id": ENDPOINT_ID, "tasks": {function_id: [task_id]}}).add()
-    broker = AmqpStub()
-    RegisteredResponse(service="compute", path="/v2/get_amqp_result_connection_url", json={
-        "queue_prefix": "scistream-test-", "connection_url": broker.url}).add()
-    try:
-        gw = GlobusComputeGateway(endpoint_id=ENDPOINT_ID, display_name="facility-x",
-                                  credentials_block="robot-e2e")
-        future = gw.submit("gateway_info", {})
-        submit = _wait_for_submit(future)
-        registration = next(json.loads(c.request.body) for c in responses.calls
-                            if c.request.url.endswith("/v3/functions"))
-        (payload,) = json.loads(submit.body)["tasks"][function_id]
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            result = pool.submit(run_like_an_endpoint, str(local.settings_path),
-                                 registration["function_code"], payload, task_id,
-                                 str(gateway_root / "endpoint-run")).result(timeout=120)
-        broker.deliver(result)
-        reply = gw.reply("gateway_info", future, timeout_s=60)
-        # The watcher acknowledges what it received on its next poll (every 0.5 s).
-        deadline = time.monotonic() + 30
-        while not broker.acked and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        shutdown_executors(wait=True)  # the result watcher hangs up before the broker goes
-        broker.close()
+    with world_broker.Broker() as broker:
+        # The service's part: the task group's result queue, and the URL to reach it.
+        queue = f"scistream-test-{task_group_id}"
+        admin = pika.BlockingConnection(pika.URLParameters(broker.url()))
+        try:
+            channel = admin.channel()
+            channel.queue_declare(queue, durable=True)
+            RegisteredResponse(service="compute", path="/v2/get_amqp_result_connection_url",
+                               json={"queue_prefix": "scistream-test-",
+                                     "connection_url": broker.url()}).add()
+            try:
+                gw = GlobusComputeGateway(endpoint_id=ENDPOINT_ID, display_name="facility-x",
+                                          credentials_block="robot-e2e")
+                future = gw.submit("gateway_info", {})
+                submit = _wait_for_submit(future)
+                registration = next(json.loads(c.request.body) for c in responses.calls
+                                    if c.request.url.endswith("/v3/functions"))
+                (payload,) = json.loads(submit.body)["tasks"][function_id]
+                with ProcessPoolExecutor(
+                        1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    result = pool.submit(run_like_an_endpoint, str(local.settings_path),
+                                         registration["function_code"], payload, task_id,
+                                         str(gateway_root / "endpoint-run")).result(
+                                             timeout=120)
+                channel.basic_publish("", queue, result,
+                                      pika.BasicProperties(delivery_mode=2))
+                reply = gw.reply("gateway_info", future, timeout_s=60)
+            finally:
+                # The watcher hangs up; a message it had not acknowledged would be back.
+                shutdown_executors(wait=True)
+            left = channel.queue_declare(queue, passive=True).method.message_count
+        finally:
+            admin.close()
     assert reply["name"] == "behind-compute-gw"
     assert reply["active_streams"] == 0 and reply["free_ports"] == 40
-    assert broker.acked  # the Executor acknowledged the result message
+    assert left == 0  # the Executor acknowledged the result message
 
 
 def test_not_logged_in_is_an_auth_error_not_a_prompt(globus_offline, monkeypatch):
@@ -466,44 +502,6 @@ def test_block_fields_are_checked():
         GlobusComputeGateway(endpoint_id="not-a-uuid")
     creds = GlobusCredentials(client_id=str(uuid.uuid4()), client_secret="hush")
     assert "hush" not in repr(creds) and "hush" not in str(creds.model_dump())
-
-
-def test_a_stream_through_a_globus_compute_gateway(globus_offline, gateway_root, producer_app):
-    """open_stream and release_stream with the producer side behind the Executor (its
-    service offline, see OfflineCompute) and the consumer side a local gateway."""
-    from amqp_stub import OfflineCompute
-    from conftest import make_gateway, run_consumer
-
-    from scistream_prefect import open_stream, release_stream
-
-    behind = make_gateway(gateway_root, "compute-prod-gw")
-    consumer = make_gateway(gateway_root, "local-cons-gw")
-    client_id = str(uuid.uuid4())
-    GlobusCredentials(client_id=client_id, client_secret="x").save("robot-stream",
-                                                                   overwrite=True)
-    RegisteredResponse(service="auth", path="/v2/oauth2/token", method="POST",
-                       json=_client_grant("robot-token")).add()
-    service = OfflineCompute(ENDPOINT_ID, str(behind.settings_path),
-                             str(gateway_root / "endpoint-run"))
-    producer = GlobusComputeGateway(endpoint_id=ENDPOINT_ID, display_name="facility-p",
-                                    credentials_block="robot-stream", call_timeout_s=120)
-    app = producer_app(2, 16 << 20)
-    try:
-        handle = open_stream(producer, consumer, num_conn=2, app_listeners=app.listeners)
-        try:
-            assert handle.producer == "compute:facility-p"
-            code, received = run_consumer(handle.listeners)
-            assert code == 0 and sum(r["bytes"] for r in received) == 16 << 20
-            assert sorted(r["sha256"] for r in received) == sorted(
-                r["sha256"] for r in app.result())
-        finally:
-            release_stream(producer, consumer, handle.uid)
-        assert behind.call("gateway_info", {})["active_streams"] == 0
-        # reserve, hello, connect, release: each went through the Executor.
-        assert service.tasks_run == 4 and len(service.functions) == 4
-    finally:
-        shutdown_executors(wait=True)
-        service.close()
 
 
 def test_whoami_as_a_confidential_client_from_the_environment(globus_offline, monkeypatch):

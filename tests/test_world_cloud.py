@@ -32,6 +32,7 @@ from world.endpoints import EndpointDaemon, globus_env, register_functions
 from scistream_prefect import (AuthError, GlobusComputeGateway, GlobusCredentials,
                                LocalGateway)
 from scistream_prefect.compute import shutdown_executors
+from scistream_proxy.leaks import proxy_pids
 
 COMPUTE_PORT = 5000  # where GLOBUS_SDK_ENVIRONMENT=local puts the web service
 
@@ -50,13 +51,18 @@ def workdir():
     path = Path(tempfile.mkdtemp(prefix="world-cloud-"))
     os.chmod(path, 0o711)  # endpoint users traverse it to their own directories
     yield path
+    leaked = proxy_pids(under=path)
+    for pid in leaked:
+        os.kill(pid, 9)
     shutil.rmtree(path, ignore_errors=True)
+    assert not leaked, f"proxy processes left running: {leaked}"
 
 
 @pytest.fixture(scope="module")
 def cloud(workdir):
     """Broker, Auth and the Compute web service; Auth knows the service's own client,
-    a facility's robot (owner of the endpoints) and a stranger."""
+    a facility's robot (owner of the endpoints), a stranger, and two users of the
+    multi-user endpoint."""
     if not world_broker.available():
         pytest.skip("needs rabbitmq-server (Debian's package; scripts/with-test-env)")
     if not _port_free(COMPUTE_PORT):
@@ -64,7 +70,8 @@ def cloud(workdir):
     broker = world_broker.Broker().start()
     auth = compute = None
     try:
-        auth = AuthService(["compute", "facility", "stranger"], workdir=workdir)
+        auth = AuthService(["compute", "facility", "stranger", "user-a", "user-b"],
+                           workdir=workdir)
         compute = ComputeService(broker, auth, port=COMPUTE_PORT, workdir=workdir)
         yield broker, auth, compute
     finally:
@@ -154,6 +161,7 @@ def _block(facility, name: str, credentials: str) -> GlobusComputeGateway:
         credentials_block=credentials, call_timeout_s=120)
 
 
+@pytest.mark.slow  # two endpoint daemons start (about a minute)
 def test_reserve_status_release_through_a_real_endpoint_daemon(facility, as_facility):
     """The Executor submits the registered functions to the single-user endpoint over
     the real broker; the replies are the gateway's."""
@@ -174,6 +182,7 @@ def test_reserve_status_release_through_a_real_endpoint_daemon(facility, as_faci
     assert gw.call("gateway_info", {})["active_streams"] == 0
 
 
+@pytest.mark.slow  # two endpoint daemons start (about a minute)
 def test_a_stream_through_two_endpoint_daemons_carries_data(facility, as_facility,
                                                              producer_app):
     from conftest import run_consumer
@@ -195,6 +204,7 @@ def test_a_stream_through_two_endpoint_daemons_carries_data(facility, as_facilit
         assert gw.call("gateway_info", {})["active_streams"] == 0
 
 
+@pytest.mark.slow  # two endpoint daemons start (about a minute)
 def test_a_wrong_token_is_refused(cloud, facility, as_facility):
     """A token Auth did not issue is a 401 at the web service; a client whose secret is
     wrong gets no token at all; another identity may not use a single-user endpoint."""
@@ -233,3 +243,124 @@ def test_the_delay_knob_holds_every_request(cloud, workdir):
             assert time.monotonic() - started >= 0.4
     finally:
         slow.stop()
+
+
+def test_a_forward_carries_the_sdk_to_the_service(cloud, workdir):
+    """What a namespace without the service uses for localhost:5000: the SDK's calls
+    through world.forward reach the stand-in and come back."""
+    from globus_sdk import AccessTokenAuthorizer, ComputeClientV2, GlobusAPIError
+
+    from world.forward import Forward
+
+    forward = Forward("127.0.0.1:0", f"127.0.0.1:{COMPUTE_PORT}",
+                      log_path=workdir / "forward.log")
+    try:
+        port = forward.url.rsplit(":", 1)[1]
+        client = ComputeClientV2(base_url=f"http://127.0.0.1:{port}",
+                                 authorizer=AccessTokenAuthorizer("not-a-token"))
+        assert client.get_version()["api"]
+        with pytest.raises(GlobusAPIError) as refused:
+            client.get_result_amqp_url()
+        assert refused.value.http_status == 401
+    finally:
+        forward.stop()
+
+
+@pytest.fixture(scope="module")
+def mapped_users(workdir):
+    """Two Unix users for the multi-user endpoint's identity mapping (root only), with
+    homes (their user endpoints keep their files there)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: creates two Unix users and a multi-user endpoint")
+    names = [f"sst-{who}-{uuid.uuid4().hex[:6]}" for who in ("ada", "bob")]
+    for name in names:
+        subprocess.run(["useradd", "--system", "--create-home", "--home-dir",
+                        str(workdir / f"home-{name}"), "--shell", "/usr/sbin/nologin",
+                        name], check=True)
+    try:
+        yield names
+    finally:
+        for name in names:
+            subprocess.run(["userdel", name], check=False)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_a_multi_user_endpoint_runs_each_identity_as_its_mapped_user(
+        cloud, workdir, mapped_users, monkeypatch, tmp_path):
+    """The manager endpoint (root) maps each Globus identity to its Unix user and starts
+    that user's endpoint on the web service's start-user-endpoint command; the gateway
+    functions run as that user, on that user's gateway settings and state."""
+    import json
+
+    from globus_compute_sdk import Executor
+
+    from scistream_gateway.settings import GatewaySettings
+
+    _, auth, _ = cloud
+    identities = dict(zip(mapped_users, ("user-a", "user-b"), strict=True))
+    root = workdir / "mu"
+    root.mkdir(mode=0o711)
+    settings_dir = root / "settings"
+    settings_dir.mkdir(mode=0o711)
+    for i, user in enumerate(mapped_users):
+        entry = pwd.getpwnam(user)
+        state = root / f"state-{user}"
+        state.mkdir(mode=0o700)
+        os.chown(state, entry.pw_uid, entry.pw_gid)
+        toml = settings_dir / f"{user}.toml"
+        toml.write_text(GatewaySettings(name=f"gw-{user}", state_dir=state,
+                                        port_min=44000 + 100 * i,
+                                        port_max=44039 + 100 * i).to_toml())
+        os.chown(toml, entry.pw_uid, entry.pw_gid)
+        os.chmod(toml, 0o600)
+    mapping = root / "identity_mapping.json"
+    mapping.write_text(json.dumps([{
+        "DATA_TYPE": "expression_identity_mapping#1.0.0",
+        "mappings": [{"source": "{username}",
+                      "match": auth.clients[identities[user]][0]
+                      + r"@clients\.auth\.globus\.org",
+                      "output": user} for user in mapped_users]}]))
+    daemon = None
+    try:
+        functions = root / "functions.json"
+        admin_env = globus_env(root / "admin-home", auth.url, auth.clients["facility"])
+        register_functions(functions, admin_env)
+        daemon = EndpointDaemon("gw-mu", home=root / "admin-home", env=admin_env,
+                                functions=functions, multi_user=True,
+                                settings_dir=settings_dir, identity_mapping=mapping)
+        daemon.configure()
+        daemon.start()
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        monkeypatch.setenv("GLOBUS_SDK_ENVIRONMENT", "local")
+        monkeypatch.setenv("GLOBUS_SDK_SERVICE_URL_AUTH", auth.url + "/")
+        for user in mapped_users:
+            # Executors share a process-wide task group, whose result watcher reads the
+            # first identity's queue: each identity gets its own, as a process would.
+            monkeypatch.setattr(Executor, "_default_task_group_id", None)
+            client_id, secret = auth.clients[identities[user]]
+            GlobusCredentials(client_id=client_id, client_secret=secret).save(
+                f"world-{user}", overwrite=True)
+            gw = GlobusComputeGateway.from_registration(
+                daemon.endpoint_id, functions, credentials_block=f"world-{user}",
+                call_timeout_s=180)
+            uid = str(uuid.uuid4())
+            reply = gw.call("reserve", {"uid": uid, "role": "CONS", "num_conn": 1,
+                                        "rate": 0, "key_sha256": "0" * 64})
+            try:
+                assert gw.call("gateway_info", {})["name"] == f"gw-{user}"
+                # The user's endpoint wrote the user's state, as that user.
+                owners = {p.stat().st_uid for p in (root / f"state-{user}").rglob("*")}
+                assert owners == {pwd.getpwnam(user).pw_uid}, (user, owners)
+                assert reply["uid"] == uid
+            finally:
+                gw.call("release", {"uid": uid})
+            shutdown_executors(wait=True)
+    except Exception:
+        if daemon is not None:
+            print(daemon.log_tail(), daemon.user_endpoint_logs())
+        raise
+    finally:
+        shutdown_executors(wait=True)
+        if daemon is not None:
+            daemon.stop()

@@ -299,8 +299,13 @@ class State:
             json.dumps({
                 "command": "cmd_start_endpoint",
                 "globus_effective_identity": caller["sub"],
-                "globus_identity_set": [{"sub": caller["sub"],
-                                         "username": caller.get("username")}],
+                # The fields of an Auth identity (identity mapping reads "id", and
+                # maps only identities whose status is "used" or "private").
+                "globus_identity_set": [{"id": caller["sub"], "sub": caller["sub"],
+                                         "status": "used",
+                                         "username": caller.get("username"),
+                                         "name": caller.get("name"),
+                                         "email": caller.get("email")}],
                 "globus_username": caller.get("username"),
                 "args": [],
                 "kwargs": {"name": uep.name, "user_opts": user_config,

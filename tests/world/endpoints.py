@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -137,7 +138,7 @@ class EndpointDaemon:
         else:
             argv += ["--settings", str(self.settings)]
         out = _run([*self.prefix, *argv], self.env, "scistream-gateway render-config")
-        configure = next(line.split() for line in out.splitlines()
+        configure = next(shlex.split(line) for line in out.splitlines()
                          if line.strip().startswith("globus-compute-endpoint configure"))
         configure = [str(BIN / configure[0]), *configure[1:]]
         if "--contact-email" in configure:
