@@ -20,6 +20,7 @@ from pydantic import Field, field_validator
 from scistream_gateway.errors import (
     AuthError,
     BadFormat,
+    SciStreamError,
     ServerError,
     Timeout,
     Unavailable,
@@ -87,6 +88,12 @@ class GlobusComputeGateway(Block):
         default=300.0, gt=0,
         description="Seconds to wait for one function's result (queueing on the "
         "endpoint included) before it is a TIMEOUT.",
+    )
+    offline_check_s: float = Field(
+        default=5.0, gt=0,
+        description="Seconds to wait for a result before asking Globus Compute once "
+        "whether the endpoint is online (an offline one is UNAVAILABLE then, not a "
+        "TIMEOUT at call_timeout_s). Calls answered sooner make no such request.",
     )
 
     @field_validator("function_ids")
@@ -183,13 +190,20 @@ class GlobusComputeGateway(Block):
 
     def reply(self, function: str, future: concurrent.futures.Future,
               timeout_s: float | None = None) -> dict:
-        """Wait for a submitted call; raise its SciStream error, if any."""
+        """Wait for a submitted call; raise its SciStream error, if any.
+
+        A call not answered within ``offline_check_s`` asks the web service once for
+        the endpoint's status: ``Unavailable`` if it is offline, else the wait goes on
+        to the timeout (``Timeout``).
+        """
         timeout = self.call_timeout_s if timeout_s is None else timeout_s
         try:
-            reply = future.result(timeout=timeout)
+            reply = self._wait(function, future, timeout)
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise Timeout(f"{function} on {self.label} did not finish in {timeout} s") from None
+        except SciStreamError:
+            raise
         except Exception as exc:  # noqa: BLE001 - mapped to a code below
             raise _mapped(exc, function, self.label) from None
         error = error_from_wire(reply)
@@ -199,6 +213,26 @@ class GlobusComputeGateway(Block):
             raise ServerError(f"{function} on {self.label} returned {type(reply).__name__}, "
                               "not a JSON object")
         return reply
+
+    def _wait(self, function: str, future: concurrent.futures.Future, timeout: float):
+        """The future's result within ``timeout``, failing early if the endpoint is
+        offline (a stopped endpoint never answers; its task waits at the service)."""
+        first = min(self.offline_check_s, timeout)
+        try:
+            return future.result(timeout=first)
+        except concurrent.futures.TimeoutError:
+            pass
+        try:
+            # The Executor's own Client: the same app and tokens as the submission.
+            status = self._executor().client.get_endpoint_status(str(self.endpoint_id))
+        except Exception as exc:  # noqa: BLE001 - mapped to a code below
+            raise _mapped(exc, function, self.label) from None
+        if isinstance(status, dict) and status.get("status") == "offline":
+            future.cancel()
+            raise Unavailable(f"{function} on {self.label}: endpoint {self.endpoint_id} is "
+                              "offline (Globus Compute has no heartbeat from it); the call "
+                              "stays queued there until the endpoint is back")
+        return future.result(timeout=timeout - first)
 
     def call(self, function: str, request: dict, timeout_s: float | None = None) -> dict:
         """Run gateway function ``function`` on ``request`` at the endpoint."""

@@ -391,6 +391,9 @@ def test_a_call_round_trips_through_the_executor_and_an_endpoint_engine(globus_o
             RegisteredResponse(service="compute", path="/v2/get_amqp_result_connection_url",
                                json={"queue_prefix": "scistream-test-",
                                      "connection_url": broker.url()}).add()
+            # A result slower than offline_check_s asks for the endpoint's status.
+            RegisteredResponse(service="compute", path=f"/v2/endpoints/{ENDPOINT_ID}/status",
+                               json={"status": "online", "details": {}}).add()
             try:
                 gw = GlobusComputeGateway(endpoint_id=ENDPOINT_ID, display_name="facility-x",
                                           credentials_block="robot-e2e")
@@ -493,6 +496,48 @@ def test_remote_failures_map_to_codes():
     crashed.set_exception(TaskExecutionFailed("Traceback ...\nZeroDivisionError"))
     with pytest.raises(ServerError, match="failed on the endpoint"):
         gw.reply("status", crashed)
+
+
+def test_an_offline_endpoint_is_unavailable_before_the_call_timeout(globus_offline):
+    """A call unanswered after ``offline_check_s`` asks the service once for the
+    endpoint's status, with the block's own token: offline is UNAVAILABLE at once;
+    online waits out the timeout (TIMEOUT); an answered call asks nothing."""
+    from concurrent.futures import Future
+
+    from scistream_prefect import Timeout, Unavailable
+
+    GlobusCredentials(client_id=str(uuid.uuid4()), client_secret="x").save(
+        "robot-status", overwrite=True)
+    RegisteredResponse(service="auth", path="/v2/oauth2/token", method="POST",
+                       json=_client_grant("status-token")).add()
+    status_path = f"/v2/endpoints/{ENDPOINT_ID}/status"
+    RegisteredResponse(service="compute", path=status_path,
+                       json={"status": "offline", "details": {}}).add()
+    gw = GlobusComputeGateway(endpoint_id=ENDPOINT_ID, display_name="facility-p",
+                              credentials_block="robot-status", call_timeout_s=120,
+                              offline_check_s=0.2)
+
+    def status_requests():
+        return [c.request for c in responses.calls if c.request.url.endswith(status_path)]
+
+    pending: Future = Future()
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match=f"endpoint {ENDPOINT_ID} is offline"):
+        gw.reply("reserve", pending)
+    assert time.monotonic() - started < 60  # not the call timeout
+    assert pending.cancelled()
+    (asked,) = status_requests()
+    assert asked.headers["Authorization"] == "Bearer status-token"
+
+    responses.replace(responses.GET, asked.url, json={"status": "online", "details": {}})
+    with pytest.raises(Timeout, match="did not finish in 0.5 s"):
+        gw.reply("reserve", Future(), timeout_s=0.5)
+    assert len(status_requests()) == 2
+
+    answered: Future = Future()
+    answered.set_result({"uid": "u", "released": True})
+    assert gw.reply("release", answered)["released"] is True
+    assert len(status_requests()) == 2  # no status request for a call that answered
 
 
 def test_block_fields_are_checked():
