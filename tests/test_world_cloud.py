@@ -230,6 +230,53 @@ def test_a_wrong_token_is_refused(cloud, facility, as_facility):
         _block(facility, "gw-p", "world-stranger").call("gateway_info", {})
 
 
+@pytest.fixture
+def consumer_stopped(facility, as_facility):
+    """gw-c's endpoint daemon stopped for one test, then started again; what the
+    calls queued meanwhile left on its gateway is released (they run on its return)."""
+    daemon, _ = facility["gw-c"]
+    daemon.stop()
+    uids: list[str] = []
+    yield uids
+    daemon.start()
+    gw = _block(facility, "gw-c", as_facility)
+    deadline = time.monotonic() + 90
+    while True:
+        for uid in uids:  # a queued reserve may run beside the queued release
+            gw.call("release", {"uid": uid})
+        if gw.call("gateway_info", {})["active_streams"] == 0:
+            break
+        assert time.monotonic() < deadline, gw.call("list_streams", {})
+        time.sleep(1)
+
+
+@pytest.mark.slow  # two endpoint daemons start (about a minute)
+@pytest.mark.timeout(60, func_only=True)  # far below call_timeout_s: no waiting it out
+def test_an_offline_endpoint_is_unavailable_and_the_open_releases_the_other_end(
+        facility, as_facility, consumer_stopped):
+    """With gw-c's daemon stopped, a call on it is UNAVAILABLE well within its 120 s
+    call timeout (the service reports the endpoint offline), and opening a stream
+    through it fails so, releasing the producer's reserved end."""
+    from scistream_prefect import SciStreamError, open_stream
+    from scistream_prefect.streams_core import list_streams
+
+    producer, consumer = _block(facility, "gw-p", as_facility), _block(facility, "gw-c",
+                                                                       as_facility)
+    assert consumer.call_timeout_s == 120
+    with pytest.raises(SciStreamError) as offline:
+        consumer.call("gateway_info", {})
+    assert offline.value.code == "UNAVAILABLE" and "offline" in offline.value.message
+
+    uid = str(uuid.uuid4())
+    consumer_stopped.append(uid)
+    with pytest.raises(SciStreamError) as failed:
+        open_stream(producer, consumer, num_conn=1, app_listeners=["127.0.0.1:9"], uid=uid)
+    assert failed.value.code == "UNAVAILABLE", failed.value
+    assert producer.call("gateway_info", {})["active_streams"] == 0
+    left = [s["state"] for s in list_streams(producer) if s["uid"] == uid]
+    assert left in ([], ["RELEASED"]), left
+
+
 def test_the_delay_knob_holds_every_request(cloud, workdir):
     """``--delay-ms`` holds each request at least that long (a floor, not a speed)."""
     broker, auth, _ = cloud
