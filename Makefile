@@ -1,6 +1,7 @@
 # The two commands of the quick start: `make demo` and `make test`, and `make test-fast`
 # for local work; `make federation` (as root) is the third demo: two facilities in network
-# namespaces, real endpoint daemons, a Prefect server and worker (docs/federation.md). Each creates or updates the virtual environment it needs first.
+# namespaces, real endpoint daemons, a Prefect server and worker (docs/federation.md).
+# Each creates or updates the virtual environment it needs first.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

@@ -146,7 +146,8 @@ def test_open_status_renew_watch_release_without_a_server(gateways, producer_app
     assert set(entries[0]) == {"time", "command", "uid", "producer", "consumer", "num_conn",
                                "tls", "listeners", "producer_listeners", "app_listeners",
                                "producer_fingerprint", "consumer_fingerprint", "setup_s",
-                               "lease_expires", "outcome"}
+                               "setup_round_trips", "lease_expires", "outcome"}
+    assert entries[0]["setup_round_trips"] == 2
     assert entries[0]["producer_fingerprint"] == handle["producer_fingerprint"]
     assert "CERTIFICATE" not in path.read_text()
 
