@@ -448,7 +448,7 @@ class NginxDockerBackend(ContainerBackend):
             handle, targets=targets, tls=tls, peer_cert_file=peer_cert_file,
             listens=[f"{a} reuseport" for a in handle["listeners"]],
             load_module="/usr/lib/nginx/modules/ngx_stream_module.so",
-            pid_file=f"{RUN_DIR}/nginx.pid", single_process=True,
+            pid_file=f"{RUN_DIR}/nginx.pid", options=self.options, single_process=True,
         )
         write_private(stream_dir / "nginx.conf", text.encode())
         mounted = ["nginx.conf"] + (["cert.pem", "key.pem", peer_cert_file] if tls else [])

@@ -28,7 +28,13 @@ from pathlib import Path
 from string import Template
 
 from scistream_proxy import procfs
-from scistream_proxy.backends import ProxyBackend, ProxyError, ProxySpec, connect_in_dir
+from scistream_proxy.backends import (
+    GatewayOptions,
+    ProxyBackend,
+    ProxyError,
+    ProxySpec,
+    connect_in_dir,
+)
 from scistream_proxy.leaks import working_dirs
 from scistream_proxy.limits import conn_cap
 from scistream_proxy.addresses import format_address, parse_address
@@ -356,7 +362,8 @@ class HAProxyBackend(HeldPortsBackend):
         rule = ("    tcp-request session reject unless "
                 f"{{ ssl_c_der,sha2(256),hex,lower -m str {handle.get('peer_fp')} }}\n")
         parts = [render_template("haproxy.cfg", stats=stats, maxconn=conn_cap(
-            self.options.conn_per_listener, len(binds)))]
+            self.options.conn_per_listener, len(binds)),
+            handshake_timeout=self.options.handshake_timeout_s)]
         for index, bind in enumerate(binds):
             parts.append(render_template(
                 "haproxy-connection.cfg", index=index, bind=bind,
@@ -451,7 +458,7 @@ class NginxBackend(HeldPortsBackend):
     @staticmethod
     def config(handle: dict, *, targets: list[str], tls: bool, peer_cert_file: str | None,
                listens: list[str], load_module: str | None, pid_file: str,
-               single_process: bool = False) -> str:
+               options: GatewayOptions, single_process: bool = False) -> str:
         server = handle["role"] == "PROD"
         extra = []
         if handle["rate"]:
@@ -465,6 +472,8 @@ class NginxBackend(HeldPortsBackend):
                 "# The peer's certificate is the only trust anchor (pinning).",
                 f"ssl_client_certificate {peer_cert_file};", "ssl_verify_client on;",
                 "ssl_session_tickets off;",
+                "# Unauthenticated clients hold a connection of the cap this long at most.",
+                f"ssl_handshake_timeout {options.handshake_timeout_s}s;",
             ]
         elif tls:
             extra += [
@@ -487,6 +496,7 @@ class NginxBackend(HeldPortsBackend):
         process_model = "master_process off;" if single_process else "worker_processes 1;"
         return render_template("nginx.conf", servers=servers, pid_file=pid_file,
                                process_model=process_model,
+                               max_conn=conn_cap(options.conn_per_listener, len(listens)),
                                load_module=f"load_module {load_module};" if load_module else "")
 
     def render(self, stream_dir, handle, *, targets, tls, peer_cert_file):
@@ -495,7 +505,8 @@ class NginxBackend(HeldPortsBackend):
             handle = {**handle, "peer_name": peer_common_name(stream_dir / peer_cert_file)}
         module = NGINX_STREAM_MODULE if self._stream_module() else None
         text = self.config(handle, targets=targets, tls=tls, peer_cert_file=peer_cert_file,
-                           listens=handle["listeners"], load_module=module, pid_file="nginx.pid")
+                           listens=handle["listeners"], load_module=module, pid_file="nginx.pid",
+                           options=self.options)
         write_private(stream_dir / "nginx.conf", text.encode())
         count = len(handle["listeners"])
         return {"argv": [self.binary(), "-p", f"{stream_dir}/", "-c", "nginx.conf", "-e", "stderr"],
