@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pwd
 import shutil
 import sqlite3
 import subprocess
@@ -89,8 +90,6 @@ class GatewayUser:
 
     def processes(self) -> list[int]:
         """Pids of every process running as this Unix user."""
-        import pwd
-
         try:
             uid = pwd.getpwnam(self.unix).pw_uid
         except KeyError:
