@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -206,10 +208,6 @@ def federation():
 
     if not broker.available():
         pytest.skip("rabbitmq-server is not installed (scripts/with-test-env installs it)")
-    # The world's processes (stand-ins, endpoints) take this process's environment: the
-    # suite's loopback-only socket guard stays out of them; the topology guards there.
-    saved = os.environ.get("PYTHONPATH", "")
-    os.environ["PYTHONPATH"] = netns.world_env()["PYTHONPATH"]
     # Not under pytest's base directory (0700): the gateway nodes' Unix users reach
     # their homes in here.
     root = Path(tempfile.mkdtemp(prefix="scistream-federation-"))
@@ -219,8 +217,11 @@ def federation():
         yield fed
     finally:
         left = fed.stop()
-        os.environ["PYTHONPATH"] = saved
     assert left == {}
+    # Both nodes' Unix users (C's two mapped users) are gone with the world.
+    unix_users = [user.unix for node in fed.nodes.values() for user in node.users.values()]
+    assert len(unix_users) == 3
+    assert not [u for u in unix_users if u in {entry.pw_name for entry in pwd.getpwall()}]
     shutil.rmtree(root)
 
 
@@ -265,6 +266,104 @@ def test_a_run_over_ipv6_between_the_gateways(federation):
         p.write_settings()
         c.write_settings()
     assert all(a.startswith(f"[{P_WAN6}]:") for a in summary["wan_listeners"]), summary
+
+
+def _row(user, uid: str) -> dict:
+    """Stream ``uid``'s row in ``user``'s gateway state (read as root)."""
+    with sqlite3.connect(user.state_dir / "state.sqlite3") as db:
+        db.row_factory = sqlite3.Row
+        row = db.execute("SELECT * FROM streams WHERE uid = ?", (uid,)).fetchone()
+    return dict(row) if row else {}
+
+
+def _cat(unix_user: str, path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["runuser", "-u", unix_user, "--", "cat", str(path)],
+                          capture_output=True)
+
+
+def test_a_second_user_of_gateway_c_cannot_see_connect_or_release_the_firsts_stream(
+        federation):
+    """C's multi-user endpoint maps ``pipeline`` and ``other`` to two Unix users. With
+    the pipeline's stream open, ``other`` calls C from user, even with the same client
+    key (its requests carry the very control secret and owner token of that stream):
+    its calls run as its own Unix user on its own gateway state, where no such stream
+    is. The pipeline's stream stays as it was, and the other Unix user cannot read the
+    first one's state, keys or settings."""
+    from world.federation import calls, run_deployment
+
+    p, c = federation.nodes["P"], federation.nodes["C"]
+    mine, theirs = c.users["pipeline"], c.users["other"]
+    assert mine.unix != theirs.unix
+    uid = str(uuid.uuid4())
+    opened = run_deployment(federation, "open-stream/scistream", {
+        "producer": p.block(), "consumer": c.block(), "num_conn": 2,
+        "app_listeners": [f"{APP_P}:9"], "uid": uid, "tls": True})
+    try:
+        assert opened["state"] == "COMPLETED", (opened, federation.prefect.worker.tail())
+        row = _row(mine, uid)
+        (before,) = calls(federation, c, [("status", {"uid": uid})])
+        assert before["alive"] and before["state"] == "CONNECTED", before
+        # The connect the flow made on C, replayed: P's listeners and certificate.
+        peer = _row(p.users["pipeline"], uid)
+        connect = {"uid": uid, "tls": True,
+                   "remote_listeners": json.loads(peer["listeners"]),
+                   "peer_fingerprint": peer["cert_fingerprint"],
+                   "peer_certificate": peer["certificate"]}
+        status, listed, connected, released, info = calls(federation, c, [
+            ("status", {"uid": uid}), ("list_streams", {}), ("connect", connect),
+            ("release", {"uid": uid}), ("gateway_info", {})], identity="other")
+        assert status.get("error", {}).get("code") == "INVALID_UID", status
+        assert uid not in [s["uid"] for s in listed["streams"]], listed
+        assert connected.get("error", {}).get("code") == "INVALID_UID", connected
+        # release is idempotent: a uid that the caller's gateway does not hold is
+        # released already there. It touched nothing of the pipeline's (below).
+        assert released == {"uid": uid, "released": True}, released
+        assert (info["name"], info["active_streams"]) == (theirs.gateway_name, 0), info
+        (after,) = calls(federation, c, [("status", {"uid": uid})])
+        assert after == before  # the same state, relay (pid, alive), lease, counters
+        assert _row(mine, uid) == row
+        stream_files = [f for f in (mine.state_dir / "streams" / uid).iterdir() if f.is_file()]
+        assert stream_files
+        for path in (mine.state_dir / "state.sqlite3", *stream_files, mine.settings_path):
+            assert _cat(theirs.unix, path).returncode != 0, path
+            assert _cat(mine.unix, path).returncode == 0, path
+    finally:
+        released_run = run_deployment(federation, "release-stream/scistream", {
+            "producer": p.block(), "consumer": c.block(), "uid": uid})
+    assert released_run["state"] == "COMPLETED", released_run
+    assert p.left() == {} and c.left() == {}
+
+
+def test_an_offline_endpoint_is_unavailable_and_the_open_releases_the_other_end(
+        federation):
+    """C's endpoint daemon stopped: an open run from user ends UNAVAILABLE (after
+    offline_check_s the client asks the web service, which has C's last heartbeat; it
+    does not wait out its call timeout, which would be TIMEOUT) and releases P's end.
+    Started again, C runs the calls queued for it meanwhile, whose stream is released;
+    the next test's stream goes through the restarted endpoint."""
+    from deploykit import wait_for
+    from world.federation import calls, run_deployment
+
+    p, c = federation.nodes["P"], federation.nodes["C"]
+    uid = str(uuid.uuid4())
+    c.endpoint.stop()
+    try:
+        out = run_deployment(federation, "open-stream/scistream", {
+            "producer": p.block(), "consumer": c.block(), "num_conn": 2,
+            "app_listeners": [f"{APP_P}:9"], "uid": uid, "tls": True})
+        assert out["state"] == "FAILED" and "UNAVAILABLE" in out["message"], out
+        assert p.left() == {}
+    finally:
+        c.endpoint.start()
+
+    def released_on_c() -> bool:
+        # The queued reserve and releases run in any order: release until none is left
+        # (a reserve in progress makes the release UNAVAILABLE: tried again).
+        calls(federation, c, [("release", {"uid": uid})])
+        return not c.left()
+
+    wait_for(released_on_c, "the stream of the calls queued on C released", timeout=300,
+             every=2)
 
 
 def test_an_endpoint_restarted_while_the_stream_flows(federation):

@@ -8,6 +8,8 @@ the foreground, so this module owns its process. Every command runs under a priv
 HOME, with ``GLOBUS_SDK_ENVIRONMENT=local`` (the web service at localhost:5000), Auth
 at the stand-in (``GLOBUS_SDK_SERVICE_URL_AUTH``) and the endpoint's client credentials
 in its environment, never in argv. ``argv_prefix`` runs it inside a network namespace.
+The environment starts from :func:`world.netns.world_env`, without the test suite's
+socket guard, so a daemon behaves the same whichever namespace its creator runs in.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 from world.broker import descendants
+from world.netns import world_env
 
 __all__ = ["EndpointDaemon", "EndpointError", "as_user", "globus_env", "register_functions"]
 
@@ -63,7 +66,7 @@ def globus_env(home: Path, auth_url: str, client: tuple[str, str]) -> dict[str, 
     """The environment of a Globus client on this world: a private HOME, the local
     Compute environment, Auth at the stand-in, the confidential client's credentials."""
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items()
+    env = {k: v for k, v in world_env().items()
            if not k.startswith(("GLOBUS_", "SCISTREAM_GLOBUS_"))}
     env.update({
         "HOME": str(home),
@@ -72,7 +75,7 @@ def globus_env(home: Path, auth_url: str, client: tuple[str, str]) -> dict[str, 
         "GLOBUS_SDK_SERVICE_URL_AUTH": auth_url.rstrip("/") + "/",
         "GLOBUS_COMPUTE_CLIENT_ID": client[0],
         "GLOBUS_COMPUTE_CLIENT_SECRET": client[1],
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}",
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}",
     })
     return env
 
