@@ -46,12 +46,13 @@ TESTS_DIR = Path(__file__).resolve().parent.parent
 class ReadyProcess:
     """A stand-in process that prints ``ready <url>`` on stdout once it serves.
 
-    Stops with SIGTERM (SIGKILL after a grace); its output goes to ``log_path``."""
+    Its environment: ``env`` if given (the whole of it), else this process's. Stops
+    with SIGTERM (SIGKILL after a grace); its output goes to ``log_path``."""
 
     def __init__(self, argv: list[str], *, env: dict[str, str] | None = None,
                  log_path: Path, timeout_s: float = 60.0):
         self.log_path = log_path
-        full_env = {**os.environ, **(env or {})}
+        full_env = dict(os.environ if env is None else env)
         full_env["PYTHONPATH"] = os.pathsep.join(
             [str(TESTS_DIR), *filter(None, [full_env.get("PYTHONPATH")])])
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
