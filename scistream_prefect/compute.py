@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -235,21 +236,42 @@ class GlobusComputeGateway(Block):
             return future.result(timeout=first)
         except concurrent.futures.TimeoutError:
             pass
-        try:
-            # The Executor's own Client: the same app and tokens as the submission.
-            status = self._executor().client.get_endpoint_status(str(self.endpoint_id))
-        except Exception:  # noqa: BLE001 - only a hint is lost; the call may still end
-            status = None
-        if isinstance(status, dict) and status.get("status") == "offline":
+        started, left = time.monotonic(), timeout - first
+        # The status request runs beside the wait: it is only a hint, and the SDK
+        # retries a failing service for about 16 s, while the result may come first.
+        hint = _in_thread(self._endpoint_status)
+        concurrent.futures.wait([future, hint], timeout=left,
+                                return_when=concurrent.futures.FIRST_COMPLETED)
+        if not future.done() and hint.done() and hint.exception() is None \
+                and hint.result().get("status") == "offline":
             future.cancel()
             raise EndpointOffline(f"{function} on {self.label}: endpoint {self.endpoint_id} "
                                   "is offline (Globus Compute has no heartbeat from it); "
                                   "the call stays queued there until the endpoint is back")
-        return future.result(timeout=timeout - first)
+        return future.result(timeout=max(0.0, left - (time.monotonic() - started)))
+
+    def _endpoint_status(self) -> dict:
+        # The Executor's own Client: the same app and tokens as the submission.
+        status = self._executor().client.get_endpoint_status(str(self.endpoint_id))
+        return status if isinstance(status, dict) else {}
 
     def call(self, function: str, request: dict, timeout_s: float | None = None) -> dict:
         """Run gateway function ``function`` on ``request`` at the endpoint."""
         return self.reply(function, self.submit(function, request), timeout_s)
+
+
+def _in_thread(fn) -> concurrent.futures.Future:
+    """``fn()`` in a daemon thread (nothing waits for it at exit), as a future."""
+    done: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run():
+        try:
+            done.set_result(fn())
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever reads the future
+            done.set_exception(exc)
+
+    threading.Thread(target=run, name="scistream-endpoint-status", daemon=True).start()
+    return done
 
 
 def _mapped(exc: BaseException, function: str, label: str) -> Exception:
