@@ -9,8 +9,9 @@ DEMO_STAMP := $(VENV)/.installed-demo
 TEST_STAMP := $(VENV)/.installed-test
 PYTEST_ARGS ?=
 FEDERATION_ARGS ?=
+BENCH_WORLD_ARGS ?=
 
-.PHONY: demo test test-fast federation clean
+.PHONY: demo test test-fast federation bench-world clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -60,6 +61,18 @@ federation: $(TEST_STAMP)
 	  echo "installing rabbitmq-server and nftables ..."; apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server nftables >/dev/null; }
 	PYTHONPATH=tests $(BIN)/python -m world $(FEDERATION_ARGS)
+
+# The control-plane bench through that world (bench/controlplane.py --world): setup at 0
+# and 50 ms per web-service request, per-call overhead, iperf3 through a stream against
+# direct over the WAN. As root; installs what `federation` does, and iperf3.
+bench-world: $(TEST_STAMP)
+	@$(COMPILE)
+	@[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] && command -v nft >/dev/null && \
+	  command -v iperf3 >/dev/null || { \
+	  echo "installing rabbitmq-server, nftables and iperf3 ..."; apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server nftables \
+	  iperf3 >/dev/null; }
+	$(BIN)/python bench/controlplane.py --world $(BENCH_WORLD_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -31,13 +31,29 @@ Measured, each as a distribution (n, p50, p90, p95, p99, min, max):
   both gateways with them idle (per stream: above the figure with one stream open).
 
 ``--quick`` takes one or two minutes. Results: ``<out>/controlplane[-quick].{json,md}``.
+
+``--world`` (root only; ``make bench-world``) measures through the real path instead, in
+the federation of ``tests/world`` (docs/federation.md): real endpoint daemons behind the
+Globus Compute web-service stand-in, RabbitMQ, a Prefect server and worker. With the
+stand-in holding every request 0 and 50 ms (``--world-delays``, changed at run time,
+alternately A B A B): remote setup as ``open-stream/scistream`` deployment runs started
+from the user namespace (the gateway calls' span, first call's start to last call's
+end, and the flow run's own duration), its sequential round trips counted from the
+run's task runs (``world.federation.round_trips``), the release run, and per-call
+overhead (bare ``gateway_info`` calls, one warm client in the user namespace). Then
+the data plane over the WAN link: iperf3 through a TLS stream (producer app's host to
+consumer app's host, P to C) against iperf3 direct between the gateway nodes' WAN
+addresses (through P's NAT), alternately. Results: ``<out>/controlplane-world.{json,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
+import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -301,6 +317,232 @@ def concurrent_streams(pair: LocalPair, counts: list[int], num_conn: int,
     return out
 
 
+# One warm client in the user namespace: a first call (Executor, token, result channel),
+# then bare gateway_info calls, each timed; prints their seconds. A random pause before
+# each: back to back, calls lock to the 0.5 s ticks on a result's way (the endpoint's
+# result publisher, the SDK's result watcher) and all measure one phase.
+_CALLS = """
+import json, random, sys, time
+from scistream_prefect.compute import GlobusComputeGateway
+gateway = GlobusComputeGateway(**json.loads(sys.argv[1]))
+gateway.call("gateway_info", {})
+seconds = []
+for _ in range(int(sys.argv[2])):
+    time.sleep(random.uniform(0, 0.5))
+    started = time.perf_counter()
+    gateway.call("gateway_info", {})
+    seconds.append(time.perf_counter() - started)
+print(json.dumps(seconds))
+"""
+IPERF_PORT = 5201
+
+
+def run_world(args) -> dict:
+    """The world mode: build the federation, measure, tear it down (what remained is
+    reported as an error)."""
+    import tempfile as _tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from world.federation import Federation
+    from world.netns import sweep
+
+    if stale := sweep():
+        print(f"removed a dead run's namespaces: {stale}", file=sys.stderr)
+    result: dict = {"bench": "controlplane-world", "quick": False, "errors": [],
+                    "config": {"world_runs": args.world_runs, "world_calls": args.world_calls,
+                               "world_delays_ms": args.world_delays,
+                               "iperf_seconds": args.iperf_seconds},
+                    "machine": benchlib.machine()}
+    started = time.monotonic()
+    root = Path(_tempfile.mkdtemp(prefix="scistream-bench-world-"))
+    fed = Federation(root, delay_ms=args.world_delays[0])
+    try:
+        print(f"building the world in {root} ...", file=sys.stderr, flush=True)
+        fed.start()
+        result["world_s"] = round(time.monotonic() - started, 1)
+        measure_world(args, fed, result)
+    except Exception as exc:  # noqa: BLE001 - the result says why, the world still goes
+        result["errors"].append(f"{type(exc).__name__}: {exc}"[-3000:])
+    finally:
+        if left := fed.stop():
+            result["errors"].append(f"left after the world's teardown: {left}")
+    if not result["errors"]:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+    result["checks"] = world_checks(result).items
+    result["seconds_total"] = round(time.monotonic() - started, 1)
+    return result
+
+
+def measure_world(args, fed, result: dict) -> None:
+    from world.federation import _run, call, round_trips
+    from world.netns import APP_P
+
+    p, c = fed.nodes["P"], fed.nodes["C"]
+    per_delay = {d: {"calls_s": [], "run_s": [], "release_s": [], "round_trips": {},
+                     "call_s": []} for d in args.world_delays}
+    for index in range(args.world_runs):
+        for delay in args.world_delays:  # alternately, A B A B
+            fed.compute.configure(delay_ms=delay)
+            into = per_delay[delay]
+            print(f"setup {index + 1}/{args.world_runs} at {delay} ms ...", file=sys.stderr,
+                  flush=True)
+            uid = str(uuid.uuid4())
+            opened = _run(fed, "open-stream/scistream", {
+                "producer": p.block(), "consumer": c.block(), "num_conn": 1,
+                "app_listeners": [f"{APP_P}:{IPERF_PORT}"], "uid": uid, "tls": True})
+            released = _run(fed, "release-stream/scistream", {
+                "producer": p.block(), "consumer": c.block(), "uid": uid})
+            calls = [t for t in opened["tasks"] if "-compute:" in t[0]]
+            into["calls_s"].append(max(t[2] for t in calls) - min(t[1] for t in calls))
+            into["run_s"].append(opened["seconds"])
+            into["release_s"].append(released["seconds"])
+            trips = round_trips(opened["tasks"])
+            into["round_trips"][trips] = into["round_trips"].get(trips, 0) + 1
+    for delay in args.world_delays:
+        fed.compute.configure(delay_ms=delay)
+        per_delay[delay]["call_s"] = fed.prefect.python(
+            _CALLS, json.dumps(p.block()), str(args.world_calls))
+    fed.compute.configure(delay_ms=0)
+    result["delays"] = {
+        str(d): {"setup_calls_s": with_p95(v["calls_s"]), "setup_run_s": with_p95(v["run_s"]),
+                 "release_run_s": with_p95(v["release_s"]),
+                 "round_trips": {str(k): n for k, n in sorted(v["round_trips"].items())},
+                 "usual_round_trips": max(v["round_trips"], key=v["round_trips"].get),
+                 "call_s": with_p95(v["call_s"])}
+        for d, v in per_delay.items()}
+    print("data plane: iperf3 through a stream and direct ...", file=sys.stderr, flush=True)
+    result["dataplane"] = world_dataplane(args, fed, call, _run)
+
+
+def world_dataplane(args, fed, call, run) -> dict:
+    """iperf3 (-R: the server in the producer's place sends) through a TLS stream from
+    app-p to app-c, and direct from fac-p's WAN address to fac-c (through P's NAT, the
+    stream's own WAN path), alternately; Gbit/s received, per round."""
+    from world.netns import APP_P, P_PUBLIC, P_WAN
+
+    p, c = fed.nodes["P"], fed.nodes["C"]
+    servers = [fed.world.popen(ns, ["iperf3", "-s", "-B", host, "-p", str(IPERF_PORT)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               for ns, host in (("app-p", APP_P), ("fac-p", P_WAN))]
+    uid = str(uuid.uuid4())
+    rounds: dict[str, list[float]] = {"stream": [], "direct": []}
+    try:
+        for ns in ("app-p", "fac-p"):
+            _await_listening(fed, ns, IPERF_PORT)
+        run(fed, "open-stream/scistream", {
+            "producer": p.block(), "consumer": c.block(), "num_conn": 1,
+            "app_listeners": [f"{APP_P}:{IPERF_PORT}"], "uid": uid, "tls": True})
+        try:
+            listener = call(fed, c, "status", {"uid": uid})["listeners"][0]
+            targets = {"stream": ("app-c", listener),
+                       "direct": ("fac-c", f"{P_PUBLIC}:{IPERF_PORT}")}
+            for _ in range(args.iperf_rounds):
+                for name, (ns, address) in targets.items():
+                    rounds[name].append(_iperf3(fed, ns, address, args.iperf_seconds))
+        finally:
+            run(fed, "release-stream/scistream", {
+                "producer": p.block(), "consumer": c.block(), "uid": uid})
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait()
+    out = {name: {"gbit_s": statistics.median(v), "rounds": v} for name, v in rounds.items()}
+    out["stream_over_direct"] = out["stream"]["gbit_s"] / out["direct"]["gbit_s"]
+    return out
+
+
+def _await_listening(fed, ns: str, port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        done = fed.world.run(ns, ["ss", "-Htln", f"sport = :{port}"], capture_output=True,
+                             text=True)
+        if done.stdout.strip():
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"iperf3 -s did not listen in {ns}")
+        time.sleep(0.1)
+
+
+def _iperf3(fed, ns: str, address: str, seconds: int) -> float:
+    """One iperf3 -R run from ``ns`` to ``address``; Gbit/s received."""
+    host, _, port = address.rpartition(":")
+    for _ in range(40):  # the server may still be tearing the previous test down
+        done = fed.world.run(ns, ["iperf3", "-c", host.strip("[]"), "-p", port, "-R", "-t",
+                                  str(seconds), "-J"], capture_output=True, text=True,
+                             timeout=seconds + 60)
+        try:
+            report = json.loads(done.stdout)
+        except ValueError:
+            raise RuntimeError(f"iperf3 to {address} from {ns} printed no JSON: "
+                               f"{(done.stderr or done.stdout)[-300:]}") from None
+        error = report.get("error", "")
+        if "busy" not in error and "unable to send cookie" not in error:
+            break
+        time.sleep(0.25)
+    if "error" in report:
+        raise RuntimeError(f"iperf3 to {address} from {ns}: {report['error']}")
+    return report["end"]["sum_received"]["bits_per_second"] / 1e9
+
+
+def world_checks(result: dict) -> benchlib.Checks:
+    out = benchlib.Checks()
+    for delay, info in result.get("delays", {}).items():
+        trips, p50 = info["usual_round_trips"], info["setup_calls_s"].get("p50")
+        out.add_at_most(f"setup at {delay} ms per request: 2 round trips", trips, 2,
+                        f"counted from the run's task runs: {info['round_trips']}")
+        added = trips * int(delay) / 1000
+        out.add_at_most(f"setup p50 at {delay} ms <= added delays + 0.3 s",
+                        p50, added + 0.3,
+                        f"gateway calls' span p50 {_fmt(p50, 3)} s, added "
+                        f"{trips} x {delay} ms; the flow run's p50 "
+                        f"{_fmt(info['setup_run_s'].get('p50'), 3)} s")
+    return out
+
+
+def world_markdown(result: dict, label_line: str) -> str:
+    lines = ["# Control plane through the federation", "", label_line, "",
+             "Two facilities in network namespaces (docs/federation.md): real Globus "
+             "Compute endpoint daemons, the web-service stand-in holding every request "
+             "the added delay, RabbitMQ, a Prefect server and worker. Setup: the "
+             "`open-stream/scistream` deployment run from the user namespace, 1 "
+             "connection, TLS, the hello folded into P's connect. Seconds.", ""]
+    rows = []
+    for delay, info in result.get("delays", {}).items():
+        calls, run_s, call = info["setup_calls_s"], info["setup_run_s"], info["call_s"]
+        added = info["usual_round_trips"] * int(delay) / 1000
+        rows.append([delay, info["usual_round_trips"], calls["n"], _fmt(calls.get("p50"), 3),
+                     _fmt(calls.get("p95"), 3), _fmt(calls["p50"] - added, 3),
+                     _fmt(run_s.get("p50"), 3), _fmt(run_s.get("p95"), 3),
+                     _fmt(info["release_run_s"].get("p50"), 3),
+                     _fmt(call.get("p50"), 3), _fmt(call.get("p95"), 3),
+                     _fmt(4.3 / calls["p50"], 1)])
+    if rows:
+        lines += [benchlib.markdown_table(
+            ["added ms per request", "round trips", "n", "setup p50 (calls)",
+             "setup p95 (calls)", "p50 above added delays", "open run p50", "open run p95",
+             "release run p50", "gateway_info p50", "gateway_info p95",
+             "StreamHub 4.3 s / setup p50"], rows), "",
+            "Setup (calls): first gateway call's start to last one's end, from the run's "
+            "task runs. Open run: the flow run's own duration (Prefect's per-run cost "
+            "included). gateway_info: one bare call, a warm client in the user "
+            "namespace.", ""]
+    data = result.get("dataplane")
+    if data:
+        lines += [benchlib.markdown_table(
+            ["WAN path (iperf3 -R, P to C)", "Gbit/s (median)", "rounds", "× direct"],
+            [["through a TLS stream (app-p -> P -> C -> app-c)",
+              _fmt(data["stream"]["gbit_s"]), ", ".join(_fmt(v) for v in data["stream"]["rounds"]),
+              _fmt(data["stream_over_direct"])],
+             ["direct, fac-p WAN -> NAT -> fac-c", _fmt(data["direct"]["gbit_s"]),
+              ", ".join(_fmt(v) for v in data["direct"]["rounds"]), "1.00"]]), ""]
+    lines += ["Targets:", "", benchlib.Checks(result["checks"]).markdown(), ""]
+    if result.get("errors"):
+        lines += ["Errors: " + "; ".join(result["errors"]), ""]
+    return "\n".join(lines)
+
+
 def checks(result: dict) -> benchlib.Checks:
     out = benchlib.Checks()
     enter = result.get("session", {}).get("enter_s", {})
@@ -474,6 +716,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--added-delay-ms", type=float, default=0.0, metavar="N",
                         help="add N ms to every gateway call at the client's seam, standing "
                         "for the distance to remote gateways (default 0)")
+    parser.add_argument("--world", action="store_true",
+                        help="measure through the federation of tests/world instead (root "
+                        "only; builds it, a few minutes)")
+    parser.add_argument("--world-runs", type=int, default=8,
+                        help="--world: setups per added delay (default 8)")
+    parser.add_argument("--world-calls", type=int, default=20,
+                        help="--world: bare gateway_info calls per added delay (default 20)")
+    parser.add_argument("--world-delays", default="0,50",
+                        help="--world: ms the web service holds every request (default 0,50)")
+    parser.add_argument("--iperf-seconds", type=int, default=5,
+                        help="--world: iperf3 -t per run (default 5)")
+    parser.add_argument("--iperf-rounds", type=int, default=2,
+                        help="--world: iperf3 runs per path, alternately (default 2)")
     parser.add_argument("--out", type=Path, default=benchlib.RESULTS_DIR)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--update-readme", action="store_true",
@@ -486,6 +741,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
     args.concurrent = [int(c) for c in args.concurrent.split(",") if c]
+    args.world_delays = [int(d) for d in args.world_delays.split(",") if d]
+    if args.world and not args.render:
+        if os.geteuid() != 0:
+            parser.error("--world builds network namespaces and Unix users: run it as root "
+                         "(as CI does)")
+        if args.world_runs < 1 or args.world_calls < 1 or not args.world_delays \
+                or args.iperf_seconds < 1 or args.iperf_rounds < 1:
+            parser.error("--world-runs, --world-calls, --iperf-seconds and --iperf-rounds "
+                         "must be positive, --world-delays not empty")
+        return args
     if args.open_runs < 1 or args.session_runs < 0 or args.flow_runs < 0 \
             or min(args.concurrent, default=2) < 2 or not 0 <= args.added_delay_ms <= 10_000:
         parser.error("--open-runs must be positive, --session-runs and --flow-runs not "
@@ -498,6 +763,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.world or args.render and "world" in args.render.name:
+        result = json.loads(args.render.read_text()) if args.render else run_world(args)
+        label_line = result.setdefault("label", benchlib.run_label(
+            False, ["bench/controlplane.py", *(sys.argv[1:] if argv is None else argv)]))
+        return benchlib.publish(args, "controlplane-world", "controlplane-world", result,
+                                world_markdown(result, label_line))
     if args.render:
         result = json.loads(args.render.read_text())
         label_line = result["label"]

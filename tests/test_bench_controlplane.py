@@ -83,3 +83,19 @@ def test_round_trips_group_overlapping_calls(controlplane):
     assert groups == [["reserve", "reserve"], ["hello"], ["connect", "connect"], ["status"]]
     assert controlplane.sequence(groups) == \
         "reserve ‖ reserve → hello → connect ‖ connect → status"
+
+
+def test_the_world_mode_needs_root_and_renders_a_saved_result(controlplane, monkeypatch,
+                                                               tmp_path, capsys):
+    """--world refuses a non-root user with a clear error, before building anything;
+    a saved world result renders to its tables."""
+    import os
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(SystemExit):
+        controlplane.main(["--world", "--out", str(tmp_path)])
+    assert "run it as root" in capsys.readouterr().err
+    saved = BENCH_DIR / "results" / "controlplane-world.json"
+    assert controlplane.main(["--render", str(saved), "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "controlplane-world.md").read_text()
+    assert "| added ms per request | round trips |" in table and "× direct" in table

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -154,11 +155,11 @@ def as_facility(cloud, monkeypatch, tmp_path):
     shutdown_executors(wait=True)
 
 
-def _block(facility, name: str, credentials: str) -> GlobusComputeGateway:
+def _block(facility, name: str, credentials: str, **fields) -> GlobusComputeGateway:
     daemon, _ = facility[name]
     return GlobusComputeGateway.from_registration(
         daemon.endpoint_id, daemon.functions, display_name=name,
-        credentials_block=credentials, call_timeout_s=120)
+        credentials_block=credentials, **{"call_timeout_s": 120, **fields})
 
 
 @pytest.mark.slow  # two endpoint daemons start (about a minute)
@@ -252,20 +253,26 @@ def consumer_stopped(facility, as_facility):
 
 @pytest.mark.slow  # two endpoint daemons start (about a minute)
 # Below call_timeout_s (120 s), which the old behaviour waited out on the first call;
-# about 32 s here (the flow's release of the offline end is retried twice).
-@pytest.mark.timeout(90, func_only=True)
+# the open waits offline_check_s (5 s) for the reserve, and as much for the release of
+# the offline end, which is not retried (it was twice, which took about 32 s).
+@pytest.mark.timeout(60, func_only=True)
 def test_an_offline_endpoint_is_unavailable_and_the_open_releases_the_other_end(
         facility, as_facility, consumer_stopped):
     """With gw-c's daemon stopped, a call on it is UNAVAILABLE well within its 120 s
     call timeout (the service reports the endpoint offline), and opening a stream
-    through it fails so, releasing the producer's reserved end."""
+    through it fails so, releasing the producer's reserved end; the offline end's
+    release is tried once (the call waits at the service until the endpoint is back)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
     from scistream_prefect import SciStreamError, open_stream
+    from scistream_prefect.compute import EndpointOffline
     from scistream_prefect.streams_core import list_streams
 
     producer, consumer = _block(facility, "gw-p", as_facility), _block(facility, "gw-c",
                                                                        as_facility)
     assert consumer.call_timeout_s == 120
-    with pytest.raises(SciStreamError) as offline:
+    with pytest.raises(EndpointOffline) as offline:
         consumer.call("gateway_info", {})
     assert offline.value.code == "UNAVAILABLE" and "offline" in offline.value.message
 
@@ -274,24 +281,78 @@ def test_an_offline_endpoint_is_unavailable_and_the_open_releases_the_other_end(
     with pytest.raises(SciStreamError) as failed:
         open_stream(producer, consumer, num_conn=1, app_listeners=["127.0.0.1:9"], uid=uid)
     assert failed.value.code == "UNAVAILABLE", failed.value
+    with get_client(sync_client=True) as client:
+        releases = client.read_task_runs(task_run_filter=TaskRunFilter(
+            name=TaskRunFilterName(any_=["release-compute:gw-c"])))
+    assert releases and all(r.run_count == 1 for r in releases), \
+        [(r.name, r.run_count) for r in releases]
     assert producer.call("gateway_info", {})["active_streams"] == 0
     left = [s["state"] for s in list_streams(producer) if s["uid"] == uid]
     assert left in ([], ["RELEASED"]), left
 
 
 def test_the_delay_knob_holds_every_request(cloud, workdir):
-    """``--delay-ms`` holds each request at least that long (a floor, not a speed)."""
+    """``delay_ms`` holds each request at least that long (a floor, not a speed), from
+    the start and after a change at run time; ``refuse_status`` fails endpoint-status
+    requests only; the service's environment carries nothing of the caller's."""
     broker, auth, _ = cloud
     (workdir / "slow").mkdir(exist_ok=True)
     slow = ComputeService(broker, auth, port=0, delay_ms=400, workdir=workdir / "slow")
-    try:
-        for _ in range(2):
-            started = time.monotonic()
-            with urllib.request.urlopen(f"{slow.url}/v2/version", timeout=30) as reply:
+
+    def held(path: str = "/v2/version") -> float:
+        started = time.monotonic()
+        try:
+            with urllib.request.urlopen(f"{slow.url}{path}", timeout=30) as reply:
                 assert reply.status == 200
-            assert time.monotonic() - started >= 0.4
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        return time.monotonic() - started
+
+    try:
+        assert all(held() >= 0.4 for _ in range(2))
+        slow.configure(delay_ms=700, refuse_status=True)
+        assert held() >= 0.7
+        assert held(f"/v2/endpoints/{uuid.uuid4()}/status") == 503
+        slow.configure()
+        assert held(f"/v2/endpoints/{uuid.uuid4()}/status") == 401  # no token: checked
+        environ = Path(f"/proc/{slow.process.proc.pid}/environ").read_bytes().split(b"\0")
+        assert not [v for v in environ if b"netguard" in v or v.startswith(b"GLOBUS_")]
     finally:
         slow.stop()
+
+
+@pytest.mark.slow  # two endpoint daemons start (about a minute)
+def test_a_failed_status_request_only_loses_the_hint(cloud, facility, as_facility):
+    """A call not answered within offline_check_s asks for the endpoint's status; when
+    that request fails (the service answers 503), the call still waits for its result."""
+    import hashlib
+
+    _, _, compute = cloud
+    gw = _block(facility, "gw-p", as_facility, offline_check_s=0.05)
+    uid = str(uuid.uuid4())
+    gw.call("reserve", {"uid": uid, "role": "CONS", "num_conn": 1, "rate": 0,
+                        "key_sha256": hashlib.sha256(b"hello-key").hexdigest()})
+    compute.configure(refuse_status=True)
+    try:
+        # wait_hello holds its worker 2 s (no hello comes): the status request is made.
+        reply = gw.call("wait_hello", {"uid": uid, "timeout_s": 2})
+        assert reply["uid"] == uid and reply["state"] == "RESERVED"
+    finally:
+        compute.configure()
+        gw.call("release", {"uid": uid})
+
+
+def test_an_offline_endpoint_is_not_retried_other_unavailable_is():
+    """The read-only tasks' retry condition: an endpoint reported offline is final for
+    this call, another UNAVAILABLE (a service hiccup) is retried."""
+    from prefect.states import Failed
+
+    from scistream_prefect import Unavailable
+    from scistream_prefect.compute import EndpointOffline
+    from scistream_prefect.tasks.streams import retry_if_transient
+
+    assert not retry_if_transient(None, None, Failed(data=EndpointOffline("offline")))
+    assert retry_if_transient(None, None, Failed(data=Unavailable("answered 502")))
 
 
 def test_a_forward_carries_the_sdk_to_the_service(cloud, workdir):

@@ -81,7 +81,10 @@ def logged_call(gateway: Gateway, verb: str, uid: str | None) -> Iterator[None]:
 
 
 def retry_if_transient(task, task_run, state) -> bool:
-    """Retry condition of the read-only tasks: not a refusal (bad input, no such uid)."""
+    """Retry condition of the read-only tasks: not a refusal (bad input, no such uid),
+    nor an endpoint reported offline (its call waits at the service until it is back)."""
+    from scistream_prefect.compute import EndpointOffline
+
     error = state.data  # the engine's Failed state carries the exception
     if not isinstance(error, BaseException):
         try:
@@ -89,6 +92,8 @@ def retry_if_transient(task, task_run, state) -> bool:
             return False
         except BaseException as exc:  # noqa: BLE001 - classified below
             error = exc
+    if isinstance(error, EndpointOffline):
+        return False
     if isinstance(error, (Unavailable, Timeout)):
         return True
     return not isinstance(error, SciStreamError)  # a transport failure may pass

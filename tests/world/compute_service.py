@@ -21,14 +21,19 @@ What it serves (the paths of globus-sdk's ComputeClientV2/V3):
   ``POST /v2/batch_status``).
 
 Every request's bearer token is introspected at the Auth stand-in (401 when it is not
-active); its ``sub`` is the caller. ``--delay-ms`` holds every request that long first
-(the distance to the cloud).
+active); its ``sub`` is the caller. The control file (JSON, read at start and again on
+SIGHUP) holds ``delay_ms``, how long every request is held first (the distance to the
+cloud), and ``refuse_status``, whether endpoint-status requests fail (503), as a
+service's may. The service's own work is event-driven (no polling loop on a task's
+way); each result's log line splits the task's time into its hops, from the
+endpoint's own timestamps: publish to the worker's start, in the worker, and back.
 
 Run: ``PYTHONPATH=tests python -m world.compute_service --listen HOST:PORT --broker-state
-FILE --auth-url URL [--amqp-address HOST:PORT] [--delay-ms N]``, with the service's own
+FILE --auth-url URL --control FILE [--amqp-address HOST:PORT]``, with the service's own
 Auth client in ``WORLD_COMPUTE_CLIENT_ID`` / ``WORLD_COMPUTE_CLIENT_SECRET`` (secrets stay
 out of argv; the broker's admin password is in its owner-only state file). Prints
-``ready http://HOST:PORT``. :class:`ComputeService` runs it for a test.
+``ready http://HOST:PORT``, and ``configured {...}`` after each SIGHUP.
+:class:`ComputeService` runs it for a test.
 """
 
 from __future__ import annotations
@@ -37,8 +42,11 @@ import argparse
 import base64
 import json
 import logging
+import os
 import re
 import secrets
+import select
+import signal
 import sys
 import threading
 import time
@@ -61,7 +69,8 @@ class ComputeService:
     """The web-service stand-in as a process (``argv_prefix`` runs it in a namespace).
 
     ``auth`` is an :class:`~world.auth_service.AuthService` with a client named
-    ``compute`` (the service's own, for introspection)."""
+    ``compute`` (the service's own, for introspection). Its environment is built from
+    nothing (no socket guard or client settings of the caller's leak in)."""
 
     def __init__(self, broker, auth, *, host: str = "127.0.0.1", port: int = 5000,
                  delay_ms: int = 0, amqp_address: str | None = None,
@@ -69,16 +78,38 @@ class ComputeService:
         from world.auth_service import ReadyProcess
 
         client_id, secret = auth.clients["compute"]
+        self.control = Path(workdir) / "compute-control.json"
+        self._write_control({"delay_ms": delay_ms, "refuse_status": False})
         argv = [*(argv_prefix or []), sys.executable, "-m", "world.compute_service",
                 "--listen", f"{host}:{port}", "--broker-state", str(broker.save_state()),
-                "--auth-url", auth.url, "--delay-ms", str(delay_ms)]
+                "--auth-url", auth.url, "--control", str(self.control)]
         if amqp_address:
             argv += ["--amqp-address", amqp_address]
         self.process = ReadyProcess(
-            argv, env={"WORLD_COMPUTE_CLIENT_ID": client_id,
+            argv, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                       "LANG": "C.UTF-8", "HOME": str(workdir),
+                       "WORLD_COMPUTE_CLIENT_ID": client_id,
                        "WORLD_COMPUTE_CLIENT_SECRET": secret},
             log_path=Path(workdir) / "compute-service.log")
         self.url = self.process.url
+
+    def _write_control(self, control: dict) -> None:
+        fd = os.open(self.control, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(control, f)
+
+    def configure(self, *, delay_ms: int = 0, refuse_status: bool = False,
+                  timeout_s: float = 10.0) -> None:
+        """Change the running service's settings; returns once it applies them."""
+        control = {"delay_ms": delay_ms, "refuse_status": refuse_status}
+        self._write_control(control)
+        self.process.proc.send_signal(signal.SIGHUP)
+        stdout = self.process.proc.stdout
+        if not select.select([stdout], [], [], timeout_s)[0]:
+            raise RuntimeError(f"the Compute stand-in did not apply {control}")
+        line = stdout.readline().decode()
+        if json.loads(line.partition(" ")[2] or "null") != control:
+            raise RuntimeError(f"the Compute stand-in answered {line!r} to {control}")
 
     def stop(self) -> None:
         self.process.stop()
@@ -113,6 +144,8 @@ class State:
         self.functions: dict[str, dict] = {}
         self.tasks: dict[str, dict] = {}
         self.result_users: dict[str, tuple[str, str]] = {}
+        self.delay_s = 0.0
+        self.refuse_status = False
         self._publisher = pika.BlockingConnection(pika.URLParameters(broker.url()))
         self._publish_lock = threading.Lock()
         channel = self._publisher.channel()
@@ -247,8 +280,7 @@ class State:
                 if task is not None:
                     ch.basic_publish("", task["result_queue"], body,
                                      pika.BasicProperties(delivery_mode=2))
-                    log.info("task %s: result after %.3f s", task_id,
-                             time.monotonic() - task["submitted"])
+                    log.info("task %s: result %s", task_id, _hops(task, result))
             except Exception:  # noqa: BLE001 - one bad message must not stop the service
                 log.exception("a result could not be forwarded")
             ch.basic_ack(method.delivery_tag)
@@ -321,7 +353,7 @@ class State:
                 with self.lock:
                     self.tasks[task_id] = {"result_queue": result_queue, "result": None,
                                            "owner": caller["sub"],
-                                           "submitted": time.monotonic()}
+                                           "published": time.time()}
                 self.publish(
                     info["task_queue_info"]["queue"],
                     pack(Task(task_id=uuid.UUID(task_id), task_buffer=code + payload)),
@@ -360,13 +392,27 @@ class State:
                     "details": dict(endpoint.heartbeat)}
 
 
+def _hops(task: dict, result) -> str:
+    """A task's time from its publish to its result here, split at the worker's own
+    timestamps (EXEC_START, EXEC_END) where the result carries them."""
+    now = time.time()
+    total = f"{now - task['published']:.3f} s after its publish"
+    stamps = {getattr(s.state, "value", s.state): s.timestamp / 1e9
+              for s in (result.task_statuses or [])}
+    start, end = stamps.get("execution-start"), stamps.get("execution-end")
+    if start is None or end is None:
+        return total
+    return (f"{total}: {start - task['published']:.3f} s to the worker, "
+            f"{end - start:.3f} s in it, {now - end:.3f} s back")
+
+
 class HttpError(Exception):
     def __init__(self, status: int, code: str, message: str):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
 
 
-def make_handler(state: State, delay_s: float):
+def make_handler(state: State):
     version = {"api": "1.0.0", "min_ep_version": "2.0.0", "min_sdk_version": "2.0.0"}
 
     class Handler(BaseHTTPRequestHandler):
@@ -396,9 +442,12 @@ def make_handler(state: State, delay_s: float):
             return json.loads(self.rfile.read(length) or b"{}")
 
         def _handle(self, method: str) -> None:
-            time.sleep(delay_s)
+            time.sleep(state.delay_s)
             path = urllib.parse.urlsplit(self.path).path.rstrip("/")
             try:
+                if state.refuse_status and re.fullmatch(r"/v2/endpoints/[^/]+/status", path):
+                    raise HttpError(503, "SERVICE_UNAVAILABLE", "endpoint status is "
+                                    "unavailable (the stand-in's refuse_status)")
                 body = self._body() if method in ("POST", "PUT") else {}
                 if path == "/v2/version":
                     return self._reply(200, version)
@@ -462,8 +511,6 @@ def make_handler(state: State, delay_s: float):
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
     from world.broker import Broker
 
     parser = argparse.ArgumentParser(prog="world.compute_service", description=__doc__,
@@ -475,8 +522,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amqp-address",
                         help="HOST:PORT at which endpoints and clients reach the broker "
                              "(default: the broker's own)")
-    parser.add_argument("--delay-ms", type=int, default=0,
-                        help="hold every request this long first (ms)")
+    parser.add_argument("--control", required=True, type=Path,
+                        help="JSON settings, read at start and on SIGHUP: delay_ms (hold "
+                             "every request this long first), refuse_status (503 to "
+                             "endpoint-status requests)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -487,10 +536,21 @@ def main(argv: list[str] | None = None) -> int:
                   (os.environ["WORLD_COMPUTE_CLIENT_ID"],
                    os.environ["WORLD_COMPUTE_CLIENT_SECRET"]),
                   args.amqp_address or f"{netloc}:{broker.amqp_port}")
+
+    def apply_control(*_) -> None:
+        control = json.loads(args.control.read_text())
+        state.delay_s = int(control.get("delay_ms", 0)) / 1000
+        state.refuse_status = bool(control.get("refuse_status", False))
+        log.info("settings: %s", control)
+        if _:  # a SIGHUP: say so to the parent waiting for it
+            print(f"configured {json.dumps(control)}", flush=True)
+
+    apply_control()
+    signal.signal(signal.SIGHUP, apply_control)
     threading.Thread(target=state.consume, daemon=True).start()
     host, _, port = args.listen.rpartition(":")
     server = ThreadingHTTPServer((host.strip("[]"), int(port)),
-                                 make_handler(state, args.delay_ms / 1000))
+                                 make_handler(state))
     server.daemon_threads = True
     bound_host, bound_port = server.server_address[:2]
     print(f"ready http://{host or bound_host}:{bound_port}", flush=True)
@@ -499,7 +559,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import signal
-
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     raise SystemExit(main())
