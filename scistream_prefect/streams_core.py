@@ -67,6 +67,8 @@ class StreamHandle(BaseModel):
     persist (pickled, in clear) in its result storage.
     """
 
+    model_config = ConfigDict(defer_build=True)  # built on first use, not by `status`
+
     uid: str = Field(description="The stream's id on both gateways.")
     producer: str = Field(description="Label of the producer-side gateway.")
     consumer: str = Field(description="Label of the consumer-side gateway.")
@@ -142,12 +144,17 @@ ReplyT = TypeVar("ReplyT", bound=Reply)
 def checked(function: Callable[P, R]) -> Callable[P, R]:
     """``function`` with its arguments held to their annotations (the bounds above): a
     bad one is ``BAD_FORMAT``, naming the argument, never echoing its value."""
-    validated = validate_call(config=ConfigDict(arbitrary_types_allowed=True,
-                                                strict=True))(function)
+    # The validator is built on the first call, not at import: building the four of
+    # this module cost a one-shot `scistream status`, which calls none of them, 20 ms.
+    validated = None
     names = list(inspect.signature(function).parameters)
 
     @functools.wraps(function)
     def call(*args, **kwargs):
+        nonlocal validated
+        if validated is None:  # two threads may both build it: the same, harmlessly
+            validated = validate_call(config=ConfigDict(arbitrary_types_allowed=True,
+                                                        strict=True))(function)
         try:
             return validated(*args, **kwargs)
         except ValidationError as exc:
