@@ -240,7 +240,7 @@ def alternating_opens(producer: LocalGateway, consumer: LocalGateway, open_runs:
                 calls = recorder.take()
                 if calls:
                     leave_calls.append(max(c[1] for c in calls) - min(c[0] for c in calls))
-                trips.add("stream_session release (tasks in a flow)", calls)
+                trips.add("stream_session release (calls in a flow)", calls)
     return {"opens": {name: {"setup_s": with_p95(opens[folded][0]),
                              "release_s": with_p95(opens[folded][1]),
                              "setup_round_trips": sorted(set(counted[folded]))}

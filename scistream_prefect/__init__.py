@@ -2,7 +2,7 @@
 
 Open a stream between two gateways, give the consumer app its listeners, release it::
 
-    from scistream_prefect import LocalGateway, open_stream, release_stream
+    from scistream_prefect import LocalGateway, open_stream, release_stream  # noqa: F401
 
 Two local gateways on one machine, released and closed together: ``LocalPair``.
 
@@ -11,6 +11,43 @@ Errors are one tree, caught by meaning (``except NoResource``); see
 """
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what editors and type checkers see; at run time __getattr__ imports
+    from scistream_gateway.errors import (  # noqa: F401
+        AuthError,
+        BadFormat,
+        ConnError,
+        InvalidUid,
+        NoResource,
+        NotImplementedHere,
+        SciStreamError,
+        ServerError,
+        Timeout,
+        Unavailable,
+    )
+    from scistream_prefect.auth import GlobusCredentials  # noqa: F401
+    from scistream_prefect.compute import GlobusComputeGateway  # noqa: F401
+    from scistream_prefect.flows import (  # noqa: F401
+        open_stream,
+        release_stream,
+        setup_stream,
+        teardown_stream,
+    )
+    from scistream_prefect.gateways import Gateway, LocalGateway  # noqa: F401
+    from scistream_prefect.local_pair import LocalPair  # noqa: F401
+    from scistream_prefect.session import release_session_streams, stream_session  # noqa: F401
+    from scistream_prefect.streams_core import StreamHandle  # noqa: F401
+    from scistream_prefect.tasks import (  # noqa: F401
+        connect_gateway_proxy,
+        get_gateway_info,
+        get_stream_status,
+        release_gateway_stream,
+        renew_stream_lease,
+        reserve_gateway_ports,
+        send_app_hello,
+        wait_for_app_hello,
+    )
 
 # Public name -> the module that defines it. Imported on first use (module __getattr__),
 # so `import scistream_prefect` and `scistream --help` do not import Prefect.

@@ -419,9 +419,9 @@ def _each_gateway(args: argparse.Namespace, call, gateways: list | None = None
         return [(gw.label, f.result()) for gw, f in zip(gateways, futures, strict=True)]
 
 
-def _moved(reply: dict) -> int | None:
-    """Bytes a stream end moved, both directions (None: its proxy counts none)."""
-    moved = reply.get("bytes")
+def _moved(moved: object) -> int | None:
+    """Bytes a stream end moved, both directions, from its ``bytes`` field (None: its
+    proxy counts none)."""
     if isinstance(moved, dict):
         return int(moved.get("from_app", 0)) + int(moved.get("to_app", 0))
     return moved if isinstance(moved, int) else None
@@ -433,10 +433,10 @@ def _status(args: argparse.Namespace) -> int:
     ends = _each_gateway(args, lambda gw: core.status(gw, args.uid))
     lines = []
     for label, s in ends:
-        lines.append(f"{label}: {s['role']} {s['state']}, proxy {'alive' if s['alive'] else 'down'}"
-                     f", {_moved(s) or 0} bytes, listeners "
-                     f"{' '.join(s.get('listeners') or [])}")
-    _print(args, {"uid": args.uid, "ends": {label: s for label, s in ends}}, "\n".join(lines))
+        lines.append(f"{label}: {s.role} {s.state}, proxy {'alive' if s.alive else 'down'}"
+                     f", {_moved(s.bytes) or 0} bytes, listeners {' '.join(s.listeners)}")
+    _print(args, {"uid": args.uid, "ends": {label: s.wire() for label, s in ends}},
+           "\n".join(lines))
     return 0
 
 
@@ -499,7 +499,7 @@ def _list(args: argparse.Namespace) -> int:
     for row in rows:
         lines.append(f"{row['uid']:36}  {row['gateway'][:20]:20}  {row['role']:4}  "
                      f"{row['state']:9}  {_span(now - row['created']):>7}  "
-                     f"{_span(row['lease_expires'] - now):>10}  {_size(_moved(row)):>10}")
+                     f"{_span(row['lease_expires'] - now):>10}  {_size(_moved(row['bytes'])):>10}")
     _print(args, {"streams": rows}, "\n".join(lines) if rows else "no streams")
     return 0
 
@@ -522,13 +522,13 @@ def _watch(args: argparse.Namespace) -> int:
             ends = _each_gateway(args, lambda gw: core.status(gw, args.uid), gateways)
             report = {}
             for label, s in ends:
-                moved = _moved(s)
+                moved = _moved(s.bytes)
                 last = before.get(label)
                 rate = (None if moved is None or last is None or polled <= last[0]
                         else max(0.0, (moved - last[1]) / (polled - last[0])))
                 if moved is not None:
                     before[label] = (polled, moved)
-                report[label] = {"state": s["state"], "alive": s["alive"], "bytes": moved,
+                report[label] = {"state": s.state, "alive": s.alive, "bytes": moved,
                                  "bytes_per_s": rate}
             if args.json:
                 print(json.dumps({"time": time.time(), "uid": args.uid, "ends": report}),
@@ -544,8 +544,8 @@ def _watch(args: argparse.Namespace) -> int:
                 if tty:
                     print()
                 raise ConnError(f"stream {args.uid} FAILED: "
-                                + "; ".join(s.get("last_error") or s.get("detail") or label
-                                            for label, s in ends if s["state"] == State.FAILED))
+                                + "; ".join(s.last_error or s.detail or label
+                                            for label, s in ends if s.state == State.FAILED))
             if not states & State.ACTIVE:
                 if tty:
                     print()

@@ -130,4 +130,4 @@ def consumer_listeners(gateway, uid: str, hello_key: SecretStr | str) -> list[st
 
 def _hello(gateway, uid: str, hello_key: SecretStr | str, role: str,
            app_listeners: list[str] | None) -> list[str]:
-    return core.hello(gateway, uid, hello_key, role, app_listeners)["listeners"]
+    return core.hello(gateway, uid, hello_key, role, app_listeners).listeners

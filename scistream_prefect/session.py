@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from prefect import get_run_logger
 from prefect.context import FlowRunContext
 
+from scistream_prefect import streams_core as core
 from scistream_prefect.flows.streams import StreamHandle, setup_stream, teardown_stream
 from scistream_prefect.gateways import Gateway
 from scistream_prefect.recovery import (
@@ -48,13 +49,10 @@ class _LeaseRenewer(threading.Thread):
         self.renewals = 0
 
     def run(self) -> None:
-        request = {"uid": self.uid}
-        if self.lease_s is not None:
-            request["lease_s"] = self.lease_s
         while not self.stopped.wait(self.interval_s):
             for gateway in self.gateways:
                 try:
-                    expires = gateway.call("renew", request)["lease_expires"]
+                    expires = core.renew(gateway, self.uid, self.lease_s)
                     self.logger.debug("renewed %s on %s until %s", self.uid, gateway.label,
                                       expires)
                 except Exception as exc:  # noqa: BLE001 - retried at the next interval

@@ -1,7 +1,8 @@
 """Streams as plain gateway calls, no Prefect: the one implementation that the Prefect
 tasks and flows wrap and the command line runs directly.
 
-One function per gateway call (each builds and checks its request), and :func:`open_ends`,
+One function per gateway call (each builds and checks its request and returns the
+reply as its wire model, :mod:`scistream_gateway.protocol`'s), and :func:`open_ends`,
 the open logic: ``reserve ‖ reserve`` -> ``connect ‖ connect`` with the producer's hello
 carried by its connect (two round trips), or ``reserve ‖ reserve`` -> ``wait_hello`` ->
 ``connect ‖ connect`` when the producer's controller says hello itself; both ends
@@ -19,8 +20,8 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable
-from typing import Annotated
 from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Annotated, ParamSpec, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -32,12 +33,21 @@ from pydantic import (
     validate_call,
 )
 
-from scistream_gateway.errors import BadFormat, Timeout
+from scistream_gateway.errors import BadFormat, ServerError, Timeout
 from scistream_gateway.protocol import (
     MAX_NUM_CONN,
     MAX_RATE_KBPS,
     MAX_WAIT_HELLO_S,
+    ConnectReply,
+    GatewayInfoReply,
+    HelloReply,
+    ReleaseReply,
+    RenewReply,
+    Reply,
+    ReserveReply,
     State,
+    StatusReply,
+    WaitHelloReply,
     is_canonical_uid,
     parse_address,
 )
@@ -56,6 +66,8 @@ class StreamHandle(BaseModel):
     It never holds the hello key: a handle is a flow's result, which Prefect may
     persist (pickled, in clear) in its result storage.
     """
+
+    model_config = ConfigDict(defer_build=True)  # built on first use, not by `status`
 
     uid: str = Field(description="The stream's id on both gateways.")
     producer: str = Field(description="Label of the producer-side gateway.")
@@ -124,15 +136,25 @@ Addresses = Annotated[list[Annotated[str, AfterValidator(_address)]],
                             description="'host:port' strings ('[addr]:port' for IPv6).")]
 
 
-def checked(function: Callable) -> Callable:
+P = ParamSpec("P")
+R = TypeVar("R")
+ReplyT = TypeVar("ReplyT", bound=Reply)
+
+
+def checked(function: Callable[P, R]) -> Callable[P, R]:
     """``function`` with its arguments held to their annotations (the bounds above): a
     bad one is ``BAD_FORMAT``, naming the argument, never echoing its value."""
-    validated = validate_call(config=ConfigDict(arbitrary_types_allowed=True,
-                                                strict=True))(function)
+    # The validator is built on the first call, not at import: building the four of
+    # this module cost a one-shot `scistream status`, which calls none of them, 20 ms.
+    validated = None
     names = list(inspect.signature(function).parameters)
 
     @functools.wraps(function)
     def call(*args, **kwargs):
+        nonlocal validated
+        if validated is None:  # two threads may both build it: the same, harmlessly
+            validated = validate_call(config=ConfigDict(arbitrary_types_allowed=True,
+                                                        strict=True))(function)
         try:
             return validated(*args, **kwargs)
         except ValidationError as exc:
@@ -147,29 +169,43 @@ def checked(function: Callable) -> Callable:
     return call
 
 
-def gateway_info(gateway) -> dict:
+def _call(gateway, function: str, request: dict, model: type[ReplyT]) -> ReplyT:
+    """``function`` on ``gateway``, its reply as the wire model ``model``. Fields this
+    client does not know (a newer gateway's) are left out; a reply that is not the
+    model is ``SERVER_ERR``."""
+    reply = check_gateway(gateway).call(function, request)
+    try:
+        return model.model_validate({k: v for k, v in reply.items()
+                                     if k in model.model_fields})
+    except ValidationError as exc:
+        fields = sorted({str(e["loc"][0]) for e in exc.errors() if e["loc"]})
+        raise ServerError(f"the {function} reply of {gateway.label} is malformed (fields "
+                          f"{fields}): is it another version of scistream?") from None
+
+
+def gateway_info(gateway) -> GatewayInfoReply:
     """Name, version, backends, addresses, free ports and active streams of a gateway."""
-    return check_gateway(gateway).call("gateway_info", {})
+    return _call(gateway, "gateway_info", {}, GatewayInfoReply)
 
 
 def reserve(gateway, uid: str, role: str, num_conn: int, hello_key: SecretStr | str,
-            rate: int = 0, lease_s: int | None = None) -> dict:
+            rate: int = 0, lease_s: int | None = None) -> ReserveReply:
     """``reserve`` on one gateway; only the hello key's SHA-256 is sent."""
     request = {"uid": uid, "role": role, "num_conn": num_conn, "rate": rate,
                "key_sha256": hashlib.sha256(_reveal(hello_key).encode()).hexdigest()}
     if lease_s is not None:
         request["lease_s"] = lease_s
-    return check_gateway(gateway).call("reserve", request)
+    return _call(gateway, "reserve", request, ReserveReply)
 
 
 @checked
 def hello(gateway, uid: str, hello_key: SecretStr | str, role: str,
-          app_listeners: Addresses | None = None) -> dict:
+          app_listeners: Addresses | None = None) -> HelloReply:
     """An app controller's ``hello``; the producer gives where its app listens."""
     request = {"uid": uid, "key": _reveal(hello_key), "role": role}
     if app_listeners is not None:
         request["app_listeners"] = app_listeners
-    return check_gateway(gateway).call("hello", request)
+    return _call(gateway, "hello", request, HelloReply)
 
 
 @checked
@@ -190,9 +226,9 @@ def poll_hello(gateway, uid: str, poll_frequency_seconds: float,
     the deadline has passed without a hello."""
     remaining = deadline - time.monotonic()
     timeout_s = max(0.0, min(poll_frequency_seconds, remaining, MAX_WAIT_HELLO_S))
-    reply = check_gateway(gateway).call("wait_hello", {"uid": uid, "timeout_s": timeout_s})
-    if reply["state"] != State.RESERVED:
-        return reply["app_listeners"]
+    reply = _call(gateway, "wait_hello", {"uid": uid, "timeout_s": timeout_s}, WaitHelloReply)
+    if reply.state != State.RESERVED:
+        return reply.app_listeners
     if time.monotonic() >= deadline:
         raise Timeout(f"no hello for stream {uid} within the time given")
     return None
@@ -202,7 +238,7 @@ def poll_hello(gateway, uid: str, poll_frequency_seconds: float,
 def connect(gateway, uid: str, remote_listeners: Addresses, peer_fingerprint: str | None,
             peer_certificate: str | None, tls: bool = True,
             hello_key: SecretStr | str | None = None,
-            app_listeners: Addresses | None = None) -> dict:
+            app_listeners: Addresses | None = None) -> ConnectReply:
     """``connect`` one end to its peer's listeners, pinning the peer's certificate. The
     producer's connect may carry its hello (``hello_key`` and ``app_listeners``, both or
     neither): one round trip instead of two."""
@@ -213,12 +249,12 @@ def connect(gateway, uid: str, remote_listeners: Addresses, peer_fingerprint: st
         raise BadFormat("a hello carried by connect gives both hello_key and app_listeners")
     if app_listeners is not None:
         request["hello"] = {"key": _reveal(hello_key), "app_listeners": app_listeners}
-    return check_gateway(gateway).call("connect", request)
+    return _call(gateway, "connect", request, ConnectReply)
 
 
-def status(gateway, uid: str) -> dict:
+def status(gateway, uid: str) -> StatusReply:
     """``status`` of one end: state, proxy liveness, byte counters, lease."""
-    return check_gateway(gateway).call("status", {"uid": uid})
+    return _call(gateway, "status", {"uid": uid}, StatusReply)
 
 
 def renew(gateway, uid: str, lease_s: int | None = None) -> float:
@@ -226,12 +262,12 @@ def renew(gateway, uid: str, lease_s: int | None = None) -> float:
     request: dict = {"uid": uid}
     if lease_s is not None:
         request["lease_s"] = lease_s
-    return check_gateway(gateway).call("renew", request)["lease_expires"]
+    return _call(gateway, "renew", request, RenewReply).lease_expires
 
 
 def release(gateway, uid: str) -> bool:
     """``release`` one end (idempotent): True, also when it was already gone."""
-    return check_gateway(gateway).call("release", {"uid": uid})["released"]
+    return _call(gateway, "release", {"uid": uid}, ReleaseReply).released
 
 
 def list_streams(gateway) -> list[dict]:
@@ -333,10 +369,10 @@ def open_ends(producer, consumer, *, uid: str, hello_key: SecretStr, num_conn: i
             app = steps.one(wait_hello, producer, uid, max_wait_seconds=hello_timeout_s)
             folded, round_trips = {}, 3
         steps.both(connect,
-                   ((producer, uid, cons["listeners"], cons["cert_fingerprint"],
-                     cons["certificate"]), {"tls": tls, **folded}),
-                   ((consumer, uid, prod["listeners"], prod["cert_fingerprint"],
-                     prod["certificate"]), {"tls": tls}))
+                   ((producer, uid, cons.listeners, cons.cert_fingerprint,
+                     cons.certificate), {"tls": tls, **folded}),
+                   ((consumer, uid, prod.listeners, prod.cert_fingerprint,
+                     prod.certificate), {"tls": tls}))
     except BaseException:
         try:
             steps.teardown(producer, consumer, uid)
@@ -345,9 +381,9 @@ def open_ends(producer, consumer, *, uid: str, hello_key: SecretStr, num_conn: i
         raise
     return StreamHandle(
         uid=uid, producer=producer.label, consumer=consumer.label, num_conn=num_conn,
-        listeners=cons["listeners"], producer_listeners=prod["listeners"], app_listeners=app,
-        tls=tls, producer_fingerprint=prod["cert_fingerprint"],
-        consumer_fingerprint=cons["cert_fingerprint"],
+        listeners=cons.listeners, producer_listeners=prod.listeners, app_listeners=app,
+        tls=tls, producer_fingerprint=prod.cert_fingerprint,
+        consumer_fingerprint=cons.cert_fingerprint,
         setup_s=time.perf_counter() - started, setup_round_trips=round_trips,
-        lease_expires=min(prod["lease_expires"], cons["lease_expires"]),
+        lease_expires=min(prod.lease_expires, cons.lease_expires),
     )

@@ -10,6 +10,7 @@ import uuid
 
 from prefect import flow
 
+from scistream_gateway.protocol import State, StatusReply
 from scistream_prefect.tasks import aio
 
 from conftest import run_consumer
@@ -32,20 +33,21 @@ def test_an_async_flow_opens_moves_data_and_releases(gateways, producer_app):
                                     aio.reserve_gateway_ports(consumer, uid, "CONS", 2, key))
         await aio.send_app_hello(producer, uid, key, "PROD", app.listeners)
         await asyncio.gather(
-            aio.connect_gateway_proxy(producer, uid, c["listeners"], c["cert_fingerprint"],
-                                      c["certificate"]),
-            aio.connect_gateway_proxy(consumer, uid, p["listeners"], p["cert_fingerprint"],
-                                      p["certificate"]))
+            aio.connect_gateway_proxy(producer, uid, c.listeners, c.cert_fingerprint,
+                                      c.certificate),
+            aio.connect_gateway_proxy(consumer, uid, p.listeners, p.cert_fingerprint,
+                                      p.certificate))
         seen["active"] = _active(producer, consumer)
-        seen["status"] = (await aio.get_stream_status(consumer, uid))["state"]
-        seen["consumer"] = await asyncio.to_thread(run_consumer, c["listeners"])
+        seen["status"] = await aio.get_stream_status(consumer, uid)
+        seen["consumer"] = await asyncio.to_thread(run_consumer, c.listeners)
         await aio.renew_stream_lease(consumer, uid, 60)
         released = await asyncio.gather(aio.release_gateway_stream(producer, uid),
                                         aio.release_gateway_stream(consumer, uid))
         return released
 
     assert asyncio.run(pipeline()) == [True, True]
-    assert seen["active"] == [1, 1] and seen["status"] == "CONNECTED"
+    assert seen["active"] == [1, 1]
+    assert isinstance(seen["status"], StatusReply) and seen["status"].state == State.CONNECTED
     code, received = seen["consumer"]
     assert code == 0 and sum(r["bytes"] for r in received) == 1 << 20
     assert sorted(r["bytes"] for r in app.result()) == [1 << 19, 1 << 19]

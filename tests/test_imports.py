@@ -104,3 +104,18 @@ def test_help_and_status_load_only_what_they_run(gateways, tmp_path):
     finally:
         released, _ = _command_loaded(tmp_path, "release", handle["uid"], *both, "--json")
     assert set(released["released"].values()) == {True}
+
+
+def test_the_package_names_its_lazy_exports_for_type_checkers():
+    """Every name ``scistream_prefect`` imports on first use is imported, from the same
+    module, under ``TYPE_CHECKING`` too: else an editor or mypy sees it as ``Any``."""
+    import ast
+
+    import scistream_prefect
+
+    tree = ast.parse(open(scistream_prefect.__file__).read())
+    guarded = next(node for node in tree.body if isinstance(node, ast.If)
+                   and getattr(node.test, "id", None) == "TYPE_CHECKING")
+    seen = {alias.name: node.module for node in guarded.body
+            if isinstance(node, ast.ImportFrom) for alias in node.names}
+    assert seen == scistream_prefect._HOMES

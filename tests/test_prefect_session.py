@@ -165,12 +165,13 @@ def test_the_hello_key_is_in_no_artifact_log_or_record(gateways, producer_app):
     artifacts = _artifacts(uid)
     assert len(artifacts) == 2
     assert all(key not in a.model_dump_json() for a in artifacts.values())
-    records = run_records(state.state_details.flow_run_id, expect=markers)
+    # The release's lines are the run's own (direct calls, no task runs): searched too.
+    released = [f"release on {gw.label}, stream {uid}: ok in " for gw in gateways]
+    records = run_records(state.state_details.flow_run_id, expect=markers + released)
     assert set(markers) <= set(records.messages())
     # The producer's hello (and its key) rides on its connect: no hello task of its own.
     names = {t.name for t in records.task_runs}
-    assert {f"{verb}-{gw.label}" for verb in ("reserve", "connect", "release")
-            for gw in gateways} <= names
+    assert {f"{verb}-{gw.label}" for verb in ("reserve", "connect") for gw in gateways} <= names
     assert not any(name.startswith("hello-") for name in names), names
     leaked = [text for text in records.texts() if key in text]
     assert not leaked, leaked[0][:2000] if leaked else ""
@@ -215,3 +216,73 @@ def test_a_release_waits_for_no_background_write(gateways):
     summary = _artifacts(seen["uid"])[f"scistream-stream-{seen['uid']}"]
     assert "**RELEASED**" in summary.data
     assert str(summary.flow_run_id) == str(seen["run_id"])  # the run's, though written later
+
+
+class _Refusing:
+    """A real gateway whose first ``refusals`` releases raise ``error`` at the seam (as
+    a gateway busy with a reserve of the uid says UNAVAILABLE)."""
+
+    def __init__(self, gateway, error: Exception, refusals: int):
+        self.gateway, self.label = gateway, gateway.label
+        self.error, self.refusals = error, refusals
+
+    def call(self, function: str, request: dict, timeout_s: float | None = None) -> dict:
+        if function == "release" and self.refusals:
+            self.refusals -= 1
+            raise self.error
+        return self.gateway.call(function, request, timeout_s)
+
+
+def _reserved(producer, consumer) -> str:
+    from scistream_prefect import streams_core as core
+
+    uid = str(uuid.uuid4())
+    for gateway, role in ((producer, "PROD"), (consumer, "CONS")):
+        core.reserve(gateway, uid, role, 1, "key")
+    return uid
+
+
+def test_a_release_that_may_pass_is_retried_and_logged_per_end(gateways):
+    """teardown_stream's releases (direct calls, no task runs) are retried as the release
+    task is, and each call is a line of the run's log."""
+    from scistream_gateway.errors import Unavailable
+    from scistream_prefect import teardown_stream
+
+    producer, consumer = gateways
+    uid = _reserved(producer, consumer)
+    busy = _Refusing(producer, Unavailable("a reserve of this uid is in progress"), 1)
+
+    @flow
+    def pipeline():
+        teardown_stream(busy, consumer, uid)
+
+    state = pipeline(return_state=True)
+    assert state.is_completed() and busy.refusals == 0
+    assert _active(producer, consumer) == [0, 0]
+    p, c = producer.label, consumer.label
+    records = run_records(state.state_details.flow_run_id, expect=[
+        f"release on {p}, stream {uid}: UNAVAILABLE in ", f"release on {p}, stream {uid}: ok in ",
+        f"release on {c}, stream {uid}: ok in ", f"stream {uid} released on {p} and {c}"])
+    assert not records.task_runs  # no task run of its own
+
+
+def test_a_refused_release_fails_after_the_other_end_is_released(gateways):
+    from scistream_gateway.errors import AuthError
+    from scistream_prefect import teardown_stream
+
+    producer, consumer = gateways
+    uid = _reserved(producer, consumer)
+    refusing = _Refusing(producer, AuthError("not proven"), 5)
+
+    @flow
+    def pipeline():
+        teardown_stream(refusing, consumer, uid)
+
+    state = pipeline(return_state=True)
+    assert state.is_failed() and "not proven" in state.message
+    assert refusing.refusals == 4  # a refusal is not retried
+    assert _active(producer, consumer) == [1, 0]
+    run_records(state.state_details.flow_run_id, expect=[
+        f"release on {producer.label}, stream {uid}: AUTH_ERROR in ",
+        f"stream {uid}: release failed on {producer.label}"])
+    producer.call("release", {"uid": uid})

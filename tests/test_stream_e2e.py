@@ -44,14 +44,14 @@ def test_stream_carries_checksummed_data(gateways, producer_app, tls):
     assert sum(r["bytes"] for r in received) == total
     # Both proxies moved every byte, in the right direction, over all connections.
     prod_status, cons_status = ends
-    assert prod_status["state"] == cons_status["state"] == "CONNECTED"
-    assert prod_status["bytes"] == {"from_app": total, "to_app": 0}
-    assert cons_status["bytes"] == {"from_app": 0, "to_app": total}
-    assert cons_status["connections"]["total"] == num_conn
-    assert cons_status["connections"]["failed"] == 0
+    assert prod_status.state == cons_status.state == "CONNECTED"
+    assert prod_status.bytes == {"from_app": total, "to_app": 0}
+    assert cons_status.bytes == {"from_app": 0, "to_app": total}
+    assert cons_status.connections["total"] == num_conn
+    assert cons_status.connections["failed"] == 0
     # Released: processes gone, ports bindable.
     for status in ends:
-        assert not runs_a_proxy(status["pid"])
+        assert not runs_a_proxy(status.pid)
     for address in handle.listeners + handle.producer_listeners:
         assert port_is_free(address), address
 
@@ -102,8 +102,8 @@ def test_status_counts_bytes_while_the_stream_runs(gateways, producer_app):
             # Mid-transfer: both proxies already count at least what the app read.
             for gw in (consumer, producer):
                 status = get_stream_status.fn(gw, handle.uid)
-                assert status["connections"]["active"] == 1
-                moved = status["bytes"]["to_app"] + status["bytes"]["from_app"]
-                assert moved >= read, (gw.label, status["bytes"], read)
+                assert status.connections["active"] == 1
+                moved = status.bytes["to_app"] + status.bytes["from_app"]
+                assert moved >= read, (gw.label, status.bytes, read)
     finally:
         release_stream(producer, consumer, handle.uid)

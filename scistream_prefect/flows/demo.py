@@ -88,8 +88,8 @@ def stream_demo(
         "consumer": apps.connection_results(out),
         "consumer_exit": consumer_app.returncode,
         "seconds": seconds,
-        "proxies": [{"pid": s.get("pid"), "bytes": s.get("bytes"), "state": s["state"],
-                     "alive": s["alive"]} for s in statuses],
+        "proxies": [{"pid": s.pid, "bytes": s.bytes, "state": s.state.value,
+                     "alive": s.alive} for s in statuses],
     }
 
 

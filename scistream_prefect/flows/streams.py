@@ -12,10 +12,15 @@ without a flow.
 
 from __future__ import annotations
 
+import contextvars
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 from prefect import flow
 from prefect.context import FlowRunContext
 from prefect.blocks.system import Secret
 from prefect.futures import wait
+from prefect.states import Failed
 from pydantic import SecretStr
 
 from scistream_prefect import streams_core as core
@@ -32,6 +37,7 @@ from scistream_prefect.recovery import (
 from scistream_prefect.streams_core import Addresses, LeaseS, NumConn, Rate, StreamHandle, WaitS
 from scistream_prefect.tasks.streams import (
     connect_gateway_proxy,
+    logged_call,
     release_gateway_stream,
     reserve_gateway_ports,
     run_logger,
@@ -145,19 +151,39 @@ def setup_stream(
     return handle
 
 
+def _release_end(gateway: Gateway, uid: str) -> bool:
+    """One end's release as :func:`release_gateway_stream` makes it (its log line, its
+    retries of a failure that may pass), without a task run."""
+    task, failures = release_gateway_stream, 0
+    while True:
+        try:
+            with logged_call(gateway, "release", uid):
+                return core.release(gateway, uid)
+        except Exception as exc:
+            failures += 1
+            if failures > task.retries or not task.retry_condition_fn(
+                    task, None, Failed(data=exc)):
+                raise
+        time.sleep(task.retry_delay_seconds)
+
+
 def teardown_stream(producer: Gateway, consumer: Gateway, uid: str, *,
                     state: str = "RELEASED") -> None:
     """Release both ends concurrently (idempotent); raise the first failure after both ran.
 
-    ``state`` is what the stream's summary artifact says afterwards; it is published in
-    the background (:func:`~scistream_prefect.recovery.in_background`: an artifact is a
-    server write that took longer than the two releases).
+    The two releases are direct gateway calls on two threads, each logged to the run's
+    log and retried as :func:`release_gateway_stream` is, not task runs: two task runs
+    tripled a session's exit (bench/controlplane.py) and showed the UI nothing the log
+    does not. ``state`` is what the stream's summary artifact says afterwards; it is
+    published in the background (:func:`~scistream_prefect.recovery.in_background`: an
+    artifact is a server write that took longer than the two releases).
     """
-    futures = [release_gateway_stream.submit(producer, uid),
-               release_gateway_stream.submit(consumer, uid)]
-    wait(futures)
-    failed = [gw.label for gw, f in zip((producer, consumer), futures, strict=True)
-              if f.state.is_failed()]
+    ends = (producer, consumer)
+    with ThreadPoolExecutor(2) as pool:
+        # Each thread runs in a copy of this one's context: the run's logger is found there.
+        futures = [pool.submit(contextvars.copy_context().run, _release_end, gw, uid)
+                   for gw in ends]
+    failed = [gw.label for gw, f in zip(ends, futures, strict=True) if f.exception()]
     if failed:
         run_logger().warning("stream %s: release failed on %s", uid, ", ".join(failed))
     else:

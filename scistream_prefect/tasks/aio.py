@@ -20,12 +20,12 @@ keeps the names the docs use::
         p, c = await asyncio.gather(aio.reserve_gateway_ports(prod, uid, "PROD", 1, key),
                                     aio.reserve_gateway_ports(cons, uid, "CONS", 1, key))
         await asyncio.gather(  # the producer's connect carries its hello
-            aio.connect_gateway_proxy(prod, uid, c["listeners"], c["cert_fingerprint"],
-                                      c["certificate"], hello_key=key,
+            aio.connect_gateway_proxy(prod, uid, c.listeners, c.cert_fingerprint,
+                                      c.certificate, hello_key=key,
                                       app_listeners=app_listeners),
-            aio.connect_gateway_proxy(cons, uid, p["listeners"], p["cert_fingerprint"],
-                                      p["certificate"]))
-        ...  # the consumer app connects to c["listeners"]
+            aio.connect_gateway_proxy(cons, uid, p.listeners, p.cert_fingerprint,
+                                      p.certificate))
+        ...  # the consumer app connects to c.listeners
         await asyncio.gather(aio.release_gateway_stream(prod, uid),
                              aio.release_gateway_stream(cons, uid))
 
@@ -45,6 +45,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import SecretStr
 
+from scistream_gateway.protocol import (
+    ConnectReply,
+    GatewayInfoReply,
+    HelloReply,
+    ReserveReply,
+    StatusReply,
+)
 from scistream_prefect import streams_core as core
 from scistream_prefect.gateways import Gateway
 from scistream_prefect.streams_core import PollS, WaitS
@@ -66,7 +73,7 @@ _READ_ONLY = {"retries": 2, "retry_delay_seconds": 1, "retry_condition_fn": retr
 
 @task(name="get-gateway-info", task_run_name=run_name("info"), cache_policy=NO_CACHE,
       **_READ_ONLY)
-async def get_gateway_info(gateway: Gateway) -> dict:
+async def get_gateway_info(gateway: Gateway) -> GatewayInfoReply:
     """:func:`scistream_prefect.tasks.get_gateway_info`, awaitable."""
     with logged_call(gateway, "gateway_info", None):
         return await asyncio.to_thread(core.gateway_info, gateway)
@@ -76,7 +83,7 @@ async def get_gateway_info(gateway: Gateway) -> dict:
 async def reserve_gateway_ports(
     gateway: Gateway, uid: str, role: str, num_conn: int, hello_key: SecretStr | str,
     rate: int = 0, lease_s: int | None = None,
-) -> dict:
+) -> ReserveReply:
     """:func:`scistream_prefect.tasks.reserve_gateway_ports`, awaitable."""
     with logged_call(gateway, "reserve", uid):
         return await asyncio.to_thread(core.reserve, gateway, uid, role, num_conn, hello_key,
@@ -87,7 +94,7 @@ async def reserve_gateway_ports(
 async def send_app_hello(
     gateway: Gateway, uid: str, hello_key: SecretStr | str, role: str,
     app_listeners: list[str] | None = None,
-) -> dict:
+) -> HelloReply:
     """:func:`scistream_prefect.tasks.send_app_hello`, awaitable."""
     with logged_call(gateway, "hello", uid):
         return await asyncio.to_thread(core.hello, gateway, uid, hello_key, role,
@@ -119,7 +126,7 @@ async def connect_gateway_proxy(
     gateway: Gateway, uid: str, remote_listeners: list[str],
     peer_fingerprint: str | None, peer_certificate: str | None, tls: bool = True,
     hello_key: SecretStr | str | None = None, app_listeners: list[str] | None = None,
-) -> dict:
+) -> ConnectReply:
     """:func:`scistream_prefect.tasks.connect_gateway_proxy`, awaitable."""
     with logged_call(gateway, "connect", uid):
         return await asyncio.to_thread(core.connect, gateway, uid, remote_listeners,
@@ -129,7 +136,7 @@ async def connect_gateway_proxy(
 
 @task(name="get-stream-status", task_run_name=run_name("status"), cache_policy=NO_CACHE,
       **_READ_ONLY)
-async def get_stream_status(gateway: Gateway, uid: str) -> dict:
+async def get_stream_status(gateway: Gateway, uid: str) -> StatusReply:
     """:func:`scistream_prefect.tasks.get_stream_status`, awaitable."""
     with logged_call(gateway, "status", uid):
         return await asyncio.to_thread(core.status, gateway, uid)

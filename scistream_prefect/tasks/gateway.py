@@ -5,8 +5,9 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from scistream_prefect.gateways import Gateway
+from scistream_gateway.protocol import GatewayInfoReply
 from scistream_prefect import streams_core as core
+from scistream_prefect.gateways import Gateway
 from scistream_prefect.tasks.streams import logged_call, retry_if_transient, run_name
 
 __all__ = ["get_gateway_info"]
@@ -14,7 +15,7 @@ __all__ = ["get_gateway_info"]
 
 @task(name="get-gateway-info", task_run_name=run_name("info"), cache_policy=NO_CACHE,
       retries=2, retry_delay_seconds=1, retry_condition_fn=retry_if_transient)
-def get_gateway_info(gateway: Gateway) -> dict:
+def get_gateway_info(gateway: Gateway) -> GatewayInfoReply:
     """Name, version, backends, addresses, free ports and active streams of a gateway.
 
     Read-only, so retried on failure.
@@ -23,8 +24,8 @@ def get_gateway_info(gateway: Gateway) -> dict:
         gateway: the gateway block.
 
     Returns:
-        ``name, version, backends, addresses, port range, free_ports, active_streams,
-        rate in use``.
+        The gateway's reply: ``.name, .version, .backends, .lan_address,
+        .wan_address, .port_range, .free_ports, .active_streams, .rate_in_use``, ...
 
     Example:
         ```python
@@ -34,7 +35,7 @@ def get_gateway_info(gateway: Gateway) -> dict:
         @flow
         def inspect_gateway():
             gw = LocalGateway.create("facility-p", "/tmp/facility-p")
-            return get_gateway_info(gw)["free_ports"]
+            return get_gateway_info(gw).free_ports
         ```
     """
     with logged_call(gateway, "gateway_info", None):

@@ -25,6 +25,7 @@ from prefect.exceptions import MissingContextError
 from pydantic import SecretStr
 
 from scistream_gateway.errors import SciStreamError, Timeout, Unavailable
+from scistream_gateway.protocol import ConnectReply, HelloReply, ReserveReply, StatusReply
 from scistream_prefect import streams_core as core
 from scistream_prefect.gateways import Gateway
 
@@ -104,7 +105,7 @@ def retry_if_transient(task, task_run, state) -> bool:
 def reserve_gateway_ports(
     gateway: Gateway, uid: str, role: str, num_conn: int, hello_key: SecretStr | str,
     rate: int = 0, lease_s: int | None = None,
-) -> dict:
+) -> ReserveReply:
     """Reserve ``num_conn`` ports on one gateway and start its proxy for stream ``uid``.
 
     Not retried: a lost reply is recovered by calling again with the same ``uid``
@@ -120,8 +121,8 @@ def reserve_gateway_ports(
         lease_s: lease in seconds (the gateway's default when not given).
 
     Returns:
-        The gateway's ``listeners``, ``cert_fingerprint``, ``certificate`` and
-        ``lease_expires``.
+        The gateway's reply: ``.listeners``, ``.cert_fingerprint``, ``.certificate``,
+        ``.lease_expires``.
 
     Raises:
         NoResource: ports or rate capacity ran out. BadFormat: a malformed request.
@@ -138,7 +139,7 @@ def reserve_gateway_ports(
             uid = str(uuid.uuid4())
             reply = reserve_gateway_ports(gw, uid, "CONS", 2, secrets.token_urlsafe(32))
             release_gateway_stream(gw, uid)
-            return reply["listeners"]
+            return reply.listeners
         ```
     """
     with logged_call(gateway, "reserve", uid):
@@ -150,7 +151,7 @@ def reserve_gateway_ports(
 def send_app_hello(
     gateway: Gateway, uid: str, hello_key: SecretStr | str, role: str,
     app_listeners: list[str] | None = None,
-) -> dict:
+) -> HelloReply:
     """Send an app controller's hello: the producer gives where its app listens.
 
     Args:
@@ -161,7 +162,7 @@ def send_app_hello(
         app_listeners: (producer) where the producer app listens.
 
     Returns:
-        The gateway's ``listeners`` (for a consumer: where its app connects).
+        The gateway's reply: ``.listeners`` (for a consumer: where its app connects).
 
     Raises:
         AuthError: wrong key; the stream is unchanged.
@@ -178,7 +179,7 @@ def send_app_hello(
             prod = LocalGateway.create("facility-p", "/tmp/facility-p", port_range=(51000, 51099))
             uid, key = str(uuid.uuid4()), secrets.token_urlsafe(32)
             reserve_gateway_ports(prod, uid, "PROD", 1, key)
-            listeners = send_app_hello(prod, uid, key, "PROD", ["127.0.0.1:5074"])
+            listeners = send_app_hello(prod, uid, key, "PROD", ["127.0.0.1:5074"]).listeners
             release_gateway_stream(prod, uid)
             return listeners
         ```
@@ -237,7 +238,7 @@ def connect_gateway_proxy(
     gateway: Gateway, uid: str, remote_listeners: list[str],
     peer_fingerprint: str | None, peer_certificate: str | None, tls: bool = True,
     hello_key: SecretStr | str | None = None, app_listeners: list[str] | None = None,
-) -> dict:
+) -> ConnectReply:
     """Point one gateway's proxy at its targets and pin the peer gateway's certificate.
 
     The producer's connect may carry the producer's hello (``hello_key`` and
@@ -257,7 +258,8 @@ def connect_gateway_proxy(
         app_listeners: (producer, with ``hello_key``) where the producer app listens.
 
     Returns:
-        ``uid``, ``state``, ``listeners``, ``backend``, once the proxy accepts.
+        The gateway's reply once the proxy accepts: ``.uid``, ``.state``,
+        ``.listeners``, ``.backend``.
 
     Raises:
         AuthError: the certificate does not match the fingerprint, or a wrong hello key;
@@ -279,11 +281,10 @@ def connect_gateway_proxy(
             p = reserve_gateway_ports(prod, uid, "PROD", 1, key)
             c = reserve_gateway_ports(cons, uid, "CONS", 1, key)
             # The producer's connect carries its hello: no send_app_hello round trip.
-            connect_gateway_proxy(prod, uid, c["listeners"], c["cert_fingerprint"],
-                                  c["certificate"], hello_key=key,
+            connect_gateway_proxy(prod, uid, c.listeners, c.cert_fingerprint,
+                                  c.certificate, hello_key=key,
                                   app_listeners=["127.0.0.1:5074"])
-            connect_gateway_proxy(cons, uid, p["listeners"], p["cert_fingerprint"],
-                                  p["certificate"])
+            connect_gateway_proxy(cons, uid, p.listeners, p.cert_fingerprint, p.certificate)
             for gw in (prod, cons):
                 release_gateway_stream(gw, uid)
         ```
@@ -296,7 +297,7 @@ def connect_gateway_proxy(
 @task(name="get-stream-status", task_run_name=run_name("status"),
       cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
       retry_condition_fn=retry_if_transient)
-def get_stream_status(gateway: Gateway, uid: str) -> dict:
+def get_stream_status(gateway: Gateway, uid: str) -> StatusReply:
     """State, proxy liveness and byte counters of one stream end (read-only, so retried).
 
     Args:
@@ -304,7 +305,9 @@ def get_stream_status(gateway: Gateway, uid: str) -> dict:
         uid: the stream's id.
 
     Returns:
-        ``uid, role, state, alive, bytes, connections, pid, lease_expires, listeners``.
+        The gateway's reply: ``.uid, .role, .state, .alive, .bytes, .connections, .pid,
+        .lease_expires, .listeners``, and why when it failed (``.error_code``,
+        ``.last_error``).
 
     Raises:
         InvalidUid: no such stream on that gateway.
@@ -321,7 +324,7 @@ def get_stream_status(gateway: Gateway, uid: str) -> dict:
             cons = LocalGateway.create("facility-c", "/tmp/facility-c", port_range=(51100, 51199))
             uid = str(uuid.uuid4())
             reserve_gateway_ports(cons, uid, "CONS", 1, secrets.token_urlsafe(32))
-            state = get_stream_status(cons, uid)["state"]  # "RESERVED"
+            state = get_stream_status(cons, uid).state  # State.RESERVED
             release_gateway_stream(cons, uid)
             return state
         ```
