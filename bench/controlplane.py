@@ -376,7 +376,8 @@ def run_world(args) -> dict:
 
 
 def measure_world(args, fed, result: dict) -> None:
-    from world.federation import _run, call, round_trips
+    from world.federation import call, run_completed
+    from world.federation import round_trips as task_run_round_trips
     from world.netns import APP_P
 
     p, c = fed.nodes["P"], fed.nodes["C"]
@@ -389,16 +390,16 @@ def measure_world(args, fed, result: dict) -> None:
             print(f"setup {index + 1}/{args.world_runs} at {delay} ms ...", file=sys.stderr,
                   flush=True)
             uid = str(uuid.uuid4())
-            opened = _run(fed, "open-stream/scistream", {
+            opened = run_completed(fed, "open-stream/scistream", {
                 "producer": p.block(), "consumer": c.block(), "num_conn": 1,
                 "app_listeners": [f"{APP_P}:{IPERF_PORT}"], "uid": uid, "tls": True})
-            released = _run(fed, "release-stream/scistream", {
+            released = run_completed(fed, "release-stream/scistream", {
                 "producer": p.block(), "consumer": c.block(), "uid": uid})
             calls = [t for t in opened["tasks"] if "-compute:" in t[0]]
             into["calls_s"].append(max(t[2] for t in calls) - min(t[1] for t in calls))
             into["run_s"].append(opened["seconds"])
             into["release_s"].append(released["seconds"])
-            trips = round_trips(opened["tasks"])
+            trips = task_run_round_trips(opened["tasks"])
             into["round_trips"][trips] = into["round_trips"].get(trips, 0) + 1
     for delay in args.world_delays:
         fed.compute.configure(delay_ms=delay)
@@ -413,7 +414,7 @@ def measure_world(args, fed, result: dict) -> None:
                  "call_s": with_p95(v["call_s"])}
         for d, v in per_delay.items()}
     print("data plane: iperf3 through a stream and direct ...", file=sys.stderr, flush=True)
-    result["dataplane"] = world_dataplane(args, fed, call, _run)
+    result["dataplane"] = world_dataplane(args, fed, call, run_completed)
 
 
 def world_dataplane(args, fed, call, run) -> dict:

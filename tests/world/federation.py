@@ -41,7 +41,7 @@ from world.netns import APP_P, C_LAN, C_WAN, CLOUD, P_LAN, P_PUBLIC, P_WAN, Worl
 from world.prefect_world import PrefectWorld
 
 __all__ = ["Federation", "GatewayNode", "GatewayUser", "call", "calls", "credentials_block",
-           "run_deployment", "stream_end_to_end"]
+           "round_trips", "run_completed", "run_deployment", "stream_end_to_end"]
 
 COMPUTE_PORT = 5000  # the Compute SDK's `local` environment: http://localhost:5000
 # Each identity's slice of a gateway's port range (the same on P and on C).
@@ -428,7 +428,7 @@ def stream_end_to_end(fed: Federation, nbytes: int, num_conn: int = 4, rate: int
     try:
         app_listeners = json.loads(producer.stdout.readline())["listening"]
         uid = str(uuid.uuid4())
-        opened = _completed(fed, "open-stream/scistream", {
+        opened = run_completed(fed, "open-stream/scistream", {
             "producer": p.block(), "consumer": c.block(), "num_conn": num_conn,
             "app_listeners": app_listeners, "uid": uid, "tls": True, "rate": rate})
         try:
@@ -451,7 +451,7 @@ def stream_end_to_end(fed: Federation, nbytes: int, num_conn: int = 4, rate: int
                                   .splitlines()[-1])
             tls = p.tls(uid) and c.tls(uid)
         finally:
-            released = _completed(fed, "release-stream/scistream", {
+            released = run_completed(fed, "release-stream/scistream", {
                 "producer": p.block(), "consumer": c.block(), "uid": uid})
     finally:
         if producer.poll() is None:
@@ -485,7 +485,8 @@ def run_deployment(fed: Federation, deployment: str, parameters: dict) -> dict:
     return fed.prefect.python(_RUN, deployment, json.dumps(parameters))
 
 
-def _completed(fed: Federation, deployment: str, parameters: dict) -> dict:
+def run_completed(fed: Federation, deployment: str, parameters: dict) -> dict:
+    """``run_deployment``, raising unless the run Completed (with the worker's log)."""
     out = run_deployment(fed, deployment, parameters)
     if out["state"] != "COMPLETED":
         raise RuntimeError(f"{deployment}: {out['state']} {out['message']}\n"
