@@ -69,8 +69,8 @@ class ComputeService:
     """The web-service stand-in as a process (``argv_prefix`` runs it in a namespace).
 
     ``auth`` is an :class:`~world.auth_service.AuthService` with a client named
-    ``compute`` (the service's own, for introspection). Its environment is built from
-    nothing (no socket guard or client settings of the caller's leak in)."""
+    ``compute`` (the service's own, for introspection). Its environment is the world's
+    (:func:`world.netns.world_env`: no socket guard of the suite's) with its own HOME."""
 
     def __init__(self, broker, auth, *, host: str = "127.0.0.1", port: int = 5000,
                  delay_ms: int = 0, amqp_address: str | None = None,
