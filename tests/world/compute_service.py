@@ -363,6 +363,8 @@ class State:
                                  batch.get("resource_specification") or {}),
                              "result_serializers": batch.get("result_serializers") or []})
                 accepted.setdefault(function_id, []).append(task_id)
+                log.info("task %s: published to %s, results to %s", task_id,
+                         info["task_queue_info"]["queue"], result_queue)
         return {"request_id": str(uuid.uuid4()), "task_group_id": task_group_id,
                 "endpoint_id": endpoint_id, "tasks": accepted}
 
