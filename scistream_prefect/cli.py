@@ -748,7 +748,25 @@ def _needs_client_extra(exc: ModuleNotFoundError) -> bool:
 
 def entry() -> None:
     """The ``scistream`` command: :func:`main`, exiting with its code."""
-    sys.exit(main(exiting=True))
+    code = main(exiting=True)
+    compute = sys.modules.get("scistream_prefect.compute")
+    if compute is not None and compute.calls_given_up():
+        _exit_now(code)
+    sys.exit(code)
+
+
+def _exit_now(code: int) -> None:
+    """End the process after its own cleanup, without the Compute SDK's exit, which
+    waits for the result of every task submitted: a call given up on (its endpoint
+    offline, a timeout) has none until the endpoint is back, and the command would
+    hang after printing its answer."""
+    recovery = sys.modules.get("scistream_prefect.recovery")
+    if recovery is not None:
+        recovery.forgotten(timeout_s=30)  # the Prefect writes made in the background
+    logging.shutdown()  # flushes every handler, Prefect's API log handler included
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:

@@ -28,10 +28,23 @@ from scistream_gateway.errors import (
     error_from_wire,
 )
 
-__all__ = ["EndpointOffline", "GlobusComputeGateway"]
+__all__ = ["EndpointOffline", "GlobusComputeGateway", "calls_given_up"]
 
 _EXECUTORS: dict[tuple, Any] = {}
 _EXECUTORS_LOCK = threading.Lock()
+_GIVEN_UP = threading.Event()
+
+
+def calls_given_up() -> bool:
+    """Whether this process gave up waiting for a gateway call (its endpoint offline,
+    or the call timed out).
+
+    Such a call stays queued at Globus Compute, and the SDK's exit waits for the result
+    of every task it submitted: the process would not end until the endpoint is back. A
+    process that must end now does its own cleanup, then ``os._exit`` (the
+    ``scistream`` command does).
+    """
+    return _GIVEN_UP.is_set()
 
 
 class EndpointOffline(Unavailable):
@@ -214,7 +227,11 @@ class GlobusComputeGateway(Block):
         try:
             reply = self._wait(function, future, timeout)
         except concurrent.futures.TimeoutError:
-            future.cancel()
+            # The future is left as it is, not cancelled: the task stays queued at the
+            # service all the same, and the SDK's result watcher, failing its open futures
+            # on its way out, raises on a cancelled one before it signals that none is
+            # left, so the process's exit then waits forever (globus-compute-sdk 4.19).
+            _GIVEN_UP.set()
             raise Timeout(f"{function} on {self.label} did not finish in {timeout} s") from None
         except SciStreamError:
             raise
@@ -244,7 +261,7 @@ class GlobusComputeGateway(Block):
                                 return_when=concurrent.futures.FIRST_COMPLETED)
         if not future.done() and hint.done() and hint.exception() is None \
                 and hint.result().get("status") == "offline":
-            future.cancel()
+            _GIVEN_UP.set()  # the future is left as it is (see reply)
             raise EndpointOffline(f"{function} on {self.label}: endpoint {self.endpoint_id} "
                                   "is offline (Globus Compute has no heartbeat from it); "
                                   "the call stays queued there until the endpoint is back")
@@ -301,10 +318,35 @@ def _mapped(exc: BaseException, function: str, label: str) -> Exception:
     return ServerError(f"{where}: {type(exc).__name__}: {exc}")
 
 
-def shutdown_executors(wait: bool = False) -> None:
-    """Stop this process's Executors (their threads and result channels)."""
+def shutdown_executors(wait: bool = False, timeout_s: float = 30.0) -> bool:
+    """Stop this process's Executors (their threads and result channels).
+
+    With ``wait``, their submitted calls get up to ``timeout_s`` in all to finish. The
+    SDK's own wait has no bound, and a call queued at an endpoint that never comes back
+    never finishes: the Executors left waiting then stop in the background. Returns
+    whether every Executor stopped in time.
+    """
     with _EXECUTORS_LOCK:
         executors = [e for (pid, *_), e in _EXECUTORS.items() if pid == os.getpid()]
         _EXECUTORS.clear()
-    for executor in executors:
-        executor.shutdown(wait=wait, cancel_futures=True)
+    if not wait:
+        for executor in executors:
+            executor.shutdown(wait=False, cancel_futures=True)
+        return True
+    stoppers = [threading.Thread(target=executor.shutdown, daemon=True,
+                                 kwargs={"wait": True, "cancel_futures": True},
+                                 name="scistream-executor-shutdown")
+                for executor in executors]
+    for stopper in stoppers:
+        stopper.start()
+    deadline = time.monotonic() + timeout_s
+    for stopper in stoppers:
+        stopper.join(max(0.0, deadline - time.monotonic()))
+    waiting = sum(stopper.is_alive() for stopper in stoppers)
+    if waiting:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%d Globus Compute Executor(s) still wait for results after %s s; they stop "
+            "in the background", waiting, timeout_s)
+    return not waiting
