@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import logging
 import os
 import shutil
 import subprocess
@@ -81,6 +82,17 @@ def prefect_harness():
     with prefect_test_harness(server_startup_timeout=120):
         yield
         forgotten(timeout_s=30)  # the last runs' record updates, while the server is up
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The Compute SDK's result watchers outlive the session (the SDK stops them at the
+    interpreter's exit). Their brokers stopped with the tests' worlds, so they retry,
+    and the SDK and globus-sdk log each try to a stream pytest has closed by then:
+    dozens of "Logging error" tracebacks after the summary. Their loggers are off from
+    here."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.split(".")[0] in ("globus_compute_sdk", "globus_sdk"):
+            logging.getLogger(name).disabled = True
 
 
 def make_gateway(root: Path, name: str, size: int = 40, **settings) -> LocalGateway:
