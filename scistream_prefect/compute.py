@@ -233,6 +233,9 @@ class GlobusComputeGateway(Block):
             # left, so the process's exit then waits forever (globus-compute-sdk 4.19).
             _GIVEN_UP.set()
             raise Timeout(f"{function} on {self.label} did not finish in {timeout} s") from None
+        except EndpointOffline:
+            _GIVEN_UP.set()  # its future is left as it is too
+            raise
         except SciStreamError:
             raise
         except Exception as exc:  # noqa: BLE001 - mapped to a code below
@@ -261,7 +264,6 @@ class GlobusComputeGateway(Block):
                                 return_when=concurrent.futures.FIRST_COMPLETED)
         if not future.done() and hint.done() and hint.exception() is None \
                 and hint.result().get("status") == "offline":
-            _GIVEN_UP.set()  # the future is left as it is (see reply)
             raise EndpointOffline(f"{function} on {self.label}: endpoint {self.endpoint_id} "
                                   "is offline (Globus Compute has no heartbeat from it); "
                                   "the call stays queued there until the endpoint is back")
